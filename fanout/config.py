@@ -1,0 +1,239 @@
+"""The node's configuration: one typed object built from env vars.
+
+Every setting has an env var (the names come from the deployment plan) and a
+CLI flag that mirrors it (``WS_PORT`` <-> ``--ws-port``). :func:`load` reads
+the environment, applies flag overrides, validates every value and raises
+:class:`ConfigError` naming the variable when one is bad, so a node never
+starts half-configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["Config", "ConfigError", "FIELDS", "load", "parse_duration"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value the node cannot use; the message names it."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"30s"``, ``"250ms"``, ``"5m"``, ``"1h"`` or a bare number of seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 250ms, 5m; got {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _setting(env: str, default: Any, help: str, *, lo: float | None = None,
+             hi: float | None = None, choices: tuple[str, ...] | None = None,
+             kind: str | None = None) -> Any:
+    return field(default=default, metadata={
+        "env": env, "help": help, "lo": lo, "hi": hi, "choices": choices, "kind": kind,
+    })
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # --- listeners -----------------------------------------------------------
+    ws_host: str = _setting("WS_HOST", "0.0.0.0", "WebSocket listen address")
+    ws_port: int = _setting("WS_PORT", 3004, "WebSocket port (paths /ws and /)", lo=0, hi=65535)
+    health_host: str = _setting("HEALTH_HOST", "0.0.0.0", "ops HTTP listen address")
+    health_port: int = _setting("HEALTH_PORT", 3002, "ops HTTP port: /health /ready /metrics /publish", lo=0, hi=65535)
+    # --- connections ---------------------------------------------------------
+    ws_max_connections: int = _setting("WS_MAX_CONNECTIONS", 10000, "connection limit; over it the handshake gets 503 + Retry-After", lo=1, hi=1_000_000)
+    ws_max_frame_bytes: int = _setting("WS_MAX_FRAME_BYTES", 65536, "largest client frame; bigger closes with 1009", lo=128, hi=16 * 2**20)
+    ws_client_queue_bytes: int = _setting("WS_CLIENT_QUEUE_BYTES", 262144, "per-client unsent byte limit before it counts as slow", lo=1024, hi=2**31)
+    ws_slow_client_strikes: int = _setting("WS_SLOW_CLIENT_STRIKES", 3, "consecutive messages over the queue limit before a slow client is closed (1008)", lo=1, hi=1000)
+    ws_replay_buffer: int = _setting("WS_REPLAY_BUFFER", 100, "data messages kept per client for replay", lo=1, hi=100000)
+    ws_max_subscriptions: int = _setting("WS_MAX_SUBSCRIPTIONS", 256, "patterns one client may hold", lo=1, hi=100000)
+    ws_control_rate: float = _setting("WS_CONTROL_RATE", 20.0, "client frames per second allowed (token bucket)", lo=0.1, hi=1e6)
+    ws_control_burst: int = _setting("WS_CONTROL_BURST", 40, "client frame burst allowance", lo=1, hi=1e6)
+    ws_control_strikes: int = _setting("WS_CONTROL_STRIKES", 10, "rate_limited errors before the client is closed with 1008", lo=1, hi=1e6)
+    ws_ping_interval: float = _setting("WS_PING_INTERVAL", 20.0, "seconds between server pings", lo=0.05, hi=3600, kind="duration")
+    ws_idle_timeout: float = _setting("WS_IDLE_TIMEOUT", 60.0, "close a client that sent nothing (not even a pong) for this long", lo=0.1, hi=86400, kind="duration")
+    ws_handshake_timeout: float = _setting("WS_HANDSHAKE_TIMEOUT", 10.0, "seconds a socket may take to finish the handshake", lo=0.1, hi=600, kind="duration")
+    ws_compression: bool = _setting("WS_COMPRESSION", True, "offer permessage-deflate (compressed once per message for all clients)")
+    ws_auth_secret: str = _setting("WS_AUTH_SECRET", "", "HS256 secret; when set, clients need a JWT (?auth= or Bearer)")
+    # --- fan-out -------------------------------------------------------------
+    ws_max_broadcast_rate: float = _setting("WS_MAX_BROADCAST_RATE", 0.0, "messages/s fanned out (0 = unlimited); excess publishes wait or get 429", lo=0, hi=1e9)
+    ws_flush_interval: float = _setting("WS_FLUSH_INTERVAL", 0.0, "extra delay before flushing queued frames, to put more frames in one syscall (0 = next loop turn)", lo=0, hi=1.0, kind="duration")
+    ws_history_size: int = _setting("WS_HISTORY_SIZE", 10000, "recent messages kept in memory for resume", lo=0, hi=10_000_000)
+    ws_shutdown_timeout: float = _setting("WS_SHUTDOWN_TIMEOUT", 10.0, "seconds to flush and close clients on SIGTERM", lo=0, hi=3600, kind="duration")
+    ws_throttle_percents: str = _setting("WS_THROTTLE_PERCENTS", "100,75,50,25", "delivery percent per throttle level 0..3")
+    # --- NATS / JetStream (set NATS_URL to use it; embedded bus otherwise) -----
+    nats_url: str = _setting("NATS_URL", "", "NATS server URL(s), comma-separated; empty = embedded mode")
+    nats_creds_file: str = _setting("NATS_CREDS_FILE", "", "NATS credentials file")
+    nats_user: str = _setting("NATS_USER", "", "NATS user")
+    nats_password: str = _setting("NATS_PASSWORD", "", "NATS password")
+    nats_token: str = _setting("NATS_TOKEN", "", "NATS token")
+    nats_tls_ca: str = _setting("NATS_TLS_CA", "", "CA file for TLS to NATS")
+    nats_tls_cert: str = _setting("NATS_TLS_CERT", "", "client certificate for TLS to NATS")
+    nats_tls_key: str = _setting("NATS_TLS_KEY", "", "client key for TLS to NATS")
+    js_stream_name: str = _setting("JS_STREAM_NAME", "ODIN_TOKENS", "JetStream stream")
+    js_stream_subjects: str = _setting("JS_STREAM_SUBJECTS", "odin.token.>,odin.global.>", "subjects the stream (and the embedded bus) accept")
+    js_stream_max_age: float = _setting("JS_STREAM_MAX_AGE", 30.0, "stream retention", lo=0.001, hi=10 * 365 * 86400, kind="duration")
+    js_stream_max_msgs: int = _setting("JS_STREAM_MAX_MSGS", 100000, "stream message limit", lo=1, hi=2**62)
+    js_stream_max_bytes: int = _setting("JS_STREAM_MAX_BYTES", 52428800, "stream byte limit", lo=1, hi=2**62)
+    js_stream_storage: str = _setting("JS_STREAM_STORAGE", "file", "stream storage", choices=("file", "memory"))
+    js_stream_replicas: int = _setting("JS_STREAM_REPLICAS", 1, "stream replicas", lo=1, hi=5)
+    js_stream_manage: bool = _setting("JS_STREAM_MANAGE", True, "create/update the stream; false = use it as it is")
+    js_consumer_name: str = _setting("JS_CONSUMER_NAME", "ws-server", "durable consumer prefix (the node id is appended)")
+    js_consumer_inactive: float = _setting("JS_CONSUMER_INACTIVE", 300.0, "NATS removes a gone node's consumer after this", lo=1, hi=30 * 86400, kind="duration")
+    js_fetch_batch: int = _setting("JS_FETCH_BATCH", 256, "messages per pull", lo=1, hi=10000)
+    ws_max_nats_rate: float = _setting("WS_MAX_NATS_RATE", 0.0, "messages/s consumed from NATS (0 = unlimited)", lo=0, hi=1e9)
+    node_id: str = _setting("FANOUT_NODE_ID", "", "this node's id (default: the hostname)")
+    # --- logging -------------------------------------------------------------
+    log_level: str = _setting("LOG_LEVEL", "info", "log level", choices=("debug", "info", "warning", "error"))
+
+    @property
+    def embedded(self) -> bool:
+        return not self.nats_url
+
+    @property
+    def stream_subjects(self) -> list[str]:
+        return [s.strip() for s in self.js_stream_subjects.split(",") if s.strip()]
+
+    @property
+    def throttle_percents(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.ws_throttle_percents.split(","))
+
+    @property
+    def node_name(self) -> str:
+        return self.node_id or socket.gethostname()
+
+    def as_env(self) -> dict[str, str]:
+        """The effective settings by env var name (secrets masked)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value and any(s in f.metadata["env"] for s in ("PASSWORD", "TOKEN", "SECRET")):
+                value = "***"
+            out[f.metadata["env"]] = value
+        return out
+
+
+FIELDS = {f.metadata["env"]: f for f in dataclasses.fields(Config)}
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    meta = f.metadata
+    typ = f.type if isinstance(f.type, str) else f.type.__name__
+    if typ == "bool":
+        value: Any = _bool(raw)
+    elif meta["kind"] == "duration":
+        value = parse_duration(raw)
+    elif typ == "int":
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    elif typ == "float":
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+    else:
+        value = raw.strip()
+    if meta["lo"] is not None and value < meta["lo"]:
+        raise ValueError(f"must be >= {meta['lo']:g}, got {raw!r}")
+    if meta["hi"] is not None and value > meta["hi"]:
+        raise ValueError(f"must be <= {meta['hi']:g}, got {raw!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"must be one of {', '.join(meta['choices'])}, got {raw!r}")
+    return value
+
+
+_CROSS_CHECKS: list[tuple[str, Callable[[Config], str | None]]] = []
+
+
+def _check(env: str) -> Callable[[Callable[[Config], str | None]], Callable[[Config], str | None]]:
+    def deco(fn: Callable[[Config], str | None]) -> Callable[[Config], str | None]:
+        _CROSS_CHECKS.append((env, fn))
+        return fn
+    return deco
+
+
+@_check("WS_THROTTLE_PERCENTS")
+def _check_throttle(cfg: Config) -> str | None:
+    try:
+        p = cfg.throttle_percents
+    except ValueError:
+        return "expected 4 comma-separated integers like 100,75,50,25"
+    if len(p) != 4 or not all(0 < x <= 100 for x in p) or list(p) != sorted(p, reverse=True):
+        return "expected 4 decreasing percents in 1..100 like 100,75,50,25"
+    return None
+
+
+@_check("JS_STREAM_SUBJECTS")
+def _check_subjects(cfg: Config) -> str | None:
+    from .subjects import valid_pattern
+
+    subs = cfg.stream_subjects
+    if not subs:
+        return "needs at least one subject pattern"
+    bad = [s for s in subs if not valid_pattern(s)]
+    return f"invalid subject pattern(s): {', '.join(bad)}" if bad else None
+
+
+@_check("NATS_TLS_KEY")
+def _check_tls_pair(cfg: Config) -> str | None:
+    if bool(cfg.nats_tls_cert) != bool(cfg.nats_tls_key):
+        return "NATS_TLS_CERT and NATS_TLS_KEY must be set together"
+    return None
+
+
+@_check("NATS_CREDS_FILE")
+def _check_files(cfg: Config) -> str | None:
+    for env in ("NATS_CREDS_FILE", "NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY"):
+        path = getattr(cfg, FIELDS[env].name)
+        if path and not os.path.isfile(path):
+            return f"{env}: no such file {path!r}"
+    return None
+
+
+def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the config from ``environ`` (default ``os.environ``) and CLI ``overrides``.
+
+    ``overrides`` maps env var names to values given on the command line;
+    ``None`` values are ignored. Raises :class:`ConfigError` on the first bad value.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for env, f in FIELDS.items():
+        raw = None
+        if overrides and overrides.get(env) is not None:
+            raw = str(overrides[env])
+        elif environ.get(env) not in (None, ""):
+            raw = environ[env]
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _convert(f, raw)
+        except ValueError as exc:
+            raise ConfigError(f"{env}: {exc}") from None
+    cfg = Config(**values)
+    for env, fn in _CROSS_CHECKS:
+        problem = fn(cfg)
+        if problem:
+            raise ConfigError(problem if problem.startswith(("NATS_", "JS_", "WS_")) and ":" in problem else f"{env}: {problem}")
+    return cfg

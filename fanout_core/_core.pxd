@@ -1,0 +1,97 @@
+# The compiled fan-out core: declarations shared by _core.pyx and any future
+# Cython module that wants the C-level API.
+from libc.stdint cimport uint64_t, uint8_t, int64_t
+
+cdef enum:
+    MAX_WBITS_SLOTS = 16      # index by negotiated server window bits (9..15)
+
+
+cdef struct Msg:
+    Py_ssize_t refcnt         # publish call + one per ring entry holding it
+    int priority              # 0 low .. 3 critical
+    char *tail                # shared JSON after the per-client prefix: "type":...}
+    Py_ssize_t tail_len
+    char *ztail[MAX_WBITS_SLOTS]      # tail deflated once per window size in use
+    Py_ssize_t ztail_len[MAX_WBITS_SLOTS]
+
+
+cdef struct Client:
+    int fd
+    uint8_t active            # slot in use
+    uint8_t nodata            # no more data frames (closing or too slow)
+    uint8_t blocked           # last send() hit EAGAIN: wait for writable
+    uint8_t dirty             # already listed for the next flush
+    uint8_t wbits             # permessage-deflate window bits; 0 = uncompressed
+    uint8_t level             # throttle level 0..3
+    int strikes               # consecutive messages enqueued over the byte limit
+    int credit                # throttle sampling accumulator (percent units)
+    uint64_t seq              # last data seq given to this client
+    char *buf                 # output queue: bytes [head, len) are unsent
+    Py_ssize_t head
+    Py_ssize_t len
+    Py_ssize_t cap
+    Py_ssize_t fbase          # an offset <= head known to be a frame boundary
+    Msg **ring                # replay ring: ring[seq % replay_size], lazily allocated
+
+
+cdef class _Pattern:
+    cdef str text
+    cdef list tokens
+    cdef bint wild
+    cdef uint64_t *bits
+    cdef int count
+    cdef set routes             # subjects whose cached route includes this pattern
+
+
+cdef class _Route:
+    cdef list tokens
+    cdef list patterns          # the _Pattern objects that match this subject
+    cdef uint64_t *bits         # OR of their bitsets; NULL while no pattern matches
+
+
+cdef class Core:
+    cdef Client *clients
+    cdef readonly int capacity
+    cdef readonly int replay_size
+    cdef readonly Py_ssize_t queue_limit
+    cdef readonly int slow_strikes
+    cdef int nwords
+    cdef int *dirty
+    cdef int ndirty
+    cdef list _free
+    cdef int _next_slot
+    cdef list _subs           # per slot: set of pattern strings (control path only)
+    cdef dict _patterns       # pattern text -> _Pattern
+    cdef dict _wild           # wildcard subset of _patterns
+    cdef dict _routes         # subject -> _Route (recipient cache)
+    cdef readonly int max_routes
+    cdef int wbits_count[MAX_WBITS_SLOTS]
+    cdef list _zc             # zlib compressor per window bits (Python objects)
+    cdef int zlevel
+    cdef int throttle_pct[4]
+    cdef list _slow
+    # counters (exported as metrics by the Python side)
+    cdef readonly uint64_t published
+    cdef readonly uint64_t deliveries
+    cdef readonly uint64_t throttled_drops
+    cdef readonly uint64_t bytes_queued
+    cdef readonly uint64_t bytes_sent
+    cdef readonly uint64_t send_calls
+    cdef readonly uint64_t send_blocked
+    cdef readonly uint64_t route_misses
+    cdef readonly uint64_t slow_marked
+    cdef readonly uint64_t compressions
+    cdef readonly int clients_active
+
+    cdef int _reserve(self, Client *c, Py_ssize_t n) except -1
+    cdef int _deliver(self, int slot, Msg *m) except -1
+    cdef int _write_data_frame(self, Client *c, uint64_t seq, Msg *m) except -1
+    cdef int _send_some(self, int slot) noexcept
+    cdef void _release(self, int slot) noexcept
+    cdef Client *_check(self, int slot) except NULL
+    cdef _Pattern _new_pattern(self, str text)
+    cdef int _link(self, _Pattern p, str subject, _Route r) except -1
+    cdef _Route _route(self, str subject)
+    cdef int _compress(self, Msg *m, int wbits) except -1
+    cdef Py_ssize_t _boundary(self, Client *c) noexcept
+    cdef void _mark_dirty(self, int slot, Client *c) noexcept

@@ -1,0 +1,783 @@
+# cython: language_level=3
+"""The fan-out hot path: subscriptions as bitsets, match-and-enqueue, replay rings.
+
+One published message in, a framed copy (with the client's own ``seq``) queued
+for every subscribed client out, in one C loop: no Python object or call per
+client. Clients are dense integer slots; each has an output queue (a byte
+buffer), a ``seq`` counter and a ring of the last ``replay_size`` messages it
+was sent. Messages are stored once and shared by reference count between the
+rings that hold them, so replay rebuilds a frame byte for byte as first sent.
+
+The only I/O here is :meth:`Core.flush`: a non-blocking ``send()`` per client
+with queued bytes, so that every frame queued for a client during one event
+loop turn leaves in one syscall. It never blocks; a client whose socket is
+full is reported back so the caller can wait for it to become writable.
+
+Limits: a client's queue grows past ``queue_limit`` only for ``slow_strikes``
+consecutive messages; then the client stops getting data and is reported by
+:meth:`Core.take_slow` (the caller closes it with 1008, or later throttles it).
+"""
+
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memmove, memset
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdint cimport uint64_t, uint8_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+import heapq
+import zlib
+
+cdef extern from "sys/socket.h" nogil:
+    ssize_t c_send "send" (int fd, const void *buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long) nogil
+
+cdef enum:
+    OP_TEXT = 0x81            # FIN + text
+    OP_TEXT_DEFLATE = 0xC1    # FIN + RSV1 + text
+    MIN_BUF = 1024
+    KEEP_BUF = 16384          # drained buffers above this are freed (idle memory)
+
+PRIORITY_CRITICAL = 3
+
+
+cdef inline void msg_decref(Msg *m) noexcept:
+    cdef int i
+    m.refcnt -= 1
+    if m.refcnt == 0:
+        free(m.tail)
+        for i in range(MAX_WBITS_SLOTS):
+            if m.ztail[i] != NULL:
+                free(m.ztail[i])
+        free(m)
+
+
+cdef inline int utoa(uint64_t v, char *out) noexcept:
+    """Decimal digits of v into out; returns the count."""
+    cdef char tmp[24]
+    cdef int n = 0, i
+    if v == 0:
+        out[0] = 48
+        return 1
+    while v:
+        tmp[n] = <char>(48 + v % 10)
+        v //= 10
+        n += 1
+    for i in range(n):
+        out[i] = tmp[n - 1 - i]
+    return n
+
+
+cdef inline Py_ssize_t frame_len_at(const unsigned char *p) noexcept:
+    """Total length (header + payload) of the server frame starting at p."""
+    cdef Py_ssize_t pl = p[1] & 0x7F
+    cdef int i
+    if pl < 126:
+        return 2 + pl
+    if pl == 126:
+        return 4 + ((<Py_ssize_t>p[2] << 8) | p[3])
+    pl = 0
+    for i in range(8):
+        pl = (pl << 8) | p[2 + i]
+    return 10 + pl
+
+
+cdef class _Pattern:
+    def __dealloc__(self):
+        free(self.bits)
+
+
+cdef class _Route:
+    def __dealloc__(self):
+        free(self.bits)
+
+
+cdef bint _match(list ptoks, list stoks):
+    cdef Py_ssize_t i, np = len(ptoks), ns = len(stoks)
+    for i in range(np):
+        t = ptoks[i]
+        if t == ">":
+            return ns > i
+        if i >= ns:
+            return False
+        if t != "*" and t != stoks[i]:
+            return False
+    return np == ns
+
+
+cdef class Core:
+    """See the module docstring. Not thread-safe: one event loop owns it."""
+
+    def __cinit__(self, int capacity, int replay_size=100, Py_ssize_t queue_limit=262144,
+                  int slow_strikes=3, int max_routes=65536, int compress_level=6,
+                  throttle_percents=(100, 75, 50, 25)):
+        if capacity < 1 or replay_size < 1 or queue_limit < 1 or slow_strikes < 1:
+            raise ValueError("capacity, replay_size, queue_limit and slow_strikes must be >= 1")
+        self.capacity = capacity
+        self.replay_size = replay_size
+        self.queue_limit = queue_limit
+        self.slow_strikes = slow_strikes
+        self.max_routes = max_routes
+        self.zlevel = compress_level
+        self.nwords = (capacity + 63) // 64
+        self.clients = <Client *>calloc(capacity, sizeof(Client))
+        self.dirty = <int *>malloc(capacity * sizeof(int))
+        if self.clients == NULL or self.dirty == NULL:
+            raise MemoryError()
+        self.ndirty = 0
+        self._free = []
+        self._next_slot = 0
+        self._subs = [None] * capacity
+        self._patterns = {}
+        self._wild = {}
+        self._routes = {}
+        self._slow = []
+        self._zc = [None] * MAX_WBITS_SLOTS
+        for i in range(MAX_WBITS_SLOTS):
+            self.wbits_count[i] = 0
+        pct = list(throttle_percents)
+        if len(pct) != 4:
+            raise ValueError("throttle_percents needs 4 values")
+        for i in range(4):
+            self.throttle_pct[i] = int(pct[i])
+
+    def __dealloc__(self):
+        cdef int s
+        if self.clients != NULL:
+            for s in range(self._next_slot):
+                self._release(s)
+            free(self.clients)
+        free(self.dirty)
+
+    # ------------------------------------------------------------------ clients
+    def add_client(self, int fd, int wbits=0):
+        """Take a free slot for a connected socket; returns the slot.
+
+        ``wbits`` is the permessage-deflate window the client allows the server
+        (9..15), or 0 for no compression. Raises OverflowError when full.
+        """
+        cdef int slot
+        cdef uint8_t was_dirty
+        if self._free:
+            slot = heapq.heappop(self._free)
+        elif self._next_slot < self.capacity:
+            slot = self._next_slot
+            self._next_slot += 1
+        else:
+            raise OverflowError("no free client slot")
+        cdef Client *c = &self.clients[slot]
+        was_dirty = c.dirty       # the slot may still be listed for this turn's flush
+        memset(c, 0, sizeof(Client))
+        c.dirty = was_dirty
+        c.fd = fd
+        c.active = 1
+        if 9 <= wbits <= 15:
+            c.wbits = <uint8_t>wbits
+            self.wbits_count[wbits] += 1
+        self._subs[slot] = set()
+        self.clients_active += 1
+        return slot
+
+    def remove_client(self, int slot):
+        """Forget a client: its subscriptions, queue and ring. The slot is reused."""
+        self._check(slot)
+        for pattern in list(self._subs[slot]):
+            self.unsubscribe(slot, pattern)
+        self._release(slot)
+        self._subs[slot] = None
+        self.clients_active -= 1
+        heapq.heappush(self._free, slot)
+
+    cdef void _release(self, int slot) noexcept:
+        cdef Client *c = &self.clients[slot]
+        cdef int i
+        if not c.active:
+            return
+        if c.ring != NULL:
+            for i in range(self.replay_size):
+                if c.ring[i] != NULL:
+                    msg_decref(c.ring[i])
+            free(c.ring)
+            c.ring = NULL
+        free(c.buf)
+        c.buf = NULL
+        c.cap = c.len = c.head = c.fbase = 0
+        if c.wbits:
+            self.wbits_count[c.wbits] -= 1
+        c.active = 0
+
+    cdef Client *_check(self, int slot) except NULL:
+        if slot < 0 or slot >= self.capacity or not self.clients[slot].active:
+            raise KeyError(f"no client in slot {slot}")
+        return &self.clients[slot]
+
+    def seq(self, int slot):
+        """The last data ``seq`` sent to this client (0 before the first)."""
+        return self._check(slot).seq
+
+    def queued(self, int slot):
+        """Bytes queued for this client and not yet written."""
+        cdef Client *c = self._check(slot)
+        return c.len - c.head
+
+    def blocked(self, int slot):
+        return bool(self._check(slot).blocked)
+
+    def set_nodata(self, int slot):
+        """Send this client no more data frames (it is closing)."""
+        self._check(slot).nodata = 1
+
+    def set_level(self, int slot, int level):
+        """Throttle level 0..3 (delivery percent from ``throttle_percents``)."""
+        if not 0 <= level <= 3:
+            raise ValueError("level must be 0..3")
+        cdef Client *c = self._check(slot)
+        c.level = <uint8_t>level
+        c.credit = 0
+
+    def level(self, int slot):
+        return self._check(slot).level
+
+    def take_slow(self):
+        """Slots that stayed over the queue limit for ``slow_strikes`` messages.
+
+        They get no more data; the caller decides what to do (close with 1008).
+        """
+        out, self._slow = self._slow, []
+        return out
+
+    # ------------------------------------------------------------ subscriptions
+    def subscribe(self, int slot, str pattern):
+        """Add a (valid) pattern for a client; False if it already had it."""
+        self._check(slot)
+        cdef set subs = self._subs[slot]
+        if pattern in subs:
+            return False
+        cdef _Pattern p = self._patterns.get(pattern)
+        if p is None:
+            p = self._new_pattern(pattern)
+        subs.add(pattern)
+        cdef int w = slot >> 6
+        cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
+        cdef _Route r
+        p.bits[w] |= mask
+        p.count += 1
+        for subject in p.routes:
+            r = self._routes[subject]
+            r.bits[w] |= mask
+        return True
+
+    def unsubscribe(self, int slot, str pattern):
+        """Remove a pattern from a client; False if it did not have it."""
+        self._check(slot)
+        cdef set subs = self._subs[slot]
+        if pattern not in subs:
+            return False
+        subs.discard(pattern)
+        cdef _Pattern p = self._patterns[pattern]
+        cdef _Pattern q
+        cdef _Route r
+        cdef int w = slot >> 6
+        cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
+        cdef bint still
+        p.bits[w] &= ~mask
+        p.count -= 1
+        for subject in p.routes:
+            r = self._routes[subject]
+            still = False
+            for q in r.patterns:
+                if q is not p and (q.bits[w] & mask):
+                    still = True
+                    break
+            if not still:
+                r.bits[w] &= ~mask
+        if p.count == 0:
+            for subject in p.routes:
+                r = self._routes[subject]
+                r.patterns.remove(p)
+            del self._patterns[pattern]
+            self._wild.pop(pattern, None)
+        return True
+
+    def subscriptions(self, int slot):
+        self._check(slot)
+        return frozenset(self._subs[slot])
+
+    @property
+    def pattern_count(self):
+        return len(self._patterns)
+
+    @property
+    def route_count(self):
+        return len(self._routes)
+
+    cdef _Pattern _new_pattern(self, str text):
+        cdef _Pattern p = _Pattern()
+        cdef _Route r
+        p.text = text
+        p.tokens = text.split(".")
+        p.wild = "*" in p.tokens or ">" in p.tokens
+        p.bits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
+        if p.bits == NULL:
+            raise MemoryError()
+        p.count = 0
+        p.routes = set()
+        self._patterns[text] = p
+        if p.wild:
+            self._wild[text] = p
+            for subject, r in self._routes.items():
+                if _match(p.tokens, r.tokens):
+                    self._link(p, subject, r)
+        else:
+            r = self._routes.get(text)
+            if r is not None:
+                self._link(p, text, r)
+        return p
+
+    cdef int _link(self, _Pattern p, str subject, _Route r) except -1:
+        cdef int i
+        r.patterns.append(p)
+        p.routes.add(subject)
+        if r.bits == NULL:
+            r.bits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
+            if r.bits == NULL:
+                raise MemoryError()
+        for i in range(self.nwords):
+            r.bits[i] |= p.bits[i]
+        return 0
+
+    cdef _Route _route(self, str subject):
+        cdef _Route r = self._routes.get(subject)
+        cdef _Pattern p
+        if r is not None:
+            return r
+        self.route_misses += 1
+        if len(self._routes) >= self.max_routes:
+            # The cache is a cache: drop it whole rather than track recency.
+            for p in self._patterns.values():
+                p.routes.clear()
+            self._routes.clear()
+        r = _Route()
+        r.tokens = subject.split(".")
+        r.patterns = []
+        r.bits = NULL
+        self._routes[subject] = r
+        p = self._patterns.get(subject)
+        if p is not None and not p.wild:
+            self._link(p, subject, r)
+        for p in self._wild.values():
+            if _match(p.tokens, r.tokens):
+                self._link(p, subject, r)
+        return r
+
+    def recipients(self, str subject):
+        """Slots that a message on ``subject`` would reach (tests, debugging)."""
+        cdef _Route r = self._route(subject)
+        cdef int w, b
+        cdef uint64_t word
+        out = []
+        if r.bits == NULL:
+            return out
+        for w in range(self.nwords):
+            word = r.bits[w]
+            while word:
+                b = __builtin_ctzll(word)
+                word &= word - 1
+                out.append(w * 64 + b)
+        return out
+
+    # ---------------------------------------------------------------- publish
+    def publish(self, str subject, bytes tail, int priority=2):
+        """Queue one data message for every client subscribed to ``subject``.
+
+        ``tail`` is the shared rest of the JSON object after the per-client
+        ``{"seq":N,`` prefix, e.g. ``b'"type":"message",...,"data":{...}}'``.
+        Returns the number of clients it was queued for.
+        """
+        cdef _Route r = self._route(subject)
+        self.published += 1
+        if r.bits == NULL:
+            return 0
+        cdef Msg *m = <Msg *>calloc(1, sizeof(Msg))
+        if m == NULL:
+            raise MemoryError()
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(tail)
+        m.tail = <char *>malloc(n if n > 0 else 1)
+        if m.tail == NULL:
+            free(m)
+            raise MemoryError()
+        memcpy(m.tail, PyBytes_AS_STRING(tail), n)
+        m.tail_len = n
+        m.priority = priority
+        m.refcnt = 1
+        cdef int w, b, words = (self._next_slot + 63) >> 6
+        cdef uint64_t word
+        cdef int count = 0
+        cdef uint64_t *bits = r.bits
+        try:
+            for w in range(words):
+                word = bits[w]
+                while word:
+                    b = __builtin_ctzll(word)
+                    word &= word - 1
+                    count += self._deliver((w << 6) | b, m)
+        finally:
+            msg_decref(m)
+        return count
+
+    cdef int _deliver(self, int slot, Msg *m) except -1:
+        cdef Client *c = &self.clients[slot]
+        if c.nodata or not c.active:
+            return 0
+        if c.level and m.priority < PRIORITY_CRITICAL:
+            # Throttled: low priority goes first, the rest is sampled down to
+            # the level's percent; critical always passes. A dropped message
+            # takes no seq, so the client sees no false gap.
+            if m.priority == 0:
+                self.throttled_drops += 1
+                return 0
+            c.credit += self.throttle_pct[c.level]
+            if c.credit < 100:
+                self.throttled_drops += 1
+                return 0
+            c.credit -= 100
+        if c.ring == NULL:
+            c.ring = <Msg **>calloc(self.replay_size, sizeof(Msg *))
+            if c.ring == NULL:
+                raise MemoryError()
+        c.seq += 1
+        cdef Py_ssize_t idx = c.seq % self.replay_size
+        if c.ring[idx] != NULL:
+            msg_decref(c.ring[idx])
+        c.ring[idx] = m
+        m.refcnt += 1
+        self._write_data_frame(c, c.seq, m)
+        self.deliveries += 1
+        if c.len - c.head > self.queue_limit:
+            c.strikes += 1
+            if c.strikes >= self.slow_strikes:
+                c.nodata = 1
+                self._slow.append(slot)
+                self.slow_marked += 1
+        else:
+            c.strikes = 0
+        self._mark_dirty(slot, c)
+        return 1
+
+    cdef int _compress(self, Msg *m, int wbits) except -1:
+        zc = self._zc[wbits]
+        if zc is None:
+            zc = zlib.compressobj(self.zlevel, zlib.DEFLATED, -wbits)
+            self._zc[wbits] = zc
+        # Z_FULL_FLUSH ends the block byte-aligned *and* forgets the history,
+        # so this output never refers back to earlier messages: any client
+        # can inflate it whatever it decoded before (RFC 7692 section 7.2.1).
+        data = zc.compress(PyBytes_FromStringAndSize(m.tail, m.tail_len)) + zc.flush(zlib.Z_FULL_FLUSH)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data) - 4     # drop 00 00 ff ff
+        m.ztail[wbits] = <char *>malloc(n if n > 0 else 1)
+        if m.ztail[wbits] == NULL:
+            raise MemoryError()
+        memcpy(m.ztail[wbits], PyBytes_AS_STRING(data), n)
+        m.ztail_len[wbits] = n
+        self.compressions += 1
+        return 0
+
+    cdef int _write_data_frame(self, Client *c, uint64_t seq, Msg *m) except -1:
+        cdef char digits[24]
+        cdef int nd = utoa(seq, digits)
+        cdef Py_ssize_t prefix_len = 7 + nd + 1        # {"seq":N,
+        cdef Py_ssize_t plen, hlen, body_len
+        cdef const char *body
+        cdef unsigned char op
+        cdef bint deflate = c.wbits != 0
+        if deflate:
+            if m.ztail[c.wbits] == NULL:
+                self._compress(m, c.wbits)
+            body = m.ztail[c.wbits]
+            body_len = m.ztail_len[c.wbits]
+            # A stored (uncompressed) DEFLATE block carries the client's own
+            # prefix; the shared body, compressed once, follows it.
+            plen = 5 + prefix_len + body_len
+            op = OP_TEXT_DEFLATE
+        else:
+            body = m.tail
+            body_len = m.tail_len
+            plen = prefix_len + body_len
+            op = OP_TEXT
+        hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
+        self._reserve(c, hlen + plen)
+        cdef unsigned char *p = <unsigned char *>(c.buf + c.len)
+        cdef int i
+        p[0] = op
+        if hlen == 2:
+            p[1] = <unsigned char>plen
+        elif hlen == 4:
+            p[1] = 126
+            p[2] = <unsigned char>(plen >> 8)
+            p[3] = <unsigned char>(plen & 0xFF)
+        else:
+            p[1] = 127
+            for i in range(8):
+                p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
+        p += hlen
+        if deflate:
+            p[0] = 0                                   # BFINAL=0, BTYPE=00 (stored)
+            p[1] = <unsigned char>(prefix_len & 0xFF)
+            p[2] = <unsigned char>(prefix_len >> 8)
+            p[3] = <unsigned char>(~prefix_len & 0xFF)
+            p[4] = <unsigned char>((~prefix_len >> 8) & 0xFF)
+            p += 5
+        memcpy(p, b'{"seq":', 7)
+        memcpy(p + 7, digits, nd)
+        p[7 + nd] = 44                                 # ','
+        memcpy(p + prefix_len, body, body_len)
+        c.len += hlen + plen
+        self.bytes_queued += hlen + plen
+        return 0
+
+    # ------------------------------------------------------------------ queue
+    cdef int _reserve(self, Client *c, Py_ssize_t n) except -1:
+        cdef Py_ssize_t live, newcap, b
+        cdef char *nb
+        if c.len + n <= c.cap:
+            return 0
+        live = c.len - c.head
+        if c.head > 0:
+            # Compact; keep a known frame boundary for truncate().
+            b = self._boundary(c)
+            memmove(c.buf, c.buf + c.head, live)
+            c.fbase = b - c.head
+            c.len = live
+            c.head = 0
+            if c.len + n <= c.cap:
+                return 0
+        newcap = c.cap * 2 if c.cap else MIN_BUF
+        while newcap < c.len + n:
+            newcap *= 2
+        nb = <char *>realloc(c.buf, newcap)
+        if nb == NULL:
+            raise MemoryError()
+        c.buf = nb
+        c.cap = newcap
+        return 0
+
+    cdef Py_ssize_t _boundary(self, Client *c) noexcept:
+        """The first frame boundary at or after head (head itself if unknown)."""
+        cdef Py_ssize_t pos = c.fbase
+        if pos >= c.head:
+            return pos
+        while pos < c.head:
+            pos += frame_len_at(<const unsigned char *>(c.buf + pos))
+        c.fbase = pos
+        return pos
+
+    cdef void _mark_dirty(self, int slot, Client *c) noexcept:
+        if not c.dirty and not c.blocked:
+            c.dirty = 1
+            self.dirty[self.ndirty] = slot
+            self.ndirty += 1
+
+    def enqueue_raw(self, int slot, data, bint frame=True):
+        """Queue bytes as they are: a websockets control frame (pong, close), or
+        (``frame=False``) the HTTP handshake response."""
+        cdef Client *c = self._check(slot)
+        cdef const unsigned char[:] view = data
+        cdef Py_ssize_t n = view.shape[0]
+        if n == 0:
+            return
+        self._reserve(c, n)
+        memcpy(c.buf + c.len, &view[0], n)
+        c.len += n
+        if not frame:
+            c.fbase = c.len
+        self.bytes_queued += n
+        self._mark_dirty(slot, c)
+
+    def send_text(self, int slot, bytes payload):
+        """Queue one uncompressed text frame (control replies: subscribed, error...)."""
+        cdef Client *c = self._check(slot)
+        cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
+        cdef int i
+        self._reserve(c, hlen + plen)
+        cdef unsigned char *p = <unsigned char *>(c.buf + c.len)
+        p[0] = OP_TEXT
+        if hlen == 2:
+            p[1] = <unsigned char>plen
+        elif hlen == 4:
+            p[1] = 126
+            p[2] = <unsigned char>(plen >> 8)
+            p[3] = <unsigned char>(plen & 0xFF)
+        else:
+            p[1] = 127
+            for i in range(8):
+                p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
+        memcpy(p + hlen, PyBytes_AS_STRING(payload), plen)
+        c.len += hlen + plen
+        self.bytes_queued += hlen + plen
+        self._mark_dirty(slot, c)
+
+    def broadcast_raw(self, bytes frame):
+        """Queue the same frame (a ping) for every client still taking data."""
+        cdef int s
+        cdef Client *c
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        for s in range(self._next_slot):
+            c = &self.clients[s]
+            if c.active and not c.nodata:
+                self._reserve(c, n)
+                memcpy(c.buf + c.len, PyBytes_AS_STRING(frame), n)
+                c.len += n
+                self.bytes_queued += n
+                self._mark_dirty(s, c)
+
+    def truncate(self, int slot):
+        """Drop queued frames not yet begun (keep the one partly written), e.g.
+        before a 1008 close of a slow client. Returns the bytes dropped."""
+        cdef Client *c = self._check(slot)
+        cdef Py_ssize_t b = self._boundary(c)
+        cdef Py_ssize_t dropped = 0
+        if b < c.len:
+            dropped = c.len - b
+            c.len = b
+        if c.head == c.len:
+            c.head = c.len = c.fbase = 0
+        return dropped
+
+    def replay(self, int slot, uint64_t from_seq, uint64_t to_seq):
+        """Queue the buffered messages with from_seq <= seq <= to_seq again,
+        byte for byte as first sent. Returns ``(sent, missing)`` where
+        ``missing`` is ``(first, last)`` of the requested seqs no longer held,
+        or None. Seqs above the client's last are ignored."""
+        cdef Client *c = self._check(slot)
+        cdef uint64_t lo, s, hi
+        cdef int sent = 0
+        hi = to_seq if to_seq < c.seq else c.seq
+        lo = c.seq - <uint64_t>self.replay_size + 1 if c.seq >= <uint64_t>self.replay_size else 1
+        if c.ring == NULL:
+            lo = c.seq + 1
+        missing = None
+        if from_seq < lo and from_seq <= hi:
+            missing = (from_seq, min(hi, lo - 1))
+        if c.nodata:
+            return 0, missing
+        s = from_seq if from_seq > lo else lo
+        while s <= hi:
+            self._write_data_frame(c, s, c.ring[s % self.replay_size])
+            sent += 1
+            s += 1
+        if sent:
+            self._mark_dirty(slot, c)
+        return sent, missing
+
+    def replay_range(self, int slot):
+        """(first, last) seqs this client's ring can still replay, or None."""
+        cdef Client *c = self._check(slot)
+        if c.ring == NULL or c.seq == 0:
+            return None
+        lo = c.seq - self.replay_size + 1 if c.seq >= <uint64_t>self.replay_size else 1
+        return (lo, c.seq)
+
+    # ------------------------------------------------------------------ flush
+    cdef int _send_some(self, int slot) noexcept:
+        """Write what is queued for one client: 0 drained, 1 blocked, -1 dead."""
+        cdef Client *c = &self.clients[slot]
+        cdef ssize_t n
+        while c.head < c.len:
+            n = c_send(c.fd, c.buf + c.head, c.len - c.head, MSG_DONTWAIT | MSG_NOSIGNAL)
+            self.send_calls += 1
+            if n > 0:
+                c.head += n
+                self.bytes_sent += n
+                continue
+            if n < 0 and errno == EINTR:
+                continue
+            if n < 0 and errno == EAGAIN:
+                c.blocked = 1
+                self.send_blocked += 1
+                return 1
+            c.nodata = 1
+            return -1
+        c.head = c.len = c.fbase = 0
+        if c.cap > KEEP_BUF:
+            free(c.buf)
+            c.buf = NULL
+            c.cap = 0
+        return 0
+
+    def flush(self):
+        """Write every client's queued bytes, one ``send()`` each.
+
+        Returns ``(blocked, dead)``: lists of slots whose socket is full (wait
+        for writable, then :meth:`flush_slot`) or failed (close them), or
+        ``None`` in place of an empty list.
+        """
+        cdef int i, slot, r
+        cdef Client *c
+        blocked = None
+        dead = None
+        cdef int n = self.ndirty
+        self.ndirty = 0
+        for i in range(n):
+            slot = self.dirty[i]
+            c = &self.clients[slot]
+            c.dirty = 0
+            if not c.active or c.blocked or c.head == c.len:
+                continue
+            r = self._send_some(slot)
+            if r == 1:
+                if blocked is None:
+                    blocked = []
+                blocked.append(slot)
+            elif r == -1:
+                if dead is None:
+                    dead = []
+                dead.append(slot)
+        return blocked, dead
+
+    def flush_slot(self, int slot):
+        """After writable: write one client's queue. 0 drained, 1 blocked, -1 dead."""
+        cdef Client *c = self._check(slot)
+        c.blocked = 0
+        if c.head == c.len:
+            return 0
+        return self._send_some(slot)
+
+    @property
+    def pending_flush(self):
+        return self.ndirty > 0
+
+    def take_dirty(self):
+        """For tests and the reference-model check: pop the queued bytes of
+        every dirty client without a socket: ``{slot: bytes}``."""
+        cdef int i, slot
+        cdef Client *c
+        out = {}
+        for i in range(self.ndirty):
+            slot = self.dirty[i]
+            c = &self.clients[slot]
+            c.dirty = 0
+            if c.active and c.head < c.len:
+                out[slot] = PyBytes_FromStringAndSize(c.buf + c.head, c.len - c.head)
+                c.head = c.len = c.fbase = 0
+        self.ndirty = 0
+        return out
+
+    def stats(self):
+        return {
+            "published": self.published,
+            "deliveries": self.deliveries,
+            "throttled_drops": self.throttled_drops,
+            "bytes_queued": self.bytes_queued,
+            "bytes_sent": self.bytes_sent,
+            "send_calls": self.send_calls,
+            "send_blocked": self.send_blocked,
+            "route_misses": self.route_misses,
+            "slow_marked": self.slow_marked,
+            "compressions": self.compressions,
+            "clients": self.clients_active,
+            "patterns": len(self._patterns),
+            "routes": len(self._routes),
+        }
