@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["valid_subject", "valid_pattern", "subject_error", "matches", "matches_any"]
+__all__ = ["valid_subject", "valid_pattern", "subject_error", "matches", "matches_any", "covers"]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOKENS = 16
@@ -65,3 +65,19 @@ def matches(pattern: str, subject: str) -> bool:
 
 def matches_any(patterns: list[str] | tuple[str, ...], subject: str) -> bool:
     return any(matches(p, subject) for p in patterns)
+
+
+def covers(allowed: str, pattern: str) -> bool:
+    """True when every subject ``pattern`` matches is matched by ``allowed`` too."""
+    a = allowed.split(".")
+    p = pattern.split(".")
+    for i, tok in enumerate(a):
+        if tok == ">":
+            return len(p) > i
+        if i >= len(p):
+            return False
+        if p[i] == ">":
+            return False
+        if tok != "*" and (p[i] == "*" or tok != p[i]):
+            return False
+    return len(a) == len(p)

@@ -1,0 +1,78 @@
+"""Bounded history of recently dispatched messages, for ``resume``.
+
+Like centrifuge's memstream: a deque bounded by count and age. In embedded
+mode it is the whole retained stream; with JetStream it covers the recent
+past, so most resumes (a reconnect seconds later) never wait on NATS, and a
+resume that does fetch from JetStream catches up from here without a gap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .subjects import matches_any
+
+__all__ = ["Entry", "MemoryStream"]
+
+
+@dataclass(slots=True)
+class Entry:
+    stream_seq: int
+    subject: str
+    tail: bytes      # the data message body after the per-client prefix
+    priority: int
+    at: float        # monotonic time of dispatch
+
+
+class MemoryStream:
+    def __init__(self, max_msgs: int, max_age: float) -> None:
+        self.max_msgs = max_msgs
+        self.max_age = max_age
+        self._q: deque[Entry] = deque()
+        #: Highest stream_seq that has left the window (0: nothing lost yet).
+        self.dropped_upto = 0
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def append(self, entry: Entry) -> None:
+        if self.max_msgs <= 0:
+            self.dropped_upto = entry.stream_seq
+            return
+        self._q.append(entry)
+        if len(self._q) > self.max_msgs:
+            self.dropped_upto = self._q.popleft().stream_seq
+        self.expire(entry.at)
+
+    def expire(self, now: float | None = None) -> None:
+        limit = (time.monotonic() if now is None else now) - self.max_age
+        q = self._q
+        while q and q[0].at < limit:
+            self.dropped_upto = q.popleft().stream_seq
+
+    def reset(self) -> None:
+        """Forget everything (the stream was recreated)."""
+        self._q.clear()
+        self.dropped_upto = 0
+
+    def covers(self, after: int) -> bool:
+        """True when every message with stream_seq > after that was dispatched is still here."""
+        self.expire()
+        return after >= self.dropped_upto
+
+    def since(self, after: int, patterns: list[str], upto: int | None = None) -> list[Entry]:
+        """Entries with after < stream_seq (<= upto) on subjects matching any pattern, in order."""
+        # Walk back from the newest: a reconnecting client is usually only a
+        # few messages behind, so this costs what it returns, not the window.
+        out = []
+        for e in reversed(self._q):
+            if e.stream_seq <= after:
+                break
+            if upto is not None and e.stream_seq > upto:
+                continue
+            if matches_any(patterns, e.subject):
+                out.append(e)
+        out.reverse()
+        return out

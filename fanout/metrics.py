@@ -1,0 +1,90 @@
+"""Every Prometheus metric the node exports, declared in one place.
+
+Hot-path counters live in the compiled core as plain C integers and are read
+at scrape time by :class:`CoreCollector`, so fan-out never touches a Python
+metric object per delivery. Names are ``fanout_*``, plus the ``ws_*``
+throttling names from the deployment plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+__all__ = ["Metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# core.stats() key -> (metric name, help, kind)
+_CORE = {
+    "published": ("fanout_messages_published_total", "Messages matched and fanned out by the core", "counter"),
+    "deliveries": ("fanout_deliveries_total", "Data frames queued for clients", "counter"),
+    "throttled_drops": ("fanout_throttled_drops_total", "Messages not sent to throttled clients", "counter"),
+    "bytes_queued": ("fanout_bytes_queued_total", "Bytes queued for clients", "counter"),
+    "bytes_sent": ("fanout_bytes_sent_total", "Bytes written to client sockets", "counter"),
+    "send_calls": ("fanout_send_syscalls_total", "send() calls made to client sockets", "counter"),
+    "send_blocked": ("fanout_send_blocked_total", "send() calls that found a full socket buffer", "counter"),
+    "route_misses": ("fanout_route_cache_misses_total", "Subjects whose recipient set had to be computed", "counter"),
+    "slow_marked": ("fanout_slow_clients_total", "Clients over their queue limit for too many messages", "counter"),
+    "compressions": ("fanout_compressions_total", "Message bodies deflated (once per message and window size)", "counter"),
+    "patterns": ("fanout_subscription_patterns", "Distinct subscribed patterns", "gauge"),
+    "routes": ("fanout_route_cache_subjects", "Subjects in the recipient cache", "gauge"),
+}
+
+
+class CoreCollector:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._stats()
+        for key, (name, help_text, kind) in _CORE.items():
+            if kind == "counter":
+                fam: Any = CounterMetricFamily(name.removesuffix("_total"), help_text)
+            else:
+                fam = GaugeMetricFamily(name, help_text)
+            fam.add_metric([], stats.get(key, 0))
+            yield fam
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        self.connections = Gauge("fanout_connections", "Open WebSocket connections", registry=r)
+        self.ws_connections = Gauge("ws_connections", "Open WebSocket connections (plan name)", registry=r)
+        self.accepted = Counter("fanout_connections_accepted_total", "WebSocket handshakes accepted", registry=r)
+        self.rejected = Counter("fanout_connections_rejected_total", "Handshakes refused", ["reason"], registry=r)
+        self.closed = Counter("fanout_connections_closed_total", "Connections closed by the server", ["code"], registry=r)
+        self.client_frames = Counter("fanout_client_frames_total", "Client requests by type", ["type"], registry=r)
+        self.client_errors = Counter("fanout_client_errors_total", "Error replies sent to clients", ["code"], registry=r)
+        self.subscriptions = Gauge("fanout_subscriptions", "Client subscriptions (pattern, client pairs)", registry=r)
+        self.replays = Counter("fanout_replays_total", "Replay requests", ["result"], registry=r)
+        self.resumes = Counter("fanout_resumes_total", "Resume requests", ["complete"], registry=r)
+        self.publish_rejected = Counter("fanout_publish_rejected_total", "Publishes refused", ["reason"], registry=r)
+        self.duplicates = Counter("fanout_duplicates_dropped_total", "Messages dropped as already dispatched (stream_seq)", registry=r)
+        self.dispatch_seconds = Histogram("fanout_dispatch_seconds", "Time to match and enqueue one message for all its clients",
+                                          buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1), registry=r)
+        self.flush_seconds = Histogram("fanout_flush_seconds", "Time of one flush pass over the clients with queued bytes",
+                                       buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1), registry=r)
+        self.broker_ready = Gauge("fanout_broker_ready", "1 while the message source is connected", registry=r)
+        self.broker_events = Counter("fanout_broker_events_total", "Broker events (connect, disconnect, error...)", ["event"], registry=r)
+        self.last_stream_seq = Gauge("fanout_last_stream_seq", "Highest stream_seq dispatched", registry=r)
+        self.ready = Gauge("fanout_ready", "1 while /ready answers 200", registry=r)
+        self.cpu_percent = Gauge("fanout_cpu_percent", "Process CPU percent (psutil, one core = 100)", registry=r)
+        self.memory_rss = Gauge("fanout_memory_rss_bytes", "Process resident memory (psutil)", registry=r)
+        # Throttling (names from the deployment plan).
+        self.throttled_light = Gauge("ws_throttled_clients_light", "Clients at light throttle (75% rate)", registry=r)
+        self.throttled_medium = Gauge("ws_throttled_clients_medium", "Clients at medium throttle (50% rate)", registry=r)
+        self.throttled_heavy = Gauge("ws_throttled_clients_heavy", "Clients at heavy throttle (25% rate)", registry=r)
+        self.throttle_transitions = Counter("ws_throttle_transitions_total", "Throttle level transitions",
+                                            ["from_level", "to_level"], registry=r)
+
+    def attach_core(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(CoreCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

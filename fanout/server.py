@@ -1,0 +1,250 @@
+"""The node: WebSocket listener, ops HTTP port, broker, periodic work, shutdown.
+
+Only this module and the brokers touch the network. Start-up order: hub,
+broker, ops port, WebSocket listener; ``/ready`` turns 200 once the broker is
+ready. On SIGTERM/SIGINT: ``/ready`` turns 503, the listener closes, the
+broker stops, queued bytes are flushed, clients get 1001, and the process
+exits 0 within ``WS_SHUTDOWN_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import signal
+import socket
+import time
+from typing import Any
+
+import psutil
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+from .brokers.base import Broker, parse_priority
+from .brokers.embedded import EmbeddedBroker
+from .codes import CloseCode
+from .config import Config
+from .hub import Hub
+from .log import event
+from .metrics import CONTENT_TYPE, Metrics
+from .ops_http import HttpRequest, HttpResponse
+from .ops_http import serve as serve_http
+from .session import Session
+from .subjects import matches_any, subject_error
+
+__all__ = ["Server", "run"]
+
+ACCEPT_BATCH = 512          # sockets accepted per readiness event, so accept storms don't starve I/O
+MAX_PUBLISH_BYTES = 1 << 20
+
+
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> HttpResponse:
+    return HttpResponse(status, json.dumps(obj, separators=(",", ":")).encode(), headers=headers or {})
+
+
+def make_broker(cfg: Config, metrics: Metrics) -> Broker:
+    if cfg.embedded:
+        return EmbeddedBroker(cfg)
+    from .brokers.jetstream import JetStreamBroker
+
+    def hook(evt: str, **fields: Any) -> None:
+        metrics.broker_events.labels(evt).inc(fields.get("n", 1) if evt in ("acked", "fetched") else 1)
+        if evt not in ("acked", "fetched", "duplicate", "rate_wait"):
+            event(logging.WARNING if evt in ("disconnected", "error") else logging.INFO, f"nats {evt}", **fields)
+
+    return JetStreamBroker(cfg, metrics_hook=hook)
+
+
+class Server:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.hub = Hub(cfg, self.metrics)
+        self.broker = make_broker(cfg, self.metrics)
+        self.extensions = ([ServerPerMessageDeflateFactory(server_no_context_takeover=True,
+                                                           client_no_context_takeover=True)]
+                           if cfg.ws_compression else None)
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self.braking = False
+        self.started = time.time()
+        self._listener: socket.socket | None = None
+        self._ops: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._publish_tokens = cfg.ws_max_broadcast_rate
+        self._publish_at = time.monotonic()
+        self._stopped = asyncio.Event()
+        self.ws_port = cfg.ws_port
+        self.health_port = cfg.health_port
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.hub.bind(self.loop, self.broker)
+        await self.broker.start(self.hub)
+        self._ops = await serve_http(self.cfg.health_host, self.cfg.health_port, self._ops_request)
+        self.health_port = self._ops.sockets[0].getsockname()[1]
+        lsock = socket.create_server((self.cfg.ws_host, self.cfg.ws_port), backlog=4096, reuse_port=False)
+        lsock.setblocking(False)
+        self._listener = lsock
+        self.ws_port = lsock.getsockname()[1]
+        self.loop.add_reader(lsock.fileno(), self._accept)
+        self._tasks.append(self.loop.create_task(self._periodic()))
+        event(logging.INFO, "fanout listening", ws_port=self.ws_port, health_port=self.health_port,
+              mode=self.broker.name, max_connections=self.cfg.ws_max_connections, epoch=self.hub.epoch)
+
+    @property
+    def ready(self) -> bool:
+        return self.broker.ready and not self.draining and not self.braking
+
+    def forget(self, session: Session) -> None:
+        self.sessions.discard(session)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: stop accepting for a moment instead of spinning.
+                    self.metrics.rejected.labels("fd_limit").inc()
+                    event(logging.ERROR, "accept failed: out of file descriptors", error=str(exc))
+                    self.loop.remove_reader(self._listener.fileno())
+                    self.loop.call_later(0.1, self._resume_accept)
+                    return
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sessions.add(Session(self, conn, addr))
+
+    def _resume_accept(self) -> None:
+        if self._listener is not None and not self.draining:
+            self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    async def _periodic(self) -> None:
+        cfg = self.cfg
+        proc = psutil.Process()
+        proc.cpu_percent(None)
+        next_ping = time.monotonic() + cfg.ws_ping_interval
+        tick = min(1.0, cfg.ws_ping_interval, cfg.ws_idle_timeout / 2)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now >= next_ping:
+                next_ping = now + cfg.ws_ping_interval
+                self.hub.ping_all()
+            self.hub.sweep_idle(now)
+            self.hub.recent.expire(now)
+            self.metrics.cpu_percent.set(proc.cpu_percent(None))
+            self.metrics.memory_rss.set(proc.memory_info().rss)
+            self.metrics.broker_ready.set(1 if self.broker.ready else 0)
+            self.metrics.ready.set(1 if self.ready else 0)
+            self.metrics.last_stream_seq.set(self.hub.last_stream_seq)
+
+    async def shutdown(self) -> None:
+        """Drain: refuse new work, flush what is queued, close clients with 1001."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.ready.set(0)
+        deadline = time.monotonic() + self.cfg.ws_shutdown_timeout
+        event(logging.INFO, "shutting down", connections=len(self.sessions), timeout=self.cfg.ws_shutdown_timeout)
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        try:
+            await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            event(logging.WARNING, "broker stop failed", error=str(exc))
+        for s in list(self.sessions):
+            s.close(CloseCode.GOING_AWAY, "server shutting down")
+        self.hub.flush()
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        left = len(self.sessions)
+        for s in list(self.sessions):
+            s.abort("shutdown timeout")
+        for t in self._tasks:
+            t.cancel()
+        if self._ops is not None:
+            self._ops.close()
+        event(logging.INFO, "stopped", unclean_closes=left, dispatched=self.hub.last_stream_seq)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------- ops port
+    async def _ops_request(self, req: HttpRequest) -> HttpResponse:
+        path = req.path.split("?", 1)[0]
+        if path == "/health":
+            return _json(200, {"status": "ok", "node": self.cfg.node_name, "uptime_s": round(time.time() - self.started, 1),
+                               "connections": len(self.sessions), "epoch": self.hub.epoch,
+                               "last_stream_seq": self.hub.last_stream_seq, **self.broker.status()})
+        if path == "/ready":
+            if self.ready:
+                return _json(200, {"ready": True})
+            why = "draining" if self.draining else ("braking" if self.braking else f"{self.broker.name} not ready")
+            return _json(503, {"ready": False, "reason": why}, {"Retry-After": "5"})
+        if path == "/metrics":
+            return HttpResponse(200, self.metrics.render(), CONTENT_TYPE)
+        if path.startswith("/publish/"):
+            if req.method != "POST":
+                return _json(405, {"error": "use POST"}, {"Allow": "POST"})
+            return await self._publish(path[len("/publish/"):], req)
+        return _json(404, {"error": "not found"})
+
+    def _publish_refused(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> HttpResponse:
+        self.metrics.publish_rejected.labels(reason).inc()
+        event(logging.INFO, "publish refused", reason=reason, detail=message)
+        return _json(status, {"error": reason, "message": message}, headers)
+
+    async def _publish(self, subject: str, req: HttpRequest) -> HttpResponse:
+        problem = subject_error(subject, wildcards=False)
+        if problem:
+            return self._publish_refused(400, "invalid_subject", f"{subject!r}: {problem}")
+        if not matches_any(self.cfg.stream_subjects, subject):
+            return self._publish_refused(400, "invalid_subject",
+                                         f"{subject!r} is outside the stream subjects {self.cfg.js_stream_subjects}")
+        try:
+            priority = parse_priority(req.headers.get("fanout-priority"))
+        except ValueError as exc:
+            return self._publish_refused(400, "bad_priority", str(exc))
+        if len(req.body) > MAX_PUBLISH_BYTES:
+            return self._publish_refused(413, "too_large", f"payload over {MAX_PUBLISH_BYTES} bytes")
+        if self.draining or not self.broker.ready:
+            return self._publish_refused(503, "not_ready", "node is not accepting publishes", {"Retry-After": "5"})
+        rate = self.cfg.ws_max_broadcast_rate
+        if rate > 0:
+            now = time.monotonic()
+            self._publish_tokens = min(rate, self._publish_tokens + (now - self._publish_at) * rate)
+            self._publish_at = now
+            if self._publish_tokens < 1:
+                return self._publish_refused(429, "rate_limited", f"over WS_MAX_BROADCAST_RATE={rate:g}/s",
+                                             {"Retry-After": "1"})
+            self._publish_tokens -= 1
+        try:
+            seq = await self.broker.publish(subject, req.body, priority, req.headers.get("nats-msg-id"))
+        except Exception as exc:
+            return self._publish_refused(503, "publish_failed", str(exc), {"Retry-After": "1"})
+        return _json(202, {"stream_seq": seq, "subject": subject})
+
+
+async def run(cfg: Config) -> int:
+    """Run a node until SIGTERM/SIGINT; returns the exit status."""
+    server = Server(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: loop.create_task(server.shutdown()))
+    try:
+        await server.start()
+    except Exception as exc:
+        event(logging.ERROR, "start failed", error=str(exc))
+        return 1
+    await server.wait_stopped()
+    return 0
