@@ -54,6 +54,23 @@ cdef inline void msg_decref(Msg *m) noexcept:
         free(m)
 
 
+cdef Msg *msg_new(bytes tail, int priority) except NULL:
+    """A message holding a copy of ``tail``, with one reference (the caller's)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(tail)
+    cdef Msg *m = <Msg *>calloc(1, sizeof(Msg))
+    if m == NULL:
+        raise MemoryError()
+    m.tail = <char *>malloc(n if n > 0 else 1)
+    if m.tail == NULL:
+        free(m)
+        raise MemoryError()
+    memcpy(m.tail, PyBytes_AS_STRING(tail), n)
+    m.tail_len = n
+    m.priority = priority
+    m.refcnt = 1
+    return m
+
+
 cdef inline int utoa(uint64_t v, char *out) noexcept:
     """Decimal digits of v into out; returns the count."""
     cdef char tmp[24]
@@ -400,18 +417,7 @@ cdef class Core:
         self.published += 1
         if r.bits == NULL:
             return 0
-        cdef Msg *m = <Msg *>calloc(1, sizeof(Msg))
-        if m == NULL:
-            raise MemoryError()
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(tail)
-        m.tail = <char *>malloc(n if n > 0 else 1)
-        if m.tail == NULL:
-            free(m)
-            raise MemoryError()
-        memcpy(m.tail, PyBytes_AS_STRING(tail), n)
-        m.tail_len = n
-        m.priority = priority
-        m.refcnt = 1
+        cdef Msg *m = msg_new(tail, priority)
         cdef int w, b, words = (self._next_slot + 63) >> 6
         cdef uint64_t word
         cdef int count = 0
@@ -426,6 +432,16 @@ cdef class Core:
         finally:
             msg_decref(m)
         return count
+
+    def deliver(self, int slot, bytes tail, int priority=2):
+        """Queue one data message for one client (resume history). Returns 1 if
+        queued, 0 if the client takes no data or throttling dropped it."""
+        self._check(slot)
+        cdef Msg *m = msg_new(tail, priority)
+        try:
+            return self._deliver(slot, m)
+        finally:
+            msg_decref(m)
 
     cdef int _deliver(self, int slot, Msg *m) except -1:
         cdef Client *c = &self.clients[slot]
