@@ -1,0 +1,246 @@
+"""Unit tests of the compiled core's parts the model does not cover:
+compression, throttling, slow clients, the real-socket flush, the frame-boundary cut."""
+
+from __future__ import annotations
+
+import json
+import socket
+import zlib
+
+import pytest
+
+from fanout_core import Core
+from tests.core.reference import data_frame
+
+
+def tail(i: int, size: int = 50) -> bytes:
+    return b'"type":"message","channel":"a.b","stream_seq":%d,"data":"%s"}' % (i, b"x" * size)
+
+
+def parse_frames(buf: bytes) -> list[tuple[int, bytes]]:
+    """(first byte, payload) of each server frame in buf."""
+    out, pos = [], 0
+    while pos < len(buf):
+        b0, n = buf[pos], buf[pos + 1] & 0x7F
+        pos += 2
+        if n == 126:
+            n = int.from_bytes(buf[pos:pos + 2], "big")
+            pos += 2
+        elif n == 127:
+            n = int.from_bytes(buf[pos:pos + 8], "big")
+            pos += 8
+        out.append((b0, buf[pos:pos + n]))
+        pos += n
+    assert pos == len(buf)
+    return out
+
+
+@pytest.mark.parametrize("wbits", [9, 10, 12, 15])
+def test_deflate_frames_inflate_with_a_standard_inflater(wbits):
+    core = Core(8)
+    plain, z = core.add_client(-1), core.add_client(-1, wbits)
+    for s in (plain, z):
+        core.subscribe(s, "a.*")
+    sizes = [10, 300, 5000, 70000]
+    for i, size in enumerate(sizes):
+        assert core.publish("a.b", tail(i, size)) == 2
+    out = core.take_dirty()
+    inflater = zlib.decompressobj(-wbits)  # one inflater for the whole connection (context kept)
+    zframes = parse_frames(out[z])
+    pframes = parse_frames(out[plain])
+    assert [b0 for b0, _ in zframes] == [0xC1] * len(sizes)   # FIN + RSV1 + text
+    assert [b0 for b0, _ in pframes] == [0x81] * len(sizes)
+    for (_, zp), (_, pp) in zip(zframes, pframes):
+        assert inflater.decompress(zp + b"\x00\x00\xff\xff") == pp
+    assert core.compressions == len(sizes)   # once per message, not per client
+
+
+def test_compressed_once_for_many_clients_each_with_own_seq():
+    core = Core(100)
+    slots = [core.add_client(-1, 15) for _ in range(50)]
+    for s in slots[:10]:
+        core.subscribe(s, "a.b")
+        core.publish("x.y", tail(0))  # nobody: no compression needed
+    for s in slots:
+        core.subscribe(s, "a.b")
+    core.publish("a.b", tail(1))
+    core.publish("a.b", tail(2))
+    assert core.compressions == 2
+    out = core.take_dirty()
+    for s in slots:
+        frames = parse_frames(out[s])
+        d = zlib.decompressobj(-15)
+        docs = [json.loads(d.decompress(p + b"\x00\x00\xff\xff")) for _, p in frames]
+        assert [m["stream_seq"] for m in docs] == [1, 2]
+        assert docs[-1]["seq"] == core.seq(s)
+
+
+def test_throttle_drops_take_no_seq_and_critical_always_passes():
+    core = Core(4, throttle_percents=(100, 75, 50, 25))
+    s = core.add_client(-1)
+    core.subscribe(s, "a.b")
+    core.set_level(s, 2)  # 50%
+    for i in range(10):
+        core.publish("a.b", tail(i), 2)          # high: sampled to 50%
+    for i in range(5):
+        core.publish("a.b", tail(100 + i), 0)    # low: all dropped
+    for i in range(3):
+        core.publish("a.b", tail(200 + i), 3)    # critical: all pass
+    frames = parse_frames(core.take_dirty()[s])
+    seqs = [json.loads(p)["seq"] for _, p in frames]
+    assert seqs == list(range(1, len(frames) + 1))   # no false gap
+    assert len(frames) == 5 + 3
+    assert core.throttled_drops == 5 + 5
+
+
+def test_slow_client_marked_after_strikes_and_gets_no_more_data():
+    core = Core(4, queue_limit=1000, slow_strikes=3)
+    slow, ok = core.add_client(-1), core.add_client(-1)
+    core.subscribe(slow, "a.b")
+    for i in range(12):
+        core.publish("a.b", tail(i, 200))
+    assert core.take_slow() == [slow]
+    assert core.take_slow() == []
+    queued = core.queued(slow)
+    core.publish("a.b", tail(99))
+    assert core.queued(slow) == queued    # nodata now
+    assert core.slow_marked == 1
+    assert ok not in core.recipients("a.b")
+
+
+def test_flush_writes_one_send_per_client_and_reports_blocked():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    core = Core(4, queue_limit=1 << 30)
+    s = core.add_client(a.fileno())
+    core.subscribe(s, "a.b")
+    for i in range(5):
+        core.publish("a.b", tail(i, 20))
+    calls = core.send_calls
+    assert core.flush() == (None, None)
+    assert core.send_calls == calls + 1         # five frames, one syscall
+    got = b.recv(65536)
+    assert [json.loads(p)["seq"] for _, p in parse_frames(got)] == [1, 2, 3, 4, 5]
+    # Fill the socket: the core reports it blocked and keeps the rest queued.
+    for i in range(400):
+        core.publish("a.b", tail(i, 1000))
+    blocked, dead = core.flush()
+    assert blocked == [s] and dead is None
+    assert core.blocked(s) and core.queued(s) > 0
+    received = bytearray()
+    b.setblocking(False)
+    for _ in range(10_000):
+        try:
+            received += b.recv(1 << 20)
+        except BlockingIOError:
+            if core.flush_slot(s) == 0:
+                break
+    else:
+        pytest.fail("queue never drained")
+    for _ in range(100):
+        try:
+            received += b.recv(1 << 20)
+        except BlockingIOError:
+            break
+    frames = parse_frames(bytes(received))
+    assert [json.loads(p)["seq"] for _, p in frames] == list(range(6, 406))
+    a.close()
+    b.close()
+
+
+def test_dead_socket_reported():
+    a, b = socket.socketpair()
+    b.close()
+    core = Core(2)
+    s = core.add_client(a.fileno())
+    core.subscribe(s, "a.b")
+    core.publish("a.b", tail(1))
+    assert core.flush() == (None, [s])
+    a.close()
+
+
+def test_truncate_keeps_the_partly_written_frame():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    core = Core(2, queue_limit=1 << 30)
+    s = core.add_client(a.fileno())
+    core.subscribe(s, "a.b")
+    for i in range(100):
+        core.publish("a.b", tail(i, 3000))
+    core.flush()
+    assert core.blocked(s)
+    core.truncate(s)
+    core.enqueue_raw(s, b"\x88\x02\x03\xf0")   # close 1008
+    b.setblocking(False)
+    received = bytearray()
+    for _ in range(10_000):
+        try:
+            received += b.recv(1 << 20)
+        except BlockingIOError:
+            if core.flush_slot(s) == 0:
+                try:
+                    received += b.recv(1 << 20)
+                except BlockingIOError:
+                    pass
+                break
+    frames = parse_frames(bytes(received))   # parses cleanly: no frame was cut
+    assert frames[-1] == (0x88, b"\x03\xf0")
+    seqs = [json.loads(p)["seq"] for op, p in frames[:-1]]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < 100
+    a.close()
+    b.close()
+
+
+def test_route_cache_follows_new_patterns_and_unsubscribes():
+    core = Core(200)
+    s1, s2 = core.add_client(-1), core.add_client(-1)
+    assert core.recipients("odin.token.x.update") == []       # cached as empty
+    core.subscribe(s1, "odin.token.*.update")
+    assert core.recipients("odin.token.x.update") == [s1]
+    core.subscribe(s2, "odin.>")
+    core.subscribe(s2, "odin.token.x.update")
+    assert core.recipients("odin.token.x.update") == [s1, s2]
+    core.unsubscribe(s2, "odin.>")
+    assert core.recipients("odin.token.x.update") == [s1, s2]  # still via the exact pattern
+    core.unsubscribe(s2, "odin.token.x.update")
+    assert core.recipients("odin.token.x.update") == [s1]
+    core.remove_client(s1)
+    assert core.recipients("odin.token.x.update") == []
+    assert core.pattern_count == 0
+
+
+def test_slots_are_reused_lowest_first_and_capacity_is_enforced():
+    core = Core(3)
+    slots = [core.add_client(-1) for _ in range(3)]
+    with pytest.raises(OverflowError):
+        core.add_client(-1)
+    core.remove_client(slots[1])
+    core.remove_client(slots[0])
+    assert core.add_client(-1) == 0
+    assert core.add_client(-1) == 1
+    with pytest.raises(KeyError):
+        core.seq(99)
+
+
+def test_replay_bytes_identical_to_first_send():
+    core = Core(2, replay_size=4)
+    s = core.add_client(-1)
+    core.subscribe(s, "a.b")
+    for i in range(6):
+        core.publish("a.b", tail(i))
+    first = core.take_dirty()[s]
+    assert core.replay(s, 1, 6) == (4, (1, 2))
+    again = core.take_dirty()[s]
+    assert again == first[len(data_frame(1, tail(0))) + len(data_frame(2, tail(1))):]
+
+
+def test_broadcast_raw_reaches_every_client_taking_data():
+    core = Core(4)
+    a, b, c = (core.add_client(-1) for _ in range(3))
+    core.set_nodata(c)
+    core.broadcast_raw(b"\x89\x00")
+    assert core.take_dirty() == {a: b"\x89\x00", b: b"\x89\x00"}
