@@ -1,0 +1,1 @@
+"""The servers fanout is compared against, each started as its own process."""
