@@ -15,22 +15,37 @@ cdef struct Msg:
     Py_ssize_t ztail_len[MAX_WBITS_SLOTS]
 
 
+cdef struct Seg:
+    # One piece of a client's output queue. Data frames are two pieces: the
+    # client's own header and ``{"seq":N,`` prefix (inline, in its arena) and
+    # the message body shared by every client (a reference, never copied).
+    Msg *m                    # NULL: inline bytes at arena[off:off+len]
+    const char *ptr           # shared body (m.tail or m.ztail[w]) when m != NULL
+    Py_ssize_t off
+    Py_ssize_t len
+    uint8_t boundary          # a frame (or the handshake response) starts here
+
+
 cdef struct Client:
     int fd
     uint8_t active            # slot in use
     uint8_t nodata            # no more data frames (closing or too slow)
-    uint8_t blocked           # last send() hit EAGAIN: wait for writable
+    uint8_t blocked           # last send hit EAGAIN: wait for writable
     uint8_t dirty             # already listed for the next flush
     uint8_t wbits             # permessage-deflate window bits; 0 = uncompressed
     uint8_t level             # throttle level 0..3
     int strikes               # consecutive messages enqueued over the byte limit
     int credit                # throttle sampling accumulator (percent units)
     uint64_t seq              # last data seq given to this client
-    char *buf                 # output queue: bytes [head, len) are unsent
-    Py_ssize_t head
-    Py_ssize_t len
-    Py_ssize_t cap
-    Py_ssize_t fbase          # an offset <= head known to be a frame boundary
+    Seg *segs                 # output queue: segs[shead:nseg] are unsent
+    int shead
+    int nseg
+    int segcap
+    Py_ssize_t sdone          # bytes of segs[shead] already written
+    Py_ssize_t queued         # unsent bytes in all
+    char *arena               # inline bytes of the queue
+    Py_ssize_t alen
+    Py_ssize_t acap
     Msg **ring                # replay ring: ring[seq % replay_size], lazily allocated
 
 
@@ -83,9 +98,12 @@ cdef class Core:
     cdef readonly uint64_t compressions
     cdef readonly int clients_active
 
-    cdef int _reserve(self, Client *c, Py_ssize_t n) except -1
     cdef int _deliver(self, int slot, Msg *m) except -1
     cdef int _write_data_frame(self, Client *c, uint64_t seq, Msg *m) except -1
+    cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL
+    cdef int _push_msg(self, Client *c, Msg *m, const char *ptr, Py_ssize_t n) except -1
+    cdef int _grow_segs(self, Client *c) except -1
+    cdef void _clear_queue(self, Client *c) noexcept
     cdef int _send_some(self, int slot) noexcept
     cdef void _release(self, int slot) noexcept
     cdef Client *_check(self, int slot) except NULL
@@ -93,5 +111,4 @@ cdef class Core:
     cdef int _link(self, _Pattern p, str subject, _Route r) except -1
     cdef _Route _route(self, str subject)
     cdef int _compress(self, Msg *m, int wbits) except -1
-    cdef Py_ssize_t _boundary(self, Client *c) noexcept
     cdef void _mark_dirty(self, int slot, Client *c) noexcept

@@ -26,8 +26,21 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStri
 import heapq
 import zlib
 
+cdef extern from "sys/uio.h" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+
 cdef extern from "sys/socket.h" nogil:
-    ssize_t c_send "send" (int fd, const void *buf, size_t n, int flags)
+    cdef struct msghdr:
+        void *msg_name
+        int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t c_sendmsg "sendmsg" (int fd, const msghdr *msg, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 
@@ -37,8 +50,11 @@ cdef extern from *:
 cdef enum:
     OP_TEXT = 0x81            # FIN + text
     OP_TEXT_DEFLATE = 0xC1    # FIN + RSV1 + text
-    MIN_BUF = 1024
-    KEEP_BUF = 16384          # drained buffers above this are freed (idle memory)
+    MIN_ARENA = 512
+    MIN_SEGS = 16
+    KEEP_BUF = 8192           # drained arenas above this are freed (idle memory)
+    KEEP_SEGS = 256
+    IOV_BATCH = 512           # iovecs per sendmsg (Linux allows 1024)
 
 PRIORITY_CRITICAL = 3
 
@@ -87,18 +103,39 @@ cdef inline int utoa(uint64_t v, char *out) noexcept:
     return n
 
 
-cdef inline Py_ssize_t frame_len_at(const unsigned char *p) noexcept:
-    """Total length (header + payload) of the server frame starting at p."""
-    cdef Py_ssize_t pl = p[1] & 0x7F
+cdef inline void write_header(unsigned char *p, unsigned char op, Py_ssize_t plen, Py_ssize_t hlen) noexcept:
     cdef int i
-    if pl < 126:
-        return 2 + pl
-    if pl == 126:
-        return 4 + ((<Py_ssize_t>p[2] << 8) | p[3])
-    pl = 0
-    for i in range(8):
-        pl = (pl << 8) | p[2 + i]
-    return 10 + pl
+    p[0] = op
+    if hlen == 2:
+        p[1] = <unsigned char>plen
+    elif hlen == 4:
+        p[1] = 126
+        p[2] = <unsigned char>(plen >> 8)
+        p[3] = <unsigned char>(plen & 0xFF)
+    else:
+        p[1] = 127
+        for i in range(8):
+            p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
+
+
+cdef void compact(Client *c) noexcept:
+    """Move the unsent segments (and the inline bytes they use) to the front."""
+    cdef int i, live = c.nseg - c.shead
+    cdef Py_ssize_t shift = c.alen
+    for i in range(c.shead, c.nseg):
+        if c.segs[i].m == NULL:
+            shift = c.segs[i].off          # inline offsets grow with the queue
+            break
+    if shift > 0:
+        memmove(c.arena, c.arena + shift, c.alen - shift)
+        c.alen -= shift
+        for i in range(c.shead, c.nseg):
+            if c.segs[i].m == NULL:
+                c.segs[i].off -= shift
+    if c.shead > 0:
+        memmove(c.segs, c.segs + c.shead, live * sizeof(Seg))
+        c.nseg = live
+        c.shead = 0
 
 
 cdef class _Pattern:
@@ -218,9 +255,12 @@ cdef class Core:
                     msg_decref(c.ring[i])
             free(c.ring)
             c.ring = NULL
-        free(c.buf)
-        c.buf = NULL
-        c.cap = c.len = c.head = c.fbase = 0
+        self._clear_queue(c)
+        free(c.arena)
+        free(c.segs)
+        c.arena = NULL
+        c.segs = NULL
+        c.acap = c.segcap = 0
         if c.wbits:
             self.wbits_count[c.wbits] -= 1
         c.active = 0
@@ -236,8 +276,7 @@ cdef class Core:
 
     def queued(self, int slot):
         """Bytes queued for this client and not yet written."""
-        cdef Client *c = self._check(slot)
-        return c.len - c.head
+        return self._check(slot).queued
 
     def blocked(self, int slot):
         return bool(self._check(slot).blocked)
@@ -471,7 +510,7 @@ cdef class Core:
         m.refcnt += 1
         self._write_data_frame(c, c.seq, m)
         self.deliveries += 1
-        if c.len - c.head > self.queue_limit:
+        if c.queued > self.queue_limit:
             c.strikes += 1
             if c.strikes >= self.slow_strikes:
                 c.nodata = 1
@@ -504,7 +543,7 @@ cdef class Core:
         cdef char digits[24]
         cdef int nd = utoa(seq, digits)
         cdef Py_ssize_t prefix_len = 7 + nd + 1        # {"seq":N,
-        cdef Py_ssize_t plen, hlen, body_len
+        cdef Py_ssize_t plen, hlen, body_len, ilen
         cdef const char *body
         cdef unsigned char op
         cdef bint deflate = c.wbits != 0
@@ -523,20 +562,9 @@ cdef class Core:
             plen = prefix_len + body_len
             op = OP_TEXT
         hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
-        self._reserve(c, hlen + plen)
-        cdef unsigned char *p = <unsigned char *>(c.buf + c.len)
-        cdef int i
-        p[0] = op
-        if hlen == 2:
-            p[1] = <unsigned char>plen
-        elif hlen == 4:
-            p[1] = 126
-            p[2] = <unsigned char>(plen >> 8)
-            p[3] = <unsigned char>(plen & 0xFF)
-        else:
-            p[1] = 127
-            for i in range(8):
-                p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
+        ilen = plen - body_len + hlen
+        cdef unsigned char *p = <unsigned char *>self._inline(c, ilen, 1)
+        write_header(p, op, plen, hlen)
         p += hlen
         if deflate:
             p[0] = 0                                   # BFINAL=0, BTYPE=00 (stored)
@@ -548,46 +576,84 @@ cdef class Core:
         memcpy(p, b'{"seq":', 7)
         memcpy(p + 7, digits, nd)
         p[7 + nd] = 44                                 # ','
-        memcpy(p + prefix_len, body, body_len)
-        c.len += hlen + plen
-        self.bytes_queued += hlen + plen
+        self._push_msg(c, m, body, body_len)
+        self.bytes_queued += ilen + body_len
         return 0
 
     # ------------------------------------------------------------------ queue
-    cdef int _reserve(self, Client *c, Py_ssize_t n) except -1:
-        cdef Py_ssize_t live, newcap, b
-        cdef char *nb
-        if c.len + n <= c.cap:
+    cdef int _grow_segs(self, Client *c) except -1:
+        cdef int newcap
+        cdef Seg *ns
+        if c.nseg < c.segcap:
             return 0
-        live = c.len - c.head
-        if c.head > 0:
-            # Compact; keep a known frame boundary for truncate().
-            b = self._boundary(c)
-            memmove(c.buf, c.buf + c.head, live)
-            c.fbase = b - c.head
-            c.len = live
-            c.head = 0
-            if c.len + n <= c.cap:
+        if c.shead > 0:
+            compact(c)
+            if c.nseg < c.segcap:
                 return 0
-        newcap = c.cap * 2 if c.cap else MIN_BUF
-        while newcap < c.len + n:
-            newcap *= 2
-        nb = <char *>realloc(c.buf, newcap)
-        if nb == NULL:
+        newcap = c.segcap * 2 if c.segcap else MIN_SEGS
+        ns = <Seg *>realloc(c.segs, newcap * sizeof(Seg))
+        if ns == NULL:
             raise MemoryError()
-        c.buf = nb
-        c.cap = newcap
+        c.segs = ns
+        c.segcap = newcap
         return 0
 
-    cdef Py_ssize_t _boundary(self, Client *c) noexcept:
-        """The first frame boundary at or after head (head itself if unknown)."""
-        cdef Py_ssize_t pos = c.fbase
-        if pos >= c.head:
-            return pos
-        while pos < c.head:
-            pos += frame_len_at(<const unsigned char *>(c.buf + pos))
-        c.fbase = pos
-        return pos
+    cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL:
+        """Room for n inline bytes at the end of the queue (valid until the next queue call)."""
+        cdef Py_ssize_t newcap
+        cdef char *na
+        cdef Seg *sg
+        if c.alen + n > c.acap:
+            if c.shead > 0:
+                compact(c)
+            if c.alen + n > c.acap:
+                newcap = c.acap * 2 if c.acap else MIN_ARENA
+                while newcap < c.alen + n:
+                    newcap *= 2
+                na = <char *>realloc(c.arena, newcap)
+                if na == NULL:
+                    raise MemoryError()
+                c.arena = na
+                c.acap = newcap
+        self._grow_segs(c)
+        sg = &c.segs[c.nseg]
+        sg.m = NULL
+        sg.ptr = NULL
+        sg.off = c.alen
+        sg.len = n
+        sg.boundary = boundary
+        c.nseg += 1
+        c.alen += n
+        c.queued += n
+        return c.arena + sg.off
+
+    cdef int _push_msg(self, Client *c, Msg *m, const char *ptr, Py_ssize_t n) except -1:
+        """Queue a reference to a shared body (no copy)."""
+        cdef Seg *sg
+        if n == 0:
+            return 0
+        self._grow_segs(c)
+        sg = &c.segs[c.nseg]
+        sg.m = m
+        sg.ptr = ptr
+        sg.off = 0
+        sg.len = n
+        sg.boundary = 0
+        m.refcnt += 1
+        c.nseg += 1
+        c.queued += n
+        return 0
+
+    cdef void _clear_queue(self, Client *c) noexcept:
+        """Forget everything queued (drops the body references)."""
+        cdef int i
+        for i in range(c.shead, c.nseg):
+            if c.segs[i].m != NULL:
+                msg_decref(c.segs[i].m)
+        c.shead = c.nseg = 0
+        c.sdone = 0
+        c.alen = 0
+        c.queued = 0
 
     cdef void _mark_dirty(self, int slot, Client *c) noexcept:
         if not c.dirty and not c.blocked:
@@ -597,17 +663,14 @@ cdef class Core:
 
     def enqueue_raw(self, int slot, data, bint frame=True):
         """Queue bytes as they are: a websockets control frame (pong, close), or
-        (``frame=False``) the HTTP handshake response."""
+        the HTTP handshake response. Each call is one unit that truncate() keeps
+        whole."""
         cdef Client *c = self._check(slot)
         cdef const unsigned char[:] view = data
         cdef Py_ssize_t n = view.shape[0]
         if n == 0:
             return
-        self._reserve(c, n)
-        memcpy(c.buf + c.len, &view[0], n)
-        c.len += n
-        if not frame:
-            c.fbase = c.len
+        memcpy(self._inline(c, n, 1), &view[0], n)
         self.bytes_queued += n
         self._mark_dirty(slot, c)
 
@@ -616,22 +679,9 @@ cdef class Core:
         cdef Client *c = self._check(slot)
         cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload)
         cdef Py_ssize_t hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
-        cdef int i
-        self._reserve(c, hlen + plen)
-        cdef unsigned char *p = <unsigned char *>(c.buf + c.len)
-        p[0] = OP_TEXT
-        if hlen == 2:
-            p[1] = <unsigned char>plen
-        elif hlen == 4:
-            p[1] = 126
-            p[2] = <unsigned char>(plen >> 8)
-            p[3] = <unsigned char>(plen & 0xFF)
-        else:
-            p[1] = 127
-            for i in range(8):
-                p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
+        cdef unsigned char *p = <unsigned char *>self._inline(c, hlen + plen, 1)
+        write_header(p, OP_TEXT, plen, hlen)
         memcpy(p + hlen, PyBytes_AS_STRING(payload), plen)
-        c.len += hlen + plen
         self.bytes_queued += hlen + plen
         self._mark_dirty(slot, c)
 
@@ -640,12 +690,12 @@ cdef class Core:
         cdef int s
         cdef Client *c
         cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        if n == 0:
+            return
         for s in range(self._next_slot):
             c = &self.clients[s]
             if c.active and not c.nodata:
-                self._reserve(c, n)
-                memcpy(c.buf + c.len, PyBytes_AS_STRING(frame), n)
-                c.len += n
+                memcpy(self._inline(c, n, 1), PyBytes_AS_STRING(frame), n)
                 self.bytes_queued += n
                 self._mark_dirty(s, c)
 
@@ -653,13 +703,19 @@ cdef class Core:
         """Drop queued frames not yet begun (keep the one partly written), e.g.
         before a 1008 close of a slow client. Returns the bytes dropped."""
         cdef Client *c = self._check(slot)
-        cdef Py_ssize_t b = self._boundary(c)
+        cdef int i, cut
         cdef Py_ssize_t dropped = 0
-        if b < c.len:
-            dropped = c.len - b
-            c.len = b
-        if c.head == c.len:
-            c.head = c.len = c.fbase = 0
+        cut = c.shead + 1 if c.sdone > 0 else c.shead
+        while cut < c.nseg and not c.segs[cut].boundary:
+            cut += 1
+        for i in range(cut, c.nseg):
+            dropped += c.segs[i].len
+            if c.segs[i].m != NULL:
+                msg_decref(c.segs[i].m)
+        c.nseg = cut if cut > c.shead else c.shead
+        c.queued -= dropped
+        if c.shead == c.nseg:
+            self._clear_queue(c)
         return dropped
 
     def replay(self, int slot, uint64_t from_seq, uint64_t to_seq):
@@ -698,33 +754,79 @@ cdef class Core:
 
     # ------------------------------------------------------------------ flush
     cdef int _send_some(self, int slot) noexcept:
-        """Write what is queued for one client: 0 drained, 1 blocked, -1 dead."""
+        """Write what is queued for one client with sendmsg(): 0 drained, 1 blocked, -1 dead."""
         cdef Client *c = &self.clients[slot]
+        cdef iovec iov[IOV_BATCH]
+        cdef msghdr mh
         cdef ssize_t n
-        while c.head < c.len:
-            n = c_send(c.fd, c.buf + c.head, c.len - c.head, MSG_DONTWAIT | MSG_NOSIGNAL)
+        cdef Py_ssize_t want, rem
+        cdef int i, k
+        cdef bint partial
+        cdef Seg *sg
+        while c.shead < c.nseg:
+            k = 0
+            want = 0
+            i = c.shead
+            while i < c.nseg and k < IOV_BATCH:
+                sg = &c.segs[i]
+                if sg.m != NULL:
+                    iov[k].iov_base = <void *>sg.ptr
+                else:
+                    iov[k].iov_base = <void *>(c.arena + sg.off)
+                iov[k].iov_len = sg.len
+                if i == c.shead:
+                    iov[k].iov_base = <void *>(<char *>iov[k].iov_base + c.sdone)
+                    iov[k].iov_len = sg.len - c.sdone
+                want += iov[k].iov_len
+                k += 1
+                i += 1
+            memset(&mh, 0, sizeof(mh))
+            mh.msg_iov = iov
+            mh.msg_iovlen = k
+            n = c_sendmsg(c.fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
             self.send_calls += 1
-            if n > 0:
-                c.head += n
-                self.bytes_sent += n
-                continue
-            if n < 0 and errno == EINTR:
-                continue
-            if n < 0 and errno == EAGAIN:
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    c.blocked = 1
+                    self.send_blocked += 1
+                    return 1
+                c.nodata = 1
+                return -1
+            self.bytes_sent += n
+            c.queued -= n
+            partial = n < want
+            while n > 0:
+                sg = &c.segs[c.shead]
+                rem = sg.len - c.sdone
+                if n >= rem:
+                    n -= rem
+                    if sg.m != NULL:
+                        msg_decref(sg.m)
+                    c.shead += 1
+                    c.sdone = 0
+                else:
+                    c.sdone += n
+                    n = 0
+            if partial:
+                # The kernel took less than offered: its buffer is full.
                 c.blocked = 1
                 self.send_blocked += 1
                 return 1
-            c.nodata = 1
-            return -1
-        c.head = c.len = c.fbase = 0
-        if c.cap > KEEP_BUF:
-            free(c.buf)
-            c.buf = NULL
-            c.cap = 0
+        self._clear_queue(c)
+        if c.acap > KEEP_BUF:
+            free(c.arena)
+            c.arena = NULL
+            c.acap = 0
+        if c.segcap > KEEP_SEGS:
+            free(c.segs)
+            c.segs = NULL
+            c.segcap = 0
         return 0
 
     def flush(self):
-        """Write every client's queued bytes, one ``send()`` each.
+        """Write every client's queued bytes, one ``sendmsg()`` each.
 
         Returns ``(blocked, dead)``: lists of slots whose socket is full (wait
         for writable, then :meth:`flush_slot`) or failed (close them), or
@@ -740,7 +842,7 @@ cdef class Core:
             slot = self.dirty[i]
             c = &self.clients[slot]
             c.dirty = 0
-            if not c.active or c.blocked or c.head == c.len:
+            if not c.active or c.blocked or c.shead == c.nseg:
                 continue
             r = self._send_some(slot)
             if r == 1:
@@ -757,7 +859,7 @@ cdef class Core:
         """After writable: write one client's queue. 0 drained, 1 blocked, -1 dead."""
         cdef Client *c = self._check(slot)
         c.blocked = 0
-        if c.head == c.len:
+        if c.shead == c.nseg:
             return 0
         return self._send_some(slot)
 
@@ -766,18 +868,27 @@ cdef class Core:
         return self.ndirty > 0
 
     def take_dirty(self):
-        """For tests and the reference-model check: pop the queued bytes of
-        every dirty client without a socket: ``{slot: bytes}``."""
-        cdef int i, slot
+        """For tests: pop the queued bytes of every dirty client without a
+        socket: ``{slot: bytes}``."""
+        cdef int i, j, slot
         cdef Client *c
+        cdef Seg *sg
         out = {}
         for i in range(self.ndirty):
             slot = self.dirty[i]
             c = &self.clients[slot]
             c.dirty = 0
-            if c.active and c.head < c.len:
-                out[slot] = PyBytes_FromStringAndSize(c.buf + c.head, c.len - c.head)
-                c.head = c.len = c.fbase = 0
+            if not c.active or c.shead == c.nseg:
+                continue
+            parts = []
+            for j in range(c.shead, c.nseg):
+                sg = &c.segs[j]
+                if sg.m != NULL:
+                    parts.append(PyBytes_FromStringAndSize(sg.ptr, sg.len))
+                else:
+                    parts.append(PyBytes_FromStringAndSize(c.arena + sg.off, sg.len))
+            out[slot] = b"".join(parts)[c.sdone:]
+            self._clear_queue(c)
         self.ndirty = 0
         return out
 
@@ -792,8 +903,8 @@ cdef class Core:
             c = &self.clients[slot]
             c.dirty = 0
             if c.active:
-                total += c.len - c.head
-                c.head = c.len = c.fbase = 0
+                total += c.queued
+                self._clear_queue(c)
         self.ndirty = 0
         return total
 
