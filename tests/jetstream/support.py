@@ -1,0 +1,131 @@
+"""Test doubles and helpers for the JetStream tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from fanout.brokers.base import Message
+from fanout.brokers.jetstream import JetStreamBroker
+from fanout.config import Config
+
+
+class RecordingSink:
+    """A Sink that records what it is fed and drops duplicates like the hub."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.epochs: list[str] = []
+        self.duplicates = 0
+        self._last = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def last_stream_seq(self) -> int:
+        return self._last
+
+    @property
+    def seqs(self) -> list[int]:
+        return [m.stream_seq for m in self.messages]
+
+    def set_epoch(self, epoch: str) -> None:
+        if self.epochs and epoch != self.epochs[-1]:
+            self._last = 0
+        self.epochs.append(epoch)
+        self._changed.set()
+
+    def dispatch(self, msg: Message) -> int:
+        if msg.stream_seq <= self._last:
+            self.duplicates += 1
+            return -1
+        self._last = msg.stream_seq
+        self.messages.append(msg)
+        self._changed.set()
+        return 1
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+        """Wait (on dispatch events) until ``pred()`` holds."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {what or pred}: have {len(self.messages)} messages, "
+                                     f"last seq {self._last}")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+
+    async def wait_count(self, n: int, timeout: float = 10.0) -> None:
+        await self.wait_for(lambda: len(self.messages) >= n, timeout, f"{n} messages")
+
+
+class HookRecorder:
+    """A metrics_hook that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def names(self) -> list[str]:
+        return [e for e, _ in self.events]
+
+    def total(self, event: str) -> int:
+        return sum(f.get("n", 1) for e, f in self.events if e == event)
+
+
+@contextlib.asynccontextmanager
+async def running_broker(cfg: Config, sink: Any = None, *, hook: Any = None,
+                         **kwargs: Any) -> AsyncIterator[JetStreamBroker]:
+    broker = JetStreamBroker(cfg, metrics_hook=hook, **kwargs)
+    await broker.start(sink if sink is not None else RecordingSink())
+    try:
+        yield broker
+    finally:
+        await broker.stop()
+
+
+async def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+                     what: str = "") -> None:
+    """Poll a condition that has no event to await (e.g. server state)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = pred()
+        if asyncio.iscoroutine(res):
+            res = await res
+        if res:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or pred}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def nats_conn(url: str, **kwargs: Any) -> AsyncIterator[NATS]:
+    nc = await nats.connect(url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2, **kwargs)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def publish_retrying(js: Any, subject: str, payload: bytes, msg_id: str, *,
+                           headers: dict[str, str] | None = None, timeout: float = 20.0) -> int:
+    """Publish with ack, retrying through outages; Nats-Msg-Id keeps retries from storing twice."""
+    deadline = time.monotonic() + timeout
+    hdrs = {"Nats-Msg-Id": msg_id, **(headers or {})}
+    while True:
+        try:
+            ack = await js.publish(subject, payload, headers=dict(hdrs), timeout=1.0)
+            return int(ack.seq)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
