@@ -100,7 +100,8 @@ def workload(clients: int, subjects: int, seed: int = 1):
     return names, subs
 
 
-def run_core(clients: int, names: list[str], subs: list[list[str]], msgs: int, tail: bytes, hot: bool) -> tuple[float, int]:
+def run_core(clients: int, names: list[str], subs: list[list[str]], msgs: int, tail: bytes, hot: bool,
+             batch: int = 1) -> tuple[float, int]:
     core = Core(clients, replay_size=100, queue_limit=1 << 30)
     for c in range(clients):
         slot = core.add_client(-1)
@@ -112,10 +113,16 @@ def run_core(clients: int, names: list[str], subs: list[list[str]], msgs: int, t
     core.discard_queued()
     n = 0
     t0 = time.process_time()
-    for i, s in enumerate(order):
-        n += core.publish(s, tail)
-        if i % 16 == 15:
+    if batch > 1:
+        tails, prios = [tail] * batch, [2] * batch
+        for i in range(0, len(order), batch):
+            n += core.publish_batch(order[i:i + batch], tails[:len(order[i:i + batch])], prios[:len(order[i:i + batch])])
             core.discard_queued()
+    else:
+        for i, s in enumerate(order):
+            n += core.publish(s, tail)
+            if i % 16 == 15:
+                core.discard_queued()
     dt = time.process_time() - t0
     return dt, n
 

@@ -286,6 +286,7 @@ class Session:
         if self.slot is None:
             self.abort(reason)
             return
+        self.hub.publish_pending()  # messages accepted before the close go out before it
         self.hub.core.set_nodata(self.slot)
         if self.protocol.state is State.OPEN:
             self.protocol.send_close(int(code), reason)

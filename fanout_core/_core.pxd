@@ -1,6 +1,7 @@
 # The compiled fan-out core: declarations shared by _core.pyx and any future
 # Cython module that wants the C-level API.
-from libc.stdint cimport uint64_t, uint8_t, int64_t
+from libc.stdint cimport uint64_t, uint32_t, uint8_t, int64_t
+cimport cython
 
 cdef enum:
     MAX_WBITS_SLOTS = 16      # index by negotiated server window bits (9..15)
@@ -16,18 +17,24 @@ cdef struct Msg:
 
 
 cdef struct Seg:
-    # One piece of a client's output queue. Data frames are two pieces: the
-    # client's own header and ``{"seq":N,`` prefix (inline, in its arena) and
-    # the message body shared by every client (a reference, never copied).
+    # One piece of a client's output queue (16 bytes). Data frames are two
+    # pieces: the client's own header and ``{"seq":N,`` prefix (inline, in its
+    # arena) and the message body shared by every client (a reference, never
+    # copied; m.tail, or m.ztail[client wbits] when the client deflates).
     Msg *m                    # NULL: inline bytes at arena[off:off+len]
-    const char *ptr           # shared body (m.tail or m.ztail[w]) when m != NULL
-    Py_ssize_t off
-    Py_ssize_t len
-    uint8_t boundary          # a frame (or the handshake response) starts here
+    uint32_t off
+    uint32_t len              # top bit: a frame (or the handshake response) starts here
 
 
 cdef struct Client:
-    int fd
+    # Fields the fan-out loop touches come first (one cache line).
+    uint64_t seq              # last data seq given to this client
+    Msg **ring                # replay ring: ring[seq % replay_size], lazily allocated
+    Seg *segs                 # output queue: segs[shead:nseg] are unsent
+    char *arena               # inline bytes of the queue
+    Py_ssize_t queued         # unsent bytes in all
+    int shead
+    int nseg
     uint8_t active            # slot in use
     uint8_t nodata            # no more data frames (closing or too slow)
     uint8_t blocked           # last send hit EAGAIN: wait for writable
@@ -36,17 +43,11 @@ cdef struct Client:
     uint8_t level             # throttle level 0..3
     int strikes               # consecutive messages enqueued over the byte limit
     int credit                # throttle sampling accumulator (percent units)
-    uint64_t seq              # last data seq given to this client
-    Seg *segs                 # output queue: segs[shead:nseg] are unsent
-    int shead
-    int nseg
     int segcap
-    Py_ssize_t sdone          # bytes of segs[shead] already written
-    Py_ssize_t queued         # unsent bytes in all
-    char *arena               # inline bytes of the queue
     Py_ssize_t alen
     Py_ssize_t acap
-    Msg **ring                # replay ring: ring[seq % replay_size], lazily allocated
+    Py_ssize_t sdone          # bytes of segs[shead] already written
+    int fd
 
 
 cdef class _Pattern:
@@ -64,6 +65,7 @@ cdef class _Route:
     cdef uint64_t *bits         # OR of their bitsets; NULL while no pattern matches
 
 
+@cython.final
 cdef class Core:
     cdef Client *clients
     cdef readonly int capacity
@@ -101,7 +103,7 @@ cdef class Core:
     cdef int _deliver(self, int slot, Msg *m) except -1
     cdef int _write_data_frame(self, Client *c, uint64_t seq, Msg *m) except -1
     cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL
-    cdef int _push_msg(self, Client *c, Msg *m, const char *ptr, Py_ssize_t n) except -1
+    cdef int _push_msg(self, Client *c, Msg *m, Py_ssize_t n) except -1
     cdef int _grow_segs(self, Client *c) except -1
     cdef void _clear_queue(self, Client *c) noexcept
     cdef int _send_some(self, int slot) noexcept

@@ -21,7 +21,8 @@ consecutive messages; then the client stops getting data and is reported by
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.errno cimport errno, EAGAIN, EINTR
-from libc.stdint cimport uint64_t, uint8_t
+from libc.stdint cimport uint64_t, uint32_t, uint8_t
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 import heapq
 import zlib
@@ -54,7 +55,10 @@ cdef enum:
     MIN_SEGS = 16
     KEEP_BUF = 8192           # drained arenas above this are freed (idle memory)
     KEEP_SEGS = 256
+    BOUNDARY = 0x80000000
+    LEN_MASK = 0x7FFFFFFF
     IOV_BATCH = 512           # iovecs per sendmsg (Linux allows 1024)
+    BATCH = 64                # messages matched together by publish_batch
 
 PRIORITY_CRITICAL = 3
 
@@ -116,6 +120,18 @@ cdef inline void write_header(unsigned char *p, unsigned char op, Py_ssize_t ple
         p[1] = 127
         for i in range(8):
             p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
+
+
+cdef inline Py_ssize_t seg_len(const Seg *sg) noexcept:
+    return sg.len & LEN_MASK
+
+
+cdef inline const char *seg_ptr(const Client *c, const Seg *sg) noexcept:
+    if sg.m == NULL:
+        return c.arena + sg.off
+    if c.wbits:
+        return sg.m.ztail[c.wbits]
+    return sg.m.tail
 
 
 cdef void compact(Client *c) noexcept:
@@ -472,6 +488,51 @@ cdef class Core:
             msg_decref(m)
         return count
 
+    def publish_batch(self, list subjects, list tails, list priorities):
+        """Publish several messages at once, in order: same result as calling
+        :meth:`publish` for each, but client-major: each subscriber's state is
+        touched once for all the messages it gets from the batch, not once per
+        message (the difference is cache misses, i.e. most of the cost).
+        Returns the number of frames queued."""
+        cdef Py_ssize_t n = len(subjects), start, j, k
+        cdef Msg *msgs[BATCH]
+        cdef uint64_t *bits[BATCH]
+        cdef int w, b, slot, words = (self._next_slot + 63) >> 6
+        cdef uint64_t word, mask
+        cdef int count = 0
+        cdef _Route r
+        if len(tails) != n or len(priorities) != n:
+            raise ValueError("subjects, tails and priorities differ in length")
+        start = 0
+        while start < n:
+            k = 0
+            try:
+                for j in range(start, min(n, start + BATCH)):
+                    r = self._route(subjects[j])
+                    self.published += 1
+                    if r.bits == NULL:
+                        continue
+                    bits[k] = r.bits
+                    msgs[k] = msg_new(tails[j], priorities[j])
+                    k += 1
+                for w in range(words):
+                    word = 0
+                    for j in range(k):
+                        word |= bits[j][w]
+                    while word:
+                        b = __builtin_ctzll(word)
+                        word &= word - 1
+                        mask = (<uint64_t>1) << b
+                        slot = (w << 6) | b
+                        for j in range(k):
+                            if bits[j][w] & mask:
+                                count += self._deliver(slot, msgs[j])
+            finally:
+                for j in range(k):
+                    msg_decref(msgs[j])
+            start += BATCH
+        return count
+
     def deliver(self, int slot, bytes tail, int priority=2):
         """Queue one data message for one client (resume history). Returns 1 if
         queued, 0 if the client takes no data or throttling dropped it."""
@@ -576,7 +637,7 @@ cdef class Core:
         memcpy(p, b'{"seq":', 7)
         memcpy(p + 7, digits, nd)
         p[7 + nd] = 44                                 # ','
-        self._push_msg(c, m, body, body_len)
+        self._push_msg(c, m, body_len)
         self.bytes_queued += ilen + body_len
         return 0
 
@@ -618,16 +679,14 @@ cdef class Core:
         self._grow_segs(c)
         sg = &c.segs[c.nseg]
         sg.m = NULL
-        sg.ptr = NULL
-        sg.off = c.alen
-        sg.len = n
-        sg.boundary = boundary
+        sg.off = <uint32_t>c.alen
+        sg.len = <uint32_t>n | (BOUNDARY if boundary else 0)
         c.nseg += 1
         c.alen += n
         c.queued += n
-        return c.arena + sg.off
+        return c.arena + c.alen - n
 
-    cdef int _push_msg(self, Client *c, Msg *m, const char *ptr, Py_ssize_t n) except -1:
+    cdef int _push_msg(self, Client *c, Msg *m, Py_ssize_t n) except -1:
         """Queue a reference to a shared body (no copy)."""
         cdef Seg *sg
         if n == 0:
@@ -635,10 +694,8 @@ cdef class Core:
         self._grow_segs(c)
         sg = &c.segs[c.nseg]
         sg.m = m
-        sg.ptr = ptr
         sg.off = 0
-        sg.len = n
-        sg.boundary = 0
+        sg.len = <uint32_t>n
         m.refcnt += 1
         c.nseg += 1
         c.queued += n
@@ -706,10 +763,10 @@ cdef class Core:
         cdef int i, cut
         cdef Py_ssize_t dropped = 0
         cut = c.shead + 1 if c.sdone > 0 else c.shead
-        while cut < c.nseg and not c.segs[cut].boundary:
+        while cut < c.nseg and not (c.segs[cut].len & BOUNDARY):
             cut += 1
         for i in range(cut, c.nseg):
-            dropped += c.segs[i].len
+            dropped += seg_len(&c.segs[i])
             if c.segs[i].m != NULL:
                 msg_decref(c.segs[i].m)
         c.nseg = cut if cut > c.shead else c.shead
@@ -769,14 +826,11 @@ cdef class Core:
             i = c.shead
             while i < c.nseg and k < IOV_BATCH:
                 sg = &c.segs[i]
-                if sg.m != NULL:
-                    iov[k].iov_base = <void *>sg.ptr
-                else:
-                    iov[k].iov_base = <void *>(c.arena + sg.off)
-                iov[k].iov_len = sg.len
+                iov[k].iov_base = <void *>seg_ptr(c, sg)
+                iov[k].iov_len = seg_len(sg)
                 if i == c.shead:
                     iov[k].iov_base = <void *>(<char *>iov[k].iov_base + c.sdone)
-                    iov[k].iov_len = sg.len - c.sdone
+                    iov[k].iov_len = seg_len(sg) - c.sdone
                 want += iov[k].iov_len
                 k += 1
                 i += 1
@@ -799,7 +853,7 @@ cdef class Core:
             partial = n < want
             while n > 0:
                 sg = &c.segs[c.shead]
-                rem = sg.len - c.sdone
+                rem = seg_len(sg) - c.sdone
                 if n >= rem:
                     n -= rem
                     if sg.m != NULL:
@@ -883,10 +937,7 @@ cdef class Core:
             parts = []
             for j in range(c.shead, c.nseg):
                 sg = &c.segs[j]
-                if sg.m != NULL:
-                    parts.append(PyBytes_FromStringAndSize(sg.ptr, sg.len))
-                else:
-                    parts.append(PyBytes_FromStringAndSize(c.arena + sg.off, sg.len))
+                parts.append(PyBytes_FromStringAndSize(seg_ptr(c, sg), seg_len(sg)))
             out[slot] = b"".join(parts)[c.sdone:]
             self._clear_queue(c)
         self.ndirty = 0

@@ -52,10 +52,12 @@ class Sink(Protocol):
     """What a broker feeds: the hub."""
 
     def dispatch(self, msg: Message) -> int:
-        """Fan ``msg`` out now (synchronously); returns recipients.
+        """Accept ``msg`` for fan-out; returns 1, or -1 for a duplicate.
 
-        Messages must come in increasing ``stream_seq`` order; one at or below
-        the last dispatched is a duplicate and is dropped (returns -1).
+        Synchronous: once it returns, the message is in the node's hands (it
+        is queued for every subscriber before the loop's next flush), so a
+        broker may ack it. Messages must come in increasing ``stream_seq``
+        order; one at or below the last dispatched is a duplicate and dropped.
         """
 
     def set_epoch(self, epoch: str) -> None:

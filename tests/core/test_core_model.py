@@ -75,6 +75,15 @@ class CoreVsModel(RuleBasedStateMachine):
         assert sorted(self.core.recipients(subject)) == self.ref.recipients(subject)
         assert self.core.publish(subject, tail) == self.ref.publish(subject, tail)
 
+    @rule(subjects=st.lists(SUBJECTS, min_size=1, max_size=70))
+    def publish_batch(self, subjects: list[str]) -> None:
+        tails = []
+        for subject in subjects:
+            self.n += 1
+            tails.append(b'"type":"message","channel":"%s","stream_seq":%d}' % (subject.encode(), self.n))
+        want = sum(self.ref.publish(s, t) for s, t in zip(subjects, tails))
+        assert self.core.publish_batch(subjects, tails, [2] * len(subjects)) == want
+
     @precondition(lambda self: self.slots)
     @rule(i=st.integers(0, 10_000), a=st.integers(1, 40), span=st.integers(0, 10))
     def replay(self, i: int, a: int, span: int) -> None:

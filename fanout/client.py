@@ -1,0 +1,792 @@
+"""An asyncio client for a fanout node (PROTOCOL.md, version 1), on ``websockets``.
+
+::
+
+    async with Client("ws://127.0.0.1:3004/ws", token=jwt, on_resumed=reload_if_incomplete) as client:
+        await client.subscribe(["odin.token.*.update", "odin.global.trending"])
+        async for msg in client:          # data messages, as dicts, exactly once, in order
+            handle(msg["channel"], msg["data"])
+
+What it does for you
+--------------------
+* **Gaps.** Every data message carries a per-connection ``seq``. A jump in
+  ``seq`` makes the client send ``replay`` for the missing range; messages
+  after the gap are held back until the replay is answered, so the
+  application sees them in order. Whatever the node could no longer replay
+  (its per-client replay buffer, ``WS_REPLAY_BUFFER``, default 100 messages)
+  is reported through ``on_missing(first, last)`` and :attr:`Client.missing`
+  and then skipped.
+* **Reconnects.** When the connection breaks (any close code, a reset, a
+  failed heartbeat) the client reconnects with exponential backoff and full
+  jitter (``reconnect_min`` doubling up to ``reconnect_max``; a 503's
+  ``Retry-After`` is a floor) and sends ``resume`` with its channels,
+  ``after`` = the last ``stream_seq`` it delivered and the stream ``epoch``.
+  Messages are deduplicated by ``stream_seq``, so nothing is delivered twice
+  across the boundary. ``on_resumed(info)`` reports how it went; when
+  ``info["complete"]`` is false (the node no longer retains everything since
+  ``after``, or the stream was recreated / the embedded node restarted) the
+  application must reload its state from the source of truth.
+* **Quiet channels.** A position is only known once a message arrived after
+  the channel's ``subscribed`` reply. A channel that had no traffic since it
+  was subscribed cannot be resumed without receiving messages from before the
+  subscription, so it is plainly re-subscribed and reported with
+  ``complete: False, reason: "no_position"`` (protocol v1's ``subscribed``
+  carries no stream position; if a node adds ``stream_seq`` to it, it is used).
+* **Heartbeats.** A ``heartbeat`` goes out every ``heartbeat_interval``
+  seconds; a connection that delivers nothing at all for ``heartbeat_timeout``
+  after one is considered dead and replaced (unless the client itself is the
+  slow side: see backpressure).
+* ``throttle_update`` notices go to ``on_throttle(info)`` and
+  :attr:`Client.throttle`; server ``error`` frames not tied to a request go to
+  ``on_error(info)``.
+
+Callbacks run in the task that iterates the client, in order with the data
+messages: ``on_resumed`` with ``complete: False`` runs after the last message
+of the old state was returned and before the first message after the resume.
+A callback may be a plain function or a coroutine function; an exception in it
+is logged, not raised. ``on_connect()`` and ``on_disconnect(exc)`` follow the
+same rule.
+
+Limits
+------
+* Backpressure: at most ``max_queue`` (default 1024) delivered messages and
+  events wait for the application. When the queue is full the client stops
+  reading the socket, so TCP pushes back to the node, which throttles this
+  connection (``throttle_update``) or, at the heaviest level, closes it with
+  1008 (then the client reconnects and resumes). Iterate the client
+  concurrently with awaiting :meth:`Client.subscribe` and friends: their
+  replies are read by the same reader.
+* At most ``max_held`` (default 10000) messages are held back behind an
+  unanswered gap; beyond that the connection is dropped and resumed instead.
+* ``request_timeout`` (default 10 s) bounds every request/reply.
+* ``seq`` numbers (and so :attr:`Client.missing`) are per connection and
+  restart at 1 after a reconnect.
+* A 401 at the handshake is fatal with a fixed token (:class:`AuthError`,
+  raised from ``__aenter__`` or from the iteration); pass ``token`` as a
+  callable to fetch a fresh token at every connect instead.
+* The first connect is not retried: a wrong URL fails fast from ``__aenter__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+__all__ = [
+    "Client", "Tracker", "FanoutError", "AuthError", "ServerError", "SubscribeError", "ConnectionLost",
+    "ClientClosed",
+]
+
+log = logging.getLogger("fanout.client")
+
+Token = Union[str, Callable[[], Union[str, Awaitable[str]]], None]
+Callback = Callable[..., Any]
+
+
+# ----------------------------------------------------------------- errors
+class FanoutError(Exception):
+    """Base of the client's errors.
+
+    * :exc:`AuthError`: the handshake was refused with 401 (fatal with a fixed token)
+    * :exc:`ServerError`: the node answered a request with an ``error`` frame
+        * :exc:`SubscribeError`: some channels of a subscribe were refused
+    * :exc:`ConnectionLost`: the connection broke before the reply came
+    * :exc:`ClientClosed`: the client was closed
+    """
+
+
+class AuthError(FanoutError):
+    """The node refused the token (HTTP 401 at the handshake)."""
+
+
+class ServerError(FanoutError):
+    """An ``error`` frame answered a request: ``code``, ``message``, the raw ``frame``."""
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        super().__init__(f"{frame.get('code')}: {frame.get('message')}")
+        self.code: str | None = frame.get("code")
+        self.frame = frame
+
+
+class SubscribeError(ServerError):
+    """Some channels were refused; ``accepted`` ones are subscribed, ``errors`` has one frame per refused channel."""
+
+    def __init__(self, errors: list[dict[str, Any]], accepted: list[str]) -> None:
+        super().__init__(errors[0])
+        self.errors = errors
+        self.accepted = accepted
+        self.refused = [e.get("channel") for e in errors]
+
+
+class ConnectionLost(FanoutError):
+    """The connection broke while a request waited for its reply."""
+
+
+class ClientClosed(FanoutError):
+    """The client was closed."""
+
+
+# --------------------------------------------------- ordering (Sans-I/O)
+class Tracker:
+    """Per-client ordering state, with no I/O: seq gaps, hold-back, dedupe, stream position.
+
+    Feed it every data message (:meth:`on_message`) and every ``replay_done``
+    (:meth:`on_replay_done`); it returns the messages that may now be
+    delivered, in order, and the ranges to ask ``replay`` for.
+    """
+
+    def __init__(self) -> None:
+        #: Highest ``stream_seq`` delivered (or known to be covered) in :attr:`epoch`; ``after`` of a resume.
+        self.position = 0
+        self.epoch: str | None = None
+        #: Messages dropped because their ``stream_seq`` was already delivered.
+        self.duplicates = 0
+        self.new_connection()
+
+    def new_connection(self) -> None:
+        """Forget per-connection state; held messages are dropped (the resume brings them again)."""
+        self.expected = 1           # the next seq to deliver
+        self.seen_hi = 0            # the highest seq received on this connection
+        self.held: dict[int, dict[str, Any]] = {}
+        self.lost: list[tuple[int, int]] = []
+
+    def set_epoch(self, epoch: str) -> bool:
+        """Adopt the stream's epoch; True when it changed (positions of the old one are void)."""
+        if epoch == self.epoch:
+            return False
+        changed = self.epoch is not None
+        self.epoch = epoch
+        if changed:
+            self.position = 0
+        return changed
+
+    def on_message(self, msg: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+        """A data message arrived: (messages to deliver now, seq range to replay or None)."""
+        seq = msg.get("seq")
+        if not isinstance(seq, int):
+            return ([msg] if self._fresh(msg) else []), None
+        gap = None
+        if seq > self.seen_hi + 1 and seq > self.expected:
+            gap = (max(self.seen_hi + 1, self.expected), seq - 1)
+        self.seen_hi = max(self.seen_hi, seq)
+        if seq < self.expected or seq in self.held:
+            return [], gap   # a replayed copy of something we have
+        self.held[seq] = msg
+        return self._drain(), gap
+
+    def on_replay_done(self, from_seq: int, to_seq: int) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
+        """A replay finished: (messages to deliver now, seq ranges now known lost).
+
+        Everything the node sent before ``replay_done`` arrived before it, so a
+        seq in the range, at or below :attr:`seen_hi`, that is still not here
+        never will be.
+        """
+        lost: list[tuple[int, int]] = []
+        start = None
+        for s in range(max(from_seq, self.expected), min(to_seq, self.seen_hi) + 1):
+            if s not in self.held and not self._is_lost(s):
+                if start is None:
+                    start = s
+            elif start is not None:
+                lost.append((start, s - 1))
+                start = None
+        if start is not None:
+            lost.append((start, min(to_seq, self.seen_hi)))
+        self.lost.extend(lost)
+        return self._drain(), lost
+
+    def _is_lost(self, seq: int) -> bool:
+        return any(a <= seq <= b for a, b in self.lost)
+
+    def _drain(self) -> list[dict[str, Any]]:
+        out = []
+        while True:
+            msg = self.held.pop(self.expected, None)
+            if msg is not None:
+                self.expected += 1
+                if self._fresh(msg):
+                    out.append(msg)
+                continue
+            skip = next((b for a, b in self.lost if a <= self.expected <= b), None)
+            if skip is None:
+                return out
+            self.expected = skip + 1
+
+    def _fresh(self, msg: dict[str, Any]) -> bool:
+        ss = msg.get("stream_seq")
+        if not isinstance(ss, int):
+            return True
+        if ss <= self.position:
+            self.duplicates += 1
+            return False
+        self.position = ss
+        return True
+
+
+# ------------------------------------------------------------------ client
+@dataclass(slots=True)
+class _Pending:
+    reply: str                      # the reply type that completes the request
+    future: asyncio.Future[dict[str, Any]]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)    # a manual replay's copies
+    span: tuple[int, int] | None = None                             # a replay's seq range
+    auto: bool = False                                              # a gap replay the client sent itself
+
+
+@dataclass(slots=True)
+class _Event:
+    name: str       # "resumed", "throttle", "missing", "error", "connect", "disconnect"
+    args: tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class _End:
+    exc: BaseException | None
+
+
+_Item = Union[dict[str, Any], _Event, _End]
+
+
+class Client:
+    """A fanout client with ordered, exactly-once delivery across gaps and reconnects.
+
+    See the module docstring for the guarantees and limits. Use it as an async
+    context manager (or call :meth:`start` / :meth:`aclose`) and iterate it
+    for data messages.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: Token = None,
+        *,
+        on_resumed: Callback | None = None,
+        on_throttle: Callback | None = None,
+        on_missing: Callback | None = None,
+        on_error: Callback | None = None,
+        on_connect: Callback | None = None,
+        on_disconnect: Callback | None = None,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 30.0,
+        heartbeat_interval: float = 20.0,
+        heartbeat_timeout: float = 10.0,
+        request_timeout: float = 10.0,
+        max_queue: int = 1024,
+        max_held: int = 10000,
+        open_timeout: float = 10.0,
+        **connect_kwargs: Any,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.on_resumed = on_resumed
+        self.on_throttle = on_throttle
+        self.on_missing = on_missing
+        self.on_error = on_error
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.request_timeout = request_timeout
+        self.max_held = max_held
+        self.open_timeout = open_timeout
+        self.connect_kwargs = connect_kwargs
+        self.tracker = Tracker()
+        #: Seq ranges (first, last) the node could not replay, over the client's life; seqs are per connection.
+        self.missing: list[tuple[int, int]] = []
+        #: The last ``throttle_update`` (None: never throttled).
+        self.throttle: dict[str, Any] | None = None
+        #: Completed reconnects.
+        self.reconnects = 0
+        self._channels: dict[str, None] = {}        # confirmed subscriptions, in order
+        self._unpositioned: dict[str, int] = {}     # channel -> seen_hi when its subscribe was confirmed
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_queue)
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._ws: ClientConnection | None = None
+        self._ready = asyncio.Event()
+        self._run_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._ended = False
+        self._fatal: BaseException | None = None
+        self._last_rx = time.monotonic()
+        self._paused = False         # the reader waits for the application (queue full)
+        self._retry_after = 0.0
+
+    # ---------------------------------------------------------- properties
+    @property
+    def channels(self) -> list[str]:
+        """Subscribed channels (patterns), as confirmed by the node."""
+        return list(self._channels)
+
+    @property
+    def last_stream_seq(self) -> int:
+        """The ``stream_seq`` of the last message delivered (the next resume's ``after``)."""
+        return self.tracker.position
+
+    @property
+    def epoch(self) -> str | None:
+        return self.tracker.epoch
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def connection(self) -> ClientConnection | None:
+        """The current websockets connection (for diagnostics and tests), or None."""
+        return self._ws
+
+    # ----------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Open the first connection (raising if that fails) and start the connection manager."""
+        if self._run_task is not None:
+            raise RuntimeError("client already started")
+        ws = await self._open()
+        self._run_task = asyncio.get_running_loop().create_task(self._run(ws), name="fanout-client")
+
+    async def aclose(self) -> None:
+        """Close the connection and stop; iteration ends. Undelivered messages are discarded."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._run_task is not None:
+            self._run_task.cancel()
+            try:
+                await self._run_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        ws = self._ws
+        if ws is not None:
+            await ws.close()
+        self._end(None)
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._fatal = exc
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(_End(exc))
+        self._fail_pending(ClientClosed("client closed") if exc is None else exc)
+
+    # ------------------------------------------------------------ iteration
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _End):
+                self._queue.put_nowait(item)    # later calls end too
+                if item.exc is not None:
+                    raise item.exc
+                raise StopAsyncIteration
+            if isinstance(item, _Event):
+                await self._fire(item)
+                continue
+            return item
+
+    async def _fire(self, ev: _Event) -> None:
+        fn = getattr(self, "on_" + ev.name)
+        if fn is None:
+            return
+        try:
+            result = fn(*ev.args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("fanout client: on_%s callback failed", ev.name)
+
+    # -------------------------------------------------------------- requests
+    async def subscribe(self, channels: Iterable[str]) -> list[str]:
+        """Subscribe to channels (patterns); returns the accepted ones.
+
+        Raises :exc:`SubscribeError` when some were refused (the accepted ones
+        stay subscribed). Waits for a connection while reconnecting; a request
+        cut off by a reconnect is sent again on the next connection (3 tries).
+        """
+        chans = list(dict.fromkeys(channels))
+        if not chans:
+            return []
+        reply, errors = await self._retrying({"type": "subscribe", "channels": chans}, "subscribed")
+        accepted = list(reply.get("channels") or [])
+        if errors:
+            raise SubscribeError(errors, accepted)
+        return accepted
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        """Unsubscribe; messages already in flight may still arrive."""
+        chans = list(dict.fromkeys(channels))
+        for ch in chans:
+            self._channels.pop(ch, None)
+            self._unpositioned.pop(ch, None)
+        if chans and self._ready.is_set() and self._ws is not None:
+            try:
+                await self._request(self._ws, {"type": "unsubscribe", "channels": chans}, "unsubscribed")
+            except ConnectionLost:
+                pass    # the next connection does not resume them anyway
+
+    async def heartbeat(self) -> int:
+        """Round-trip a ``heartbeat``; returns the node's clock (ms since epoch)."""
+        reply, _ = await self._retrying({"type": "heartbeat"}, "heartbeat_ack")
+        return int(reply.get("ts", 0))
+
+    async def replay(self, from_seq: int, to_seq: int) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+        """Ask the node for this connection's messages ``from_seq..to_seq`` again.
+
+        Returns (the copies of already-delivered messages, the ``missing``
+        range or None). Gaps are replayed automatically; this is for an
+        application that wants to see messages again. Seqs are per connection.
+        """
+        ws = await self._wait_ready()
+        reply, _ = await self._request(ws, {"type": "replay", "from_seq": from_seq, "to_seq": to_seq},
+                                       "replay_done", span=(from_seq, to_seq), keep=True)
+        missing = reply.get("missing")
+        return reply.pop("_messages"), (tuple(missing) if missing else None)   # type: ignore[return-value]
+
+    async def _retrying(self, obj: dict[str, Any], reply: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        for attempt in range(3):
+            ws = await self._wait_ready()
+            try:
+                return await self._request(ws, obj, reply)
+            except ConnectionLost:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _wait_ready(self) -> ClientConnection:
+        if self._ended:
+            raise self._fatal or ClientClosed("client closed")
+        if not self._ready.is_set():
+            waiter = asyncio.ensure_future(self._ready.wait())
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self.request_timeout)
+            except TimeoutError:
+                waiter.cancel()
+                raise TimeoutError("no connection to the node within request_timeout") from None
+        if self._ended or self._ws is None:
+            raise self._fatal or ClientClosed("client closed")
+        return self._ws
+
+    async def _request(self, ws: ClientConnection, obj: dict[str, Any], reply: str, *,
+                       span: tuple[int, int] | None = None, keep: bool = False, auto: bool = False,
+                       timeout: float | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        pending = _Pending(reply, fut, span=span, auto=auto)
+        self._pending[rid] = pending
+        try:
+            try:
+                await ws.send(json.dumps({**obj, "id": rid}, separators=(",", ":")))
+            except ConnectionClosed as exc:
+                raise ConnectionLost(str(exc)) from exc
+            result = await asyncio.wait_for(fut, self.request_timeout if timeout is None else timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if keep:
+            result["_messages"] = pending.messages
+        return result, pending.errors
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(exc)
+                p.future.exception()    # retrieved: nobody may be waiting any more
+        self._pending.clear()
+
+    # ------------------------------------------------------------ connection
+    async def _token(self) -> str | None:
+        tok = self.token
+        if tok is None or isinstance(tok, str):
+            return tok
+        value = tok()
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    async def _open(self) -> ClientConnection:
+        """One connection attempt. The token goes in ``Authorization: Bearer`` (kept out of URLs and logs)."""
+        kwargs: dict[str, Any] = {"open_timeout": self.open_timeout, "ping_interval": None, **self.connect_kwargs}
+        token = await self._token()
+        if token:
+            kwargs["additional_headers"] = {**dict(kwargs.get("additional_headers") or {}),
+                                            "Authorization": f"Bearer {token}"}
+        try:
+            return await connect(self.url, **kwargs)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status == 401:
+                raise AuthError(f"the node refused the token: {exc}") from exc
+            retry = exc.response.headers.get("Retry-After", "")
+            self._retry_after = float(retry) if retry.isdigit() else 0.0
+            raise
+
+    def _delay(self, attempt: int) -> float:
+        """Full jitter over an exponential cap; a server's Retry-After is a floor."""
+        cap = min(self.reconnect_max, self.reconnect_min * (2 ** min(attempt, 30)))
+        delay = random.uniform(self.reconnect_min / 2, cap)
+        floor, self._retry_after = self._retry_after, 0.0
+        return max(delay, floor + random.uniform(0, self.reconnect_min))
+
+    async def _run(self, ws: ClientConnection | None) -> None:
+        """Connection manager: serve a connection, then reconnect with backoff, until closed or fatal."""
+        attempt = 0
+        first = True
+        while not self._closing:
+            if ws is None:
+                try:
+                    ws = await self._open()
+                except AuthError as exc:
+                    if isinstance(self.token, str) or self.token is None:
+                        self._end(exc)
+                        return
+                    log.warning("fanout client: %s; retrying with a fresh token", exc)
+                except (OSError, InvalidHandshake, TimeoutError) as exc:
+                    log.info("fanout client: connect failed (%s)", exc)
+                if ws is None:
+                    await asyncio.sleep(self._delay(attempt))
+                    attempt += 1
+                    continue
+            try:
+                if await self._serve(ws, first):
+                    attempt = 0
+            except Exception as exc:    # a bug must not kill the manager silently
+                log.exception("fanout client: connection handler failed")
+                await self._put(_Event("disconnect", (exc,)))
+            first = False
+            ws = None
+            if not self._closing:
+                await asyncio.sleep(self._delay(attempt))
+                attempt += 1
+
+    async def _serve(self, ws: ClientConnection, first: bool) -> bool:
+        """Run one connection until it ends; True when it got as far as resuming."""
+        self._ws = ws
+        self.tracker.new_connection()
+        self._last_rx = time.monotonic()
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read(ws))
+        heart = loop.create_task(self._heartbeat(ws))
+        restored = False
+        exc: BaseException | None = None
+        try:
+            if not first:
+                restore = loop.create_task(self._restore(ws))
+                await asyncio.wait([reader, restore], return_when=asyncio.FIRST_COMPLETED)
+                if not restore.done():
+                    restore.cancel()
+                    await asyncio.gather(restore, return_exceptions=True)
+                elif restore.exception() is None:
+                    restored = True
+                else:
+                    log.info("fanout client: resume failed (%s)", restore.exception())
+            else:
+                restored = True
+            if restored and not reader.done():
+                if not first:
+                    self.reconnects += 1
+                self._ready.set()
+                await self._put(_Event("connect", ()))
+            if not restored:
+                ws.transport.abort()
+            await asyncio.wait([reader])
+            exc = reader.exception()
+        finally:
+            self._ready.clear()
+            self._ws = None
+            heart.cancel()
+            reader.cancel()
+            await asyncio.gather(heart, reader, return_exceptions=True)
+            self._fail_pending(ConnectionLost("connection lost"))
+            if ws.transport is not None:
+                ws.transport.abort()
+        if exc is None:
+            exc = ws.close_exc if ws.close_code is not None else None
+        log.info("fanout client: disconnected (%s)", exc)
+        if not self._closing:
+            await self._put(_Event("disconnect", (exc,)))
+        return restored
+
+    async def _restore(self, ws: ClientConnection) -> None:
+        """After a reconnect: resume what has a position, then plainly re-subscribe the rest.
+
+        The resume goes first and alone, so its catch-up is not interleaved
+        with live messages of another request.
+        """
+        chans = list(self._channels)
+        if not chans:
+            return
+        positioned = [c for c in chans if c not in self._unpositioned]
+        quiet = [c for c in chans if c in self._unpositioned]
+        tr = self.tracker
+        if positioned and tr.epoch is not None:
+            req: dict[str, Any] = {"type": "resume", "channels": positioned, "after": tr.position, "epoch": tr.epoch}
+            await self._request(ws, req, "resumed")
+        elif positioned:
+            quiet = chans
+        if quiet:
+            await self._request(ws, {"type": "subscribe", "channels": quiet}, "subscribed")
+            await self._put(_Event("resumed", ({"type": "resumed", "channels": quiet, "epoch": tr.epoch,
+                                                "complete": False, "reason": "no_position"},)))
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            sent = time.monotonic()
+            try:
+                await self._request(ws, {"type": "heartbeat"}, "heartbeat_ack", timeout=self.heartbeat_timeout)
+            except TimeoutError:
+                if self._paused or self._last_rx > sent:
+                    continue    # we are the slow side, or frames still flow (the ack waits behind data)
+                log.warning("fanout client: no heartbeat_ack within %.1fs: reconnecting", self.heartbeat_timeout)
+                ws.transport.abort()
+                return
+            except FanoutError:
+                return
+
+    # ------------------------------------------------------------------ input
+    async def _put(self, item: _Item) -> None:
+        if self._ended:
+            return
+        if self._queue.full():
+            self._paused = True
+            try:
+                await self._queue.put(item)
+            finally:
+                self._paused = False
+        else:
+            self._queue.put_nowait(item)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                self._last_rx = time.monotonic()
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    log.warning("fanout client: frame is not JSON: %.200r", raw)
+                    continue
+                if isinstance(msg, dict) and not await self._on_frame(ws, msg):
+                    return
+        except ConnectionClosed:
+            pass
+
+    async def _on_frame(self, ws: ClientConnection, msg: dict[str, Any]) -> bool:
+        """Handle one server frame; False to drop the connection (and resume)."""
+        kind = msg.get("type")
+        rid = msg.get("id")
+        pending = self._pending.get(rid) if isinstance(rid, int) else None
+        if kind == "message":
+            return await self._on_data(ws, msg)
+        if kind == "error":
+            if pending is not None and msg.get("channel") is not None:
+                pending.errors.append(msg)      # one refused channel; the reply follows
+            elif pending is not None:
+                pending.future.set_exception(ServerError(msg))
+            else:
+                await self._put(_Event("error", (msg,)))
+            return True
+        if kind == "subscribed" or kind == "resumed":
+            self._on_subscribed(msg, pending)
+            if kind == "resumed":
+                await self._put(_Event("resumed", (msg,)))
+        elif kind == "replay_done":
+            await self._on_replay_done(msg, pending)
+        elif kind == "throttle_update":
+            self.throttle = msg
+            await self._put(_Event("throttle", (msg,)))
+        if pending is not None and kind == pending.reply and not pending.future.done():
+            pending.future.set_result(msg)
+        return True
+
+    def _on_subscribed(self, msg: dict[str, Any], pending: _Pending | None) -> None:
+        # Runs before the next frame is read, so the epoch and position are
+        # right for the messages that follow.
+        epoch = msg.get("epoch")
+        if isinstance(epoch, str) and epoch:
+            self.tracker.set_epoch(epoch)
+        pos = msg.get("stream_seq")     # not in protocol v1; used if a node sends it
+        chans = [c for c in (msg.get("channels") or []) if isinstance(c, str)]
+        if isinstance(pos, int) and pos >= 0:
+            self.tracker.position = max(self.tracker.position, pos)
+        if pending is None:
+            return      # a reply to a request that timed out: not ours any more
+        for ch in chans:
+            self._channels[ch] = None
+            if msg.get("type") == "subscribed" and not isinstance(pos, int) and ch not in self._unpositioned:
+                self._unpositioned[ch] = self.tracker.seen_hi
+            elif msg.get("type") == "resumed" or isinstance(pos, int):
+                self._unpositioned.pop(ch, None)
+
+    async def _on_data(self, ws: ClientConnection, msg: dict[str, Any]) -> bool:
+        seq = msg.get("seq")
+        tr = self.tracker
+        if isinstance(seq, int) and seq < tr.expected:
+            for p in self._pending.values():      # a copy asked for with replay()
+                if p.span is not None and not p.auto and p.span[0] <= seq <= p.span[1]:
+                    p.messages.append(msg)
+        deliver, gap = tr.on_message(msg)
+        if gap is not None:
+            log.info("fanout client: seq gap %d..%d: replaying", *gap)
+            await self._send_replay(ws, gap)
+        await self._deliver(deliver)
+        if len(tr.held) > self.max_held:
+            log.warning("fanout client: %d messages held behind a gap: reconnecting to resume", len(tr.held))
+            return False
+        return True
+
+    async def _send_replay(self, ws: ClientConnection, gap: tuple[int, int]) -> None:
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending("replay_done", fut, span=gap, auto=True)
+        try:
+            await ws.send(json.dumps({"type": "replay", "from_seq": gap[0], "to_seq": gap[1], "id": rid}))
+        except ConnectionClosed:
+            pass    # the reader sees the close next
+
+    async def _on_replay_done(self, msg: dict[str, Any], pending: _Pending | None) -> None:
+        a, b = msg.get("from_seq"), msg.get("to_seq")
+        if not (isinstance(a, int) and isinstance(b, int)):
+            return
+        if pending is not None and pending.auto:
+            self._pending.pop(msg["id"], None)
+        deliver, lost = self.tracker.on_replay_done(a, b)
+        for first, last in lost:
+            log.warning("fanout client: seqs %d..%d could not be replayed", first, last)
+            self.missing.append((first, last))
+        await self._deliver(deliver, lost)
+
+    async def _deliver(self, msgs: list[dict[str, Any]], lost: list[tuple[int, int]] | None = None) -> None:
+        lost = list(lost or ())
+        for m in msgs:
+            seq = m.get("seq")
+            while lost and isinstance(seq, int) and lost[0][1] < seq:
+                await self._put(_Event("missing", lost.pop(0)))
+            if self._unpositioned and isinstance(seq, int):
+                for ch in [c for c, mark in self._unpositioned.items() if mark < seq]:
+                    del self._unpositioned[ch]
+            await self._put(m)
+        for rng in lost:
+            await self._put(_Event("missing", rng))
