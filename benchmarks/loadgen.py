@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from . import native
 from .common import DISTS, H_BUCKETS, Distribution, is_slow, summarize_hist
 from .worker import WorkerConfig, raise_nofile, worker_main
 
@@ -59,6 +60,7 @@ class LoadConfig:
     per_worker: int = 5000
     connect_concurrency: int = 100  # handshakes in flight per worker
     connect_timeout: float = 15.0
+    engine: str = "c"  # "c" (compiled receive engine) or "py"
 
     def n_workers(self) -> int:
         if self.workers > 0:
@@ -152,7 +154,12 @@ class LoadGen:
             slow_read_s=self.cfg.slow_read_s,
             connect_concurrency=self.cfg.connect_concurrency,
             connect_timeout=self.cfg.connect_timeout,
+            engine=self.cfg.engine,
         )
+        if self.cfg.engine == "c":
+            ok, why = native.available()  # build once here, before the workers race to
+            if not ok:
+                raise RuntimeError(f"compiled engine unavailable ({why}); use --engine py")
         loop = asyncio.get_running_loop()
         for wid in range(n):
             parent, child = ctx.Pipe()
@@ -322,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-rcvbuf", type=int, default=4096)
     p.add_argument("--slow-pause", type=float, default=2.0)
     p.add_argument("--slow-read", type=float, default=0.25)
+    p.add_argument("--engine", choices=("c", "py"), default=_env("LOADGEN_ENGINE", "c"),
+                   help="receive engine: compiled (default) or pure Python")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--per-worker", type=int, default=5000)
     p.add_argument(
@@ -360,6 +369,7 @@ async def sustained(args: argparse.Namespace) -> dict[str, Any]:
         slow_read_s=args.slow_read,
         workers=args.workers,
         per_worker=args.per_worker,
+        engine=args.engine,
     )
     tty = not args.no_progress
 
