@@ -17,13 +17,13 @@ cdef struct Msg:
 
 
 cdef struct Seg:
-    # One piece of a client's output queue (16 bytes). Data frames are two
-    # pieces: the client's own header and ``{"seq":N,`` prefix (inline, in its
-    # arena) and the message body shared by every client (a reference, never
-    # copied; m.tail, or m.ztail[client wbits] when the client deflates).
-    Msg *m                    # NULL: inline bytes at arena[off:off+len]
-    uint32_t off
-    uint32_t len              # top bit: a frame (or the handshake response) starts here
+    # One entry of a client's output queue (16 bytes). A data frame is just
+    # (message, seq): its header and ``{"seq":N,`` prefix are written at flush
+    # time into a scratch buffer, and the body shared by every client
+    # (m.tail, or m.ztail[client wbits] when the client deflates) is sent by
+    # reference. So fan-out writes 16 bytes per client, whatever the payload.
+    Msg *m                    # NULL: inline bytes (control frames) in the arena
+    uint64_t v                # data: the seq; inline: off | len << 32 | boundary << 63
 
 
 cdef struct Client:
@@ -101,9 +101,8 @@ cdef class Core:
     cdef readonly int clients_active
 
     cdef int _deliver(self, int slot, Msg *m) except -1
-    cdef int _write_data_frame(self, Client *c, uint64_t seq, Msg *m) except -1
+    cdef int _queue_data(self, Client *c, uint64_t seq, Msg *m) except -1
     cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL
-    cdef int _push_msg(self, Client *c, Msg *m, Py_ssize_t n) except -1
     cdef int _grow_segs(self, Client *c) except -1
     cdef void _clear_queue(self, Client *c) noexcept
     cdef int _send_some(self, int slot) noexcept

@@ -55,8 +55,9 @@ cdef enum:
     MIN_SEGS = 16
     KEEP_BUF = 8192           # drained arenas above this are freed (idle memory)
     KEEP_SEGS = 256
-    BOUNDARY = 0x80000000
     LEN_MASK = 0x7FFFFFFF
+    HEAD_MAX = 48             # data frame header + stored-block header + {"seq":N,
+    HEAD_SLOTS = 256          # IOV_BATCH / 2: one head per data frame in a sendmsg
     IOV_BATCH = 512           # iovecs per sendmsg (Linux allows 1024)
     BATCH = 64                # messages matched together by publish_batch
 
@@ -122,16 +123,67 @@ cdef inline void write_header(unsigned char *p, unsigned char op, Py_ssize_t ple
             p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
 
 
-cdef inline Py_ssize_t seg_len(const Seg *sg) noexcept:
-    return sg.len & LEN_MASK
+cdef inline int ndigits(uint64_t v) noexcept:
+    cdef int n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
 
 
-cdef inline const char *seg_ptr(const Client *c, const Seg *sg) noexcept:
+cdef inline Py_ssize_t body_len(const Client *c, const Msg *m) noexcept:
+    return m.ztail_len[c.wbits] if c.wbits else m.tail_len
+
+
+cdef inline const char *body_ptr(const Client *c, const Msg *m) noexcept:
+    return m.ztail[c.wbits] if c.wbits else m.tail
+
+
+cdef inline Py_ssize_t head_len(const Client *c, const Seg *sg) noexcept:
+    """Bytes of a data frame before its shared body: header, stored-block header, prefix."""
+    cdef Py_ssize_t pre = 8 + ndigits(sg.v) + (5 if c.wbits else 0)
+    cdef Py_ssize_t plen = pre + body_len(c, sg.m)
+    return pre + (2 if plen < 126 else (4 if plen < 65536 else 10))
+
+
+cdef inline Py_ssize_t seg_len(const Client *c, const Seg *sg) noexcept:
     if sg.m == NULL:
-        return c.arena + sg.off
+        return <Py_ssize_t>((sg.v >> 32) & LEN_MASK)
+    return head_len(c, sg) + body_len(c, sg.m)
+
+
+cdef inline bint seg_boundary(const Seg *sg) noexcept:
+    return sg.m != NULL or (sg.v >> 63) != 0
+
+
+cdef inline Py_ssize_t seg_off(const Seg *sg) noexcept:
+    return <Py_ssize_t>(sg.v & 0xFFFFFFFF)
+
+
+cdef Py_ssize_t write_head(const Client *c, const Seg *sg, unsigned char *p) noexcept:
+    """Write a data frame's header, stored-block header and prefix; returns the length."""
+    cdef char digits[24]
+    cdef int nd = utoa(sg.v, digits)
+    cdef Py_ssize_t prefix_len = 8 + nd                  # {"seq":N,
+    cdef Py_ssize_t blen = body_len(c, sg.m)
+    cdef Py_ssize_t plen = prefix_len + blen + (5 if c.wbits else 0)
+    cdef Py_ssize_t hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
+    cdef unsigned char *q = p
+    write_header(q, OP_TEXT_DEFLATE if c.wbits else OP_TEXT, plen, hlen)
+    q += hlen
     if c.wbits:
-        return sg.m.ztail[c.wbits]
-    return sg.m.tail
+        # A stored (uncompressed) DEFLATE block carries the client's own
+        # prefix; the shared body, compressed once, follows it.
+        q[0] = 0                                         # BFINAL=0, BTYPE=00
+        q[1] = <unsigned char>(prefix_len & 0xFF)
+        q[2] = <unsigned char>(prefix_len >> 8)
+        q[3] = <unsigned char>(~prefix_len & 0xFF)
+        q[4] = <unsigned char>((~prefix_len >> 8) & 0xFF)
+        q += 5
+    memcpy(q, b'{"seq":', 7)
+    memcpy(q + 7, digits, nd)
+    q[7 + nd] = 44                                       # ','
+    return (q + 8 + nd) - p
 
 
 cdef void compact(Client *c) noexcept:
@@ -140,14 +192,14 @@ cdef void compact(Client *c) noexcept:
     cdef Py_ssize_t shift = c.alen
     for i in range(c.shead, c.nseg):
         if c.segs[i].m == NULL:
-            shift = c.segs[i].off          # inline offsets grow with the queue
+            shift = seg_off(&c.segs[i])    # inline offsets grow with the queue
             break
     if shift > 0:
         memmove(c.arena, c.arena + shift, c.alen - shift)
         c.alen -= shift
         for i in range(c.shead, c.nseg):
             if c.segs[i].m == NULL:
-                c.segs[i].off -= shift
+                c.segs[i].v -= <uint64_t>shift
     if c.shead > 0:
         memmove(c.segs, c.segs + c.shead, live * sizeof(Seg))
         c.nseg = live
@@ -569,7 +621,7 @@ cdef class Core:
             msg_decref(c.ring[idx])
         c.ring[idx] = m
         m.refcnt += 1
-        self._write_data_frame(c, c.seq, m)
+        self._queue_data(c, c.seq, m)
         self.deliveries += 1
         if c.queued > self.queue_limit:
             c.strikes += 1
@@ -600,45 +652,21 @@ cdef class Core:
         self.compressions += 1
         return 0
 
-    cdef int _write_data_frame(self, Client *c, uint64_t seq, Msg *m) except -1:
-        cdef char digits[24]
-        cdef int nd = utoa(seq, digits)
-        cdef Py_ssize_t prefix_len = 7 + nd + 1        # {"seq":N,
-        cdef Py_ssize_t plen, hlen, body_len, ilen
-        cdef const char *body
-        cdef unsigned char op
-        cdef bint deflate = c.wbits != 0
-        if deflate:
-            if m.ztail[c.wbits] == NULL:
-                self._compress(m, c.wbits)
-            body = m.ztail[c.wbits]
-            body_len = m.ztail_len[c.wbits]
-            # A stored (uncompressed) DEFLATE block carries the client's own
-            # prefix; the shared body, compressed once, follows it.
-            plen = 5 + prefix_len + body_len
-            op = OP_TEXT_DEFLATE
-        else:
-            body = m.tail
-            body_len = m.tail_len
-            plen = prefix_len + body_len
-            op = OP_TEXT
-        hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
-        ilen = plen - body_len + hlen
-        cdef unsigned char *p = <unsigned char *>self._inline(c, ilen, 1)
-        write_header(p, op, plen, hlen)
-        p += hlen
-        if deflate:
-            p[0] = 0                                   # BFINAL=0, BTYPE=00 (stored)
-            p[1] = <unsigned char>(prefix_len & 0xFF)
-            p[2] = <unsigned char>(prefix_len >> 8)
-            p[3] = <unsigned char>(~prefix_len & 0xFF)
-            p[4] = <unsigned char>((~prefix_len >> 8) & 0xFF)
-            p += 5
-        memcpy(p, b'{"seq":', 7)
-        memcpy(p + 7, digits, nd)
-        p[7 + nd] = 44                                 # ','
-        self._push_msg(c, m, body_len)
-        self.bytes_queued += ilen + body_len
+    cdef int _queue_data(self, Client *c, uint64_t seq, Msg *m) except -1:
+        """Queue data frame ``seq`` carrying message ``m`` (a reference, no copy)."""
+        cdef Seg *sg
+        cdef Py_ssize_t n
+        if c.wbits and m.ztail[c.wbits] == NULL:
+            self._compress(m, c.wbits)
+        self._grow_segs(c)
+        sg = &c.segs[c.nseg]
+        sg.m = m
+        sg.v = seq
+        m.refcnt += 1
+        c.nseg += 1
+        n = seg_len(c, sg)
+        c.queued += n
+        self.bytes_queued += n
         return 0
 
     # ------------------------------------------------------------------ queue
@@ -679,27 +707,11 @@ cdef class Core:
         self._grow_segs(c)
         sg = &c.segs[c.nseg]
         sg.m = NULL
-        sg.off = <uint32_t>c.alen
-        sg.len = <uint32_t>n | (BOUNDARY if boundary else 0)
+        sg.v = (<uint64_t>c.alen) | ((<uint64_t>n) << 32) | ((<uint64_t>1 << 63) if boundary else 0)
         c.nseg += 1
         c.alen += n
         c.queued += n
         return c.arena + c.alen - n
-
-    cdef int _push_msg(self, Client *c, Msg *m, Py_ssize_t n) except -1:
-        """Queue a reference to a shared body (no copy)."""
-        cdef Seg *sg
-        if n == 0:
-            return 0
-        self._grow_segs(c)
-        sg = &c.segs[c.nseg]
-        sg.m = m
-        sg.off = 0
-        sg.len = <uint32_t>n
-        m.refcnt += 1
-        c.nseg += 1
-        c.queued += n
-        return 0
 
     cdef void _clear_queue(self, Client *c) noexcept:
         """Forget everything queued (drops the body references)."""
@@ -763,10 +775,10 @@ cdef class Core:
         cdef int i, cut
         cdef Py_ssize_t dropped = 0
         cut = c.shead + 1 if c.sdone > 0 else c.shead
-        while cut < c.nseg and not (c.segs[cut].len & BOUNDARY):
+        while cut < c.nseg and not seg_boundary(&c.segs[cut]):
             cut += 1
         for i in range(cut, c.nseg):
-            dropped += seg_len(&c.segs[i])
+            dropped += seg_len(c, &c.segs[i])
             if c.segs[i].m != NULL:
                 msg_decref(c.segs[i].m)
         c.nseg = cut if cut > c.shead else c.shead
@@ -794,7 +806,7 @@ cdef class Core:
             return 0, missing
         s = from_seq if from_seq > lo else lo
         while s <= hi:
-            self._write_data_frame(c, s, c.ring[s % self.replay_size])
+            self._queue_data(c, s, c.ring[s % self.replay_size])
             sent += 1
             s += 1
         if sent:
@@ -814,25 +826,40 @@ cdef class Core:
         """Write what is queued for one client with sendmsg(): 0 drained, 1 blocked, -1 dead."""
         cdef Client *c = &self.clients[slot]
         cdef iovec iov[IOV_BATCH]
+        cdef unsigned char scratch[HEAD_SLOTS][HEAD_MAX]
         cdef msghdr mh
         cdef ssize_t n
-        cdef Py_ssize_t want, rem
-        cdef int i, k
+        cdef Py_ssize_t want, rem, skip, hl
+        cdef int i, k, h
         cdef bint partial
         cdef Seg *sg
         while c.shead < c.nseg:
             k = 0
+            h = 0
             want = 0
             i = c.shead
-            while i < c.nseg and k < IOV_BATCH:
+            skip = c.sdone
+            while i < c.nseg and k < IOV_BATCH - 1 and h < HEAD_SLOTS:
                 sg = &c.segs[i]
-                iov[k].iov_base = <void *>seg_ptr(c, sg)
-                iov[k].iov_len = seg_len(sg)
-                if i == c.shead:
-                    iov[k].iov_base = <void *>(<char *>iov[k].iov_base + c.sdone)
-                    iov[k].iov_len = seg_len(sg) - c.sdone
-                want += iov[k].iov_len
-                k += 1
+                if sg.m == NULL:
+                    iov[k].iov_base = <void *>(c.arena + seg_off(sg) + skip)
+                    iov[k].iov_len = seg_len(c, sg) - skip
+                    k += 1
+                else:
+                    hl = write_head(c, sg, scratch[h])
+                    if skip < hl:
+                        iov[k].iov_base = <void *>(scratch[h] + skip)
+                        iov[k].iov_len = hl - skip
+                        k += 1
+                        skip = 0
+                    else:
+                        skip -= hl
+                    h += 1
+                    iov[k].iov_base = <void *>(body_ptr(c, sg.m) + skip)
+                    iov[k].iov_len = body_len(c, sg.m) - skip
+                    k += 1
+                want += seg_len(c, sg) - (c.sdone if i == c.shead else 0)
+                skip = 0
                 i += 1
             memset(&mh, 0, sizeof(mh))
             mh.msg_iov = iov
@@ -853,7 +880,7 @@ cdef class Core:
             partial = n < want
             while n > 0:
                 sg = &c.segs[c.shead]
-                rem = seg_len(sg) - c.sdone
+                rem = seg_len(c, sg) - c.sdone
                 if n >= rem:
                     n -= rem
                     if sg.m != NULL:
@@ -927,6 +954,8 @@ cdef class Core:
         cdef int i, j, slot
         cdef Client *c
         cdef Seg *sg
+        cdef unsigned char head[HEAD_MAX]
+        cdef Py_ssize_t hl
         out = {}
         for i in range(self.ndirty):
             slot = self.dirty[i]
@@ -937,7 +966,12 @@ cdef class Core:
             parts = []
             for j in range(c.shead, c.nseg):
                 sg = &c.segs[j]
-                parts.append(PyBytes_FromStringAndSize(seg_ptr(c, sg), seg_len(sg)))
+                if sg.m == NULL:
+                    parts.append(PyBytes_FromStringAndSize(c.arena + seg_off(sg), seg_len(c, sg)))
+                else:
+                    hl = write_head(c, sg, head)
+                    parts.append(PyBytes_FromStringAndSize(<char *>head, hl))
+                    parts.append(PyBytes_FromStringAndSize(body_ptr(c, sg.m), body_len(c, sg.m)))
             out[slot] = b"".join(parts)[c.sdone:]
             self._clear_queue(c)
         self.ndirty = 0
