@@ -82,6 +82,8 @@ START_WAIT = 5.0           # start() waits this long for a first outcome (ready,
 HISTORY_CHUNK = 5000       # messages per history pull request
 HISTORY_CONCURRENCY = 8    # history reads at once (each is an ephemeral consumer)
 HISTORY_TIMEOUT = 10.0     # seconds one history read may take
+JS_API_TIMEOUT = 2.0       # seconds for a JetStream API call (they answer in ms; a
+                           # leader election makes them time out, then setup retries)
 LOG_REPEAT = 30.0          # seconds before the same connection error is logged again
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_-]")
@@ -167,7 +169,7 @@ def _val(x: Any) -> Any:
 
 def _status(msg: Msg) -> tuple[str, str]:
     h = msg.headers or {}
-    return h.get("Status", ""), h.get("Description", "")
+    return h.get("Status", ""), h.get("Description", "").split("\r\n")[0].split("\n")[0].strip()
 
 
 class JetStreamBroker(Broker):
@@ -449,8 +451,6 @@ class JetStreamBroker(Broker):
             except Exception as exc:
                 self._consuming = False
                 self._set_error("setup", f"JetStream setup failed: {type(exc).__name__}: {exc}")
-                if self._nc is not None and self._nc.is_connected:
-                    self._first_outcome.set()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -467,7 +467,7 @@ class JetStreamBroker(Broker):
         nc = NATS()
         self._nc = nc
         await nc.connect(**self._connect_options())
-        self._js = nc.jetstream()
+        self._js = nc.jetstream(timeout=JS_API_TIMEOUT)
         self._server = self._server_url()
         self._last_error = None
         log.info("NATS connected", extra={"fields": {"server": self._server}})
@@ -494,6 +494,7 @@ class JetStreamBroker(Broker):
             if now - self._activity > WATCHDOG:
                 # Not even a heartbeat: the requests are gone (e.g. a server
                 # restarted behind a reconnect that nats-py did not see).
+                log.info("JetStream pull requests silent for %.1fs: requesting again", now - self._activity)
                 self._activity = now
                 self._pending = 0
                 await self._top_up()

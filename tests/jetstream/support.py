@@ -109,6 +109,10 @@ async def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: f
 
 @contextlib.asynccontextmanager
 async def nats_conn(url: str, **kwargs: Any) -> AsyncIterator[NATS]:
+    async def quiet(exc: Exception) -> None:
+        pass
+
+    kwargs.setdefault("error_cb", quiet)
     nc = await nats.connect(url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2, **kwargs)
     try:
         yield nc
@@ -129,3 +133,74 @@ async def publish_retrying(js: Any, subject: str, payload: bytes, msg_id: str, *
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can hold back and then lose what the server sends.
+
+    ``hold()`` keeps server-to-client bytes in the proxy; ``cut()`` aborts
+    every connection and throws the held bytes away: deliveries the server
+    counts as sent never reach the client, as when a link dies.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.holding = False
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._conns.append((writer, up_w))
+        for src, dst, down in ((reader, up_w, False), (up_r, writer, True)):
+            t = asyncio.create_task(self._pump(src, dst, down))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, down: bool) -> None:
+        try:
+            while True:
+                data = await src.read(65536)
+                if not data:
+                    break
+                if down and self.holding:
+                    continue  # lost when cut
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.transport.abort()
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def cut(self) -> None:
+        for a, b in self._conns:
+            a.transport.abort()
+            b.transport.abort()
+        self._conns.clear()
+        self.holding = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for t in list(self._tasks):
+            t.cancel()

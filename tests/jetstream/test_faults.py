@@ -1,0 +1,170 @@
+"""JetStreamBroker under faults: NATS killed and restarted, cluster failover, bad credentials, no NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from fanout.brokers.jetstream import JetStreamBroker
+
+from fanout.brokers.jetstream import consumer_name
+
+from .support import (
+    HookRecorder,
+    RecordingSink,
+    TcpProxy,
+    nats_conn,
+    publish_retrying,
+    running_broker,
+    wait_until,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _publish_range(url: str, start: int, stop: int, *, pause_every: int = 0) -> None:
+    async with nats_conn(url) as nc:
+        js = nc.jetstream()
+        for i in range(start, stop):
+            await publish_retrying(js, f"odin.token.t{i % 3}.update", b"%d" % i, f"m{i}")
+            if pause_every and i % pause_every == 0:
+                await asyncio.sleep(0.005)
+
+
+def _assert_exactly_once_in_order(sink: RecordingSink, n: int) -> None:
+    assert sink.duplicates == 0, "the broker dispatched a duplicate"
+    assert sink.seqs == sorted(sink.seqs)
+    payloads = [int(m.payload) for m in sink.messages]
+    assert payloads == list(range(n)), f"lost or reordered: {sorted(set(range(n)) - set(payloads))[:10]}"
+
+
+async def test_nats_kill9_and_restart_mid_stream(nats_server, make_cfg):
+    sink = RecordingSink()
+    hook = HookRecorder()
+    cfg = make_cfg(nats_server.url)
+    async with running_broker(cfg, sink, hook=hook, reconnect_time_wait=0.2) as broker:
+        epoch = broker.epoch
+        producer = asyncio.create_task(_publish_range(nats_server.url, 0, 3000, pause_every=10))
+        await sink.wait_count(800, timeout=20)
+        nats_server.kill()
+        await wait_until(lambda: not broker.ready, timeout=5, what="broker to notice")
+        assert broker.status()["connected"] is False
+        await nats_server.astart()
+        await producer
+        await sink.wait_count(3000, timeout=25)
+        assert broker.ready and broker.epoch == epoch  # a restart is not a new stream incarnation
+    _assert_exactly_once_in_order(sink, 3000)
+    assert sink.seqs == list(range(1, 3001))
+    assert {"disconnected", "reconnected"} <= set(hook.names())
+
+
+async def test_deliveries_lost_on_the_wire_are_filled_from_the_stream(nats_server, make_cfg):
+    """The server counts deliveries as sent, the link dies before they arrive: nothing is lost.
+
+    JetStream would redeliver them only after the ack wait (30 s), after newer
+    messages that the hub would already have passed them with.
+    """
+    proxy = await TcpProxy(nats_server.port).start()
+    sink = RecordingSink()
+    hook = HookRecorder()
+    cfg = make_cfg(proxy.url)
+    try:
+        async with running_broker(cfg, sink, hook=hook, reconnect_time_wait=0.1), nats_conn(nats_server.url) as nc:
+            js = nc.jetstream()
+            for i in range(100):
+                await js.publish("odin.token.a.update", b"%d" % i)
+            await sink.wait_count(100)
+            proxy.hold()
+            for i in range(100, 150):
+                await js.publish("odin.token.a.update", b"%d" % i)
+
+            async def delivered() -> bool:
+                ci = await js.consumer_info("T", consumer_name(cfg))
+                return ci.delivered.stream_seq == 150
+
+            await wait_until(delivered, timeout=5, what="the server to deliver into the proxy")
+            assert len(sink.messages) == 100
+            proxy.cut()
+            t = time.monotonic()
+            for i in range(150, 200):
+                await publish_retrying(js, "odin.token.a.update", b"%d" % i, f"m{i}")
+            await sink.wait_count(200, timeout=15)
+            assert time.monotonic() - t < 10  # well before JetStream's 30 s ack wait
+    finally:
+        await proxy.close()
+    _assert_exactly_once_in_order(sink, 200)
+    assert hook.total("gap_filled") == 50
+
+
+async def test_cluster_failover_when_connected_server_dies(nats_cluster, make_cfg):
+    sink = RecordingSink()
+    cfg = make_cfg(nats_cluster.url, JS_STREAM_REPLICAS=3)
+    async with running_broker(cfg, sink, reconnect_time_wait=0.2) as broker:
+        assert await broker.wait_ready(20)
+        epoch = broker.epoch
+        async with nats_conn(nats_cluster.url) as nc:
+            info = await nc.jetstream().stream_info("T")
+            assert info.config.num_replicas == 3
+        port = int(str(broker.status()["server"]).rsplit(":", 1)[1])
+        victim = nats_cluster.server_by_port(port)
+        others = ",".join(s.url for s in nats_cluster.servers if s is not victim)
+        producer = asyncio.create_task(_publish_range(others, 0, 2000, pause_every=10))
+        await sink.wait_count(500, timeout=20)
+        victim.kill()
+        await producer
+        await sink.wait_count(2000, timeout=25)
+        assert broker.ready and broker.epoch == epoch
+        assert broker.status()["server"] != f"nats://127.0.0.1:{port}"
+    _assert_exactly_once_in_order(sink, 2000)
+
+
+async def test_bad_credentials_reported_clearly(nats_server_factory, make_cfg, caplog):
+    server = nats_server_factory(user="fan", password="right")
+    hook = HookRecorder()
+    cfg = make_cfg(server.url, NATS_USER="fan", NATS_PASSWORD="wrong")
+    caplog.set_level(logging.ERROR, logger="fanout.jetstream")
+    broker = JetStreamBroker(cfg, metrics_hook=hook, reconnect_time_wait=0.2)
+    t = time.monotonic()
+    await broker.start(RecordingSink())
+    try:
+        assert time.monotonic() - t < 4
+        assert not broker.ready
+        st = broker.status()
+        assert not st["connected"] and "authorization violation" in str(st["last_error"])
+        assert any(e == "error" and f.get("kind") == "auth" for e, f in hook.events)
+        assert any("authorization violation" in r.getMessage() for r in caplog.records)
+        # It keeps trying.
+        n = sum(1 for e, _ in hook.events if e == "error")
+        await wait_until(lambda: sum(1 for e, _ in hook.events if e == "error") > n, timeout=5, what="a retry")
+    finally:
+        await broker.stop()
+    # The right password works.
+    sink = RecordingSink()
+    async with running_broker(make_cfg(server.url, NATS_USER="fan", NATS_PASSWORD="right"), sink) as ok:
+        assert ok.ready
+
+
+async def test_unreachable_nats_start_returns_then_connects(nats_server_factory, make_cfg):
+    server = nats_server_factory(start=False)
+    sink = RecordingSink()
+    hook = HookRecorder()
+    broker = JetStreamBroker(make_cfg(server.url), metrics_hook=hook, reconnect_time_wait=0.2)
+    t = time.monotonic()
+    await broker.start(sink)
+    try:
+        assert time.monotonic() - t < 4
+        assert not broker.ready and not broker.status()["connected"]
+        assert "Connection" in str(broker.status()["last_error"]) or "refused" in str(broker.status()["last_error"])
+        with pytest.raises(ConnectionError):
+            await broker.publish("odin.token.a.update", b"x")
+        await server.astart()
+        assert await broker.wait_ready(15)
+        await broker.publish("odin.token.a.update", b"hello")
+        await sink.wait_count(1)
+        assert sink.messages[0].payload == b"hello"
+        assert "connected" in hook.names()
+    finally:
+        await broker.stop()
