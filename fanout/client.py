@@ -78,7 +78,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -90,7 +90,10 @@ __all__ = [
 
 log = logging.getLogger("fanout.client")
 
-Token = Union[str, Callable[[], Union[str, Awaitable[str]]], None]
+CLOSE_TIMEOUT = 2.0     # seconds aclose() waits for the closing handshake
+DEFAULT_MAX_SIZE = 8 * 2**20    # a data message can exceed the node's 1 MiB publish limit (escaping, base64)
+
+Token = str | Callable[[], str | Awaitable[str]] | None
 Callback = Callable[..., Any]
 
 
@@ -176,9 +179,7 @@ class Tracker:
         seq = msg.get("seq")
         if not isinstance(seq, int):
             return ([msg] if self._fresh(msg) else []), None
-        gap = None
-        if seq > self.seen_hi + 1 and seq > self.expected:
-            gap = (max(self.seen_hi + 1, self.expected), seq - 1)
+        gap = (self.seen_hi + 1, seq - 1) if seq > self.seen_hi + 1 else None
         self.seen_hi = max(self.seen_hi, seq)
         if seq < self.expected or seq in self.held:
             return [], gap   # a replayed copy of something we have
@@ -256,7 +257,7 @@ class _End:
     exc: BaseException | None
 
 
-_Item = Union[dict[str, Any], _Event, _End]
+_Item = dict[str, Any] | _Event | _End
 
 
 class Client:
@@ -321,6 +322,7 @@ class Client:
         self._run_task: asyncio.Task[None] | None = None
         self._closing = False
         self._ended = False
+        self._eof = False       # the iterator has seen the end
         self._fatal: BaseException | None = None
         self._last_rx = time.monotonic()
         self._paused = False         # the reader waits for the application (queue full)
@@ -370,16 +372,16 @@ class Client:
         if self._closing:
             return
         self._closing = True
-        if self._run_task is not None:
-            self._run_task.cancel()
-            try:
-                await self._run_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        self._end(None)     # first: it unblocks a reader waiting on a full queue
         ws = self._ws
         if ws is not None:
-            await ws.close()
-        self._end(None)
+            try:
+                await asyncio.wait_for(ws.close(), CLOSE_TIMEOUT)
+            except (TimeoutError, OSError):
+                pass
+        if self._run_task is not None:
+            self._run_task.cancel()
+            await asyncio.gather(self._run_task, return_exceptions=True)
 
     def _end(self, exc: BaseException | None) -> None:
         if self._ended:
@@ -388,7 +390,7 @@ class Client:
         self._fatal = exc
         while not self._queue.empty():
             self._queue.get_nowait()
-        self._queue.put_nowait(_End(exc))
+        self._queue.put_nowait(_End(exc))   # the queue was just emptied: room for one
         self._fail_pending(ClientClosed("client closed") if exc is None else exc)
 
     # ------------------------------------------------------------ iteration
@@ -397,12 +399,14 @@ class Client:
 
     async def __anext__(self) -> dict[str, Any]:
         while True:
+            if self._eof:
+                if self._fatal is not None:
+                    raise self._fatal
+                raise StopAsyncIteration
             item = await self._queue.get()
             if isinstance(item, _End):
-                self._queue.put_nowait(item)    # later calls end too
-                if item.exc is not None:
-                    raise item.exc
-                raise StopAsyncIteration
+                self._eof = True
+                continue
             if isinstance(item, _Event):
                 await self._fire(item)
                 continue
@@ -461,16 +465,17 @@ class Client:
         application that wants to see messages again. Seqs are per connection.
         """
         ws = await self._wait_ready()
-        reply, _ = await self._request(ws, {"type": "replay", "from_seq": from_seq, "to_seq": to_seq},
-                                       "replay_done", span=(from_seq, to_seq), keep=True)
-        missing = reply.get("missing")
-        return reply.pop("_messages"), (tuple(missing) if missing else None)   # type: ignore[return-value]
+        p = await self._request(ws, {"type": "replay", "from_seq": from_seq, "to_seq": to_seq},
+                                "replay_done", span=(from_seq, to_seq))
+        missing = p.future.result().get("missing")
+        return p.messages, ((int(missing[0]), int(missing[1])) if missing else None)
 
     async def _retrying(self, obj: dict[str, Any], reply: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         for attempt in range(3):
             ws = await self._wait_ready()
             try:
-                return await self._request(ws, obj, reply)
+                p = await self._request(ws, obj, reply)
+                return p.future.result(), p.errors
             except ConnectionLost:
                 if attempt == 2:
                     raise
@@ -480,19 +485,18 @@ class Client:
         if self._ended:
             raise self._fatal or ClientClosed("client closed")
         if not self._ready.is_set():
-            waiter = asyncio.ensure_future(self._ready.wait())
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), self.request_timeout)
+                await asyncio.wait_for(self._ready.wait(), self.request_timeout)
             except TimeoutError:
-                waiter.cancel()
                 raise TimeoutError("no connection to the node within request_timeout") from None
         if self._ended or self._ws is None:
             raise self._fatal or ClientClosed("client closed")
         return self._ws
 
     async def _request(self, ws: ClientConnection, obj: dict[str, Any], reply: str, *,
-                       span: tuple[int, int] | None = None, keep: bool = False, auto: bool = False,
-                       timeout: float | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                       span: tuple[int, int] | None = None, auto: bool = False,
+                       timeout: float | None = None) -> _Pending:
+        """Send one request and wait for its reply; the returned record holds the reply and errors."""
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         pending = _Pending(reply, fut, span=span, auto=auto)
@@ -502,12 +506,10 @@ class Client:
                 await ws.send(json.dumps({**obj, "id": rid}, separators=(",", ":")))
             except ConnectionClosed as exc:
                 raise ConnectionLost(str(exc)) from exc
-            result = await asyncio.wait_for(fut, self.request_timeout if timeout is None else timeout)
+            await asyncio.wait_for(fut, self.request_timeout if timeout is None else timeout)
         finally:
             self._pending.pop(rid, None)
-        if keep:
-            result["_messages"] = pending.messages
-        return result, pending.errors
+        return pending
 
     def _fail_pending(self, exc: BaseException) -> None:
         for p in self._pending.values():
@@ -528,7 +530,9 @@ class Client:
 
     async def _open(self) -> ClientConnection:
         """One connection attempt. The token goes in ``Authorization: Bearer`` (kept out of URLs and logs)."""
-        kwargs: dict[str, Any] = {"open_timeout": self.open_timeout, "ping_interval": None, **self.connect_kwargs}
+        # The node pings us; our liveness check is the protocol heartbeat.
+        kwargs: dict[str, Any] = {"open_timeout": self.open_timeout, "ping_interval": None,
+                                  "max_size": DEFAULT_MAX_SIZE, **self.connect_kwargs}
         token = await self._token()
         if token:
             kwargs["additional_headers"] = {**dict(kwargs.get("additional_headers") or {}),
@@ -544,7 +548,8 @@ class Client:
             raise
 
     def _delay(self, attempt: int) -> float:
-        """Full jitter over an exponential cap; a server's Retry-After is a floor."""
+        """Jitter over an exponential cap: uniform in [min/2, min * 2**attempt] (at most ``reconnect_max``),
+        so a node restart's clients come back spread out; a 503's Retry-After is a floor."""
         cap = min(self.reconnect_max, self.reconnect_min * (2 ** min(attempt, 30)))
         delay = random.uniform(self.reconnect_min / 2, cap)
         floor, self._retry_after = self._retry_after, 0.0
@@ -709,8 +714,10 @@ class Client:
                 await self._put(_Event("error", (msg,)))
             return True
         if kind == "subscribed" or kind == "resumed":
-            self._on_subscribed(msg, pending)
+            epoch_changed = self._on_subscribed(msg, pending)
             if kind == "resumed":
+                if msg.get("complete") is False:
+                    msg["reason"] = "epoch_changed" if epoch_changed else "retention"
                 await self._put(_Event("resumed", (msg,)))
         elif kind == "replay_done":
             await self._on_replay_done(msg, pending)
@@ -721,24 +728,31 @@ class Client:
             pending.future.set_result(msg)
         return True
 
-    def _on_subscribed(self, msg: dict[str, Any], pending: _Pending | None) -> None:
-        # Runs before the next frame is read, so the epoch and position are
-        # right for the messages that follow.
+    def _on_subscribed(self, msg: dict[str, Any], pending: _Pending | None) -> bool:
+        """Adopt epoch, position and channels of a ``subscribed``/``resumed``; True when the epoch changed.
+
+        Runs before the next frame is read, so the epoch and position are
+        right for the messages that follow.
+        """
         epoch = msg.get("epoch")
+        changed = False
         if isinstance(epoch, str) and epoch:
-            self.tracker.set_epoch(epoch)
+            changed = self.tracker.set_epoch(epoch)
+            if changed:
+                log.warning("fanout client: stream epoch changed to %s: positions reset", epoch)
         pos = msg.get("stream_seq")     # not in protocol v1; used if a node sends it
         chans = [c for c in (msg.get("channels") or []) if isinstance(c, str)]
         if isinstance(pos, int) and pos >= 0:
             self.tracker.position = max(self.tracker.position, pos)
         if pending is None:
-            return      # a reply to a request that timed out: not ours any more
+            return changed      # a reply to a request that timed out: not ours any more
         for ch in chans:
             self._channels[ch] = None
             if msg.get("type") == "subscribed" and not isinstance(pos, int) and ch not in self._unpositioned:
                 self._unpositioned[ch] = self.tracker.seen_hi
             elif msg.get("type") == "resumed" or isinstance(pos, int):
                 self._unpositioned.pop(ch, None)
+        return changed
 
     async def _on_data(self, ws: ClientConnection, msg: dict[str, Any]) -> bool:
         seq = msg.get("seq")

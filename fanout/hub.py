@@ -220,6 +220,7 @@ class Hub:
 
     def send_error(self, session: Session, code: ErrorCode, message: str, req_id: Any = None, **fields: Any) -> None:
         self.metrics.client_errors.labels(str(code)).inc()
+        event(logging.INFO, "client error", client=session.id, peer=session.peer, code=str(code), error=message, **fields)
         self.send(session, error_reply(code, message, req_id, **fields))
 
     def ping_all(self) -> None:

@@ -74,6 +74,7 @@ class Metrics:
         self.broker_events = Counter("fanout_broker_events_total", "Broker events (connect, disconnect, error...)", ["event"], registry=r)
         self.last_stream_seq = Gauge("fanout_last_stream_seq", "Highest stream_seq dispatched", registry=r)
         self.ready = Gauge("fanout_ready", "1 while /ready answers 200", registry=r)
+        self.braking = Gauge("fanout_braking", "1 while the CPU emergency brake refuses new connections", registry=r)
         self.cpu_percent = Gauge("fanout_cpu_percent", "Process CPU percent (psutil, one core = 100)", registry=r)
         self.memory_rss = Gauge("fanout_memory_rss_bytes", "Process resident memory (psutil)", registry=r)
         # Throttling (names from the deployment plan).

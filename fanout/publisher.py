@@ -160,7 +160,7 @@ class Publisher:
         opts = {"error_cb": on_error, **self._opts}
         try:
             await asyncio.wait_for(nc.connect(self.servers, **opts), self.connect_wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await _close_quietly(nc)
             why = f"{type(last[0]).__name__}: {last[0]}" if last else "timed out"
             raise ConnectionError(f"cannot connect to NATS at {', '.join(self.servers)}: {why}") from None

@@ -68,6 +68,7 @@ class Server:
         self.sessions: set[Session] = set()
         self.draining = False
         self.braking = False
+        self._hot_for = 0.0
         self.started = time.time()
         self._listener: socket.socket | None = None
         self._ops: asyncio.AbstractServer | None = None
@@ -139,11 +140,29 @@ class Server:
                 self.hub.ping_all()
             self.hub.sweep_idle(now)
             self.hub.recent.expire(now)
-            self.metrics.cpu_percent.set(proc.cpu_percent(None))
+            cpu = proc.cpu_percent(None)
+            self.metrics.cpu_percent.set(cpu)
+            self._brake(cpu, tick)
             self.metrics.memory_rss.set(proc.memory_info().rss)
             self.metrics.broker_ready.set(1 if self.broker.ready else 0)
             self.metrics.ready.set(1 if self.ready else 0)
             self.metrics.last_stream_seq.set(self.hub.last_stream_seq)
+
+    def _brake(self, cpu: float, tick: float) -> None:
+        """Emergency brake (WS_BRAKE_CPU_PERCENT): over the limit for 3 s refuses new
+        handshakes (503 + Retry-After) and turns /ready 503; released below 80% of it.
+        Established connections keep their service."""
+        limit = self.cfg.ws_brake_cpu_percent
+        if limit <= 0:
+            return
+        self._hot_for = self._hot_for + tick if cpu > limit else 0.0
+        if not self.braking and self._hot_for >= 3.0:
+            self.braking = True
+            event(logging.WARNING, "emergency brake on: refusing new connections", cpu_percent=cpu, limit=limit)
+        elif self.braking and cpu < 0.8 * limit:
+            self.braking = False
+            event(logging.INFO, "emergency brake off", cpu_percent=cpu)
+        self.metrics.braking.set(1 if self.braking else 0)
 
     async def shutdown(self) -> None:
         """Drain: refuse new work, flush what is queued, close clients with 1001."""

@@ -85,20 +85,35 @@ class Session:
         except OSError as exc:
             self.abort(f"recv failed: {exc}")
             return
+        protocol = self.protocol
         if data:
             self.last_seen = time.monotonic()
-            self.protocol.receive_data(data)
+            protocol.receive_data(data)
         else:
-            self.protocol.receive_eof()
+            protocol.receive_eof()
+        request = False
         try:
-            for ev in self.protocol.events_received():
+            for ev in protocol.events_received():
                 if isinstance(ev, Frame):
                     self._on_frame(ev)
                 elif isinstance(ev, Request):
+                    request = True
                     self._on_handshake(ev)
         except Exception:  # a bug here must not take the node down
             event(logging.ERROR, "client handler failed", client=self.id, exc_info=True)
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        if data and not request and self.slot is None and protocol.handshake_exc is not None:
+            # Not an HTTP request at all: websockets drops it without a response.
+            self.server.metrics.rejected.labels("bad_handshake").inc()
+            event(logging.INFO, "handshake refused", client=self.id, peer=self.peer,
+                  reason=f"{protocol.handshake_exc}: {protocol.handshake_exc.__cause__}")
+        elif protocol.close_sent is not None and protocol.close_rcvd is None and not self.closing:
+            # websockets failed the connection itself (frame over the size
+            # limit: 1009; protocol error: 1002; bad UTF-8: 1007).
+            code = protocol.close_sent.code
+            self.server.metrics.closed.labels(str(code)).inc()
+            event(logging.INFO, "client closed", client=self.id, peer=self.peer, code=code,
+                  reason=protocol.close_sent.reason)
         self._pump()
         if not data and not self.closed:
             self.abort("eof")
@@ -239,7 +254,6 @@ class Session:
 
     def _bad_request(self, message: str, req_id: Any = None) -> None:
         self.server.metrics.client_frames.labels("invalid").inc()
-        event(logging.INFO, "bad client frame", client=self.id, peer=self.peer, error=message)
         self.hub.send_error(self, ErrorCode.BAD_REQUEST, message, req_id)
 
     def _on_text(self, data: bytes) -> None:

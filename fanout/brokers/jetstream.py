@@ -49,8 +49,9 @@ import logging
 import re
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -106,7 +107,7 @@ def format_epoch(created: datetime | None) -> str:
     """The stream incarnation id: its creation time (UTC, microseconds)."""
     if created is None:
         return ""
-    return created.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _ack_fields(reply: str) -> tuple[int, int, int, int, int] | None:
@@ -276,7 +277,7 @@ class JetStreamBroker(Broker):
             self._ready_evt.clear()
             try:
                 await asyncio.wait_for(self._ready_evt.wait(), None if left is None else min(left, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return True
 
@@ -479,7 +480,7 @@ class JetStreamBroker(Broker):
         while True:
             try:
                 await asyncio.wait_for(self._resync.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if self._closed.is_set():
                 raise ConnectionError("NATS connection closed")
