@@ -8,9 +8,7 @@ import time
 
 import pytest
 
-from fanout.brokers.jetstream import JetStreamBroker
-
-from fanout.brokers.jetstream import consumer_name
+from fanout.brokers.jetstream import JetStreamBroker, consumer_name
 
 from .support import (
     HookRecorder,
