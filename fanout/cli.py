@@ -14,7 +14,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import typer
 
@@ -37,7 +38,7 @@ def _with_config_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
         inspect.Parameter(f"cfg_{env.lower()}", inspect.Parameter.KEYWORD_ONLY,
                           default=typer.Option(None, _flag(env), help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
                                                show_default=False),
-                          annotation=Optional[str])
+                          annotation=Optional[str])  # noqa: UP045 - typer reads this at run time
         for env, f in FIELDS.items()
     ]
 
@@ -126,7 +127,7 @@ def publish(
 @app.command()
 def token(
     sub: str = typer.Argument(..., help="user id"),
-    channels: Optional[str] = typer.Option(None, help="comma-separated allowed patterns (default: any)"),
+    channels: str | None = typer.Option(None, help="comma-separated allowed patterns (default: any)"),
     ttl: int = typer.Option(3600, help="seconds until it expires"),
     secret: str = typer.Option("", help="HS256 secret (default $WS_AUTH_SECRET)"),
 ) -> None:

@@ -13,8 +13,9 @@ import dataclasses
 import os
 import re
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["Config", "ConfigError", "FIELDS", "load", "parse_duration"]
 

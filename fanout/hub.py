@@ -48,7 +48,7 @@ class Hub:
             replay_size=cfg.ws_replay_buffer,
             queue_limit=cfg.ws_client_queue_bytes,
             slow_strikes=cfg.ws_slow_client_strikes,
-            throttle_percents=cfg.throttle_percents,
+            throttle_percents=cfg.throttle_percents,  # type: ignore[arg-type]  # validated: 4 values
         )
         metrics.attach_core(self.core.stats)
         self.sessions: list[Session | None] = [None] * cfg.ws_max_connections
@@ -318,7 +318,7 @@ class Hub:
         slot = session.slot
         have = self.core.subscriptions(slot)
         limit = self.cfg.ws_max_subscriptions
-        accepted = []
+        accepted: list[str] = []
         for ch in patterns:
             if ch not in have and len(have) + len(accepted) >= limit:
                 self.send_error(session, ErrorCode.TOO_MANY_SUBSCRIPTIONS,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .codes import ErrorCode
 
@@ -63,7 +63,7 @@ class Heartbeat:
     id: Any = None
 
 
-Request = Union[Subscribe, Unsubscribe, Replay, Resume, Heartbeat]
+Request = Subscribe | Unsubscribe | Replay | Resume | Heartbeat
 
 
 def _is_int(v: Any) -> bool:
@@ -83,9 +83,9 @@ def _channels(obj: dict[str, Any], req_id: Any) -> list[str]:
 
 def _seq(obj: dict[str, Any], name: str, req_id: Any) -> int:
     v = obj.get(name)
-    if not _is_int(v) or v < 0:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise RequestError(ErrorCode.BAD_REQUEST, f"'{name}' must be a non-negative integer", req_id)
-    return int(v)
+    return v
 
 
 def parse_request(text: str | bytes) -> Request:

@@ -22,7 +22,6 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -166,6 +165,8 @@ class Session:
         if response.status_code != 101:
             if self.protocol.handshake_exc is not None and response.status_code not in (401, 404, 503):
                 metrics.rejected.labels("bad_handshake").inc()
+                event(logging.INFO, "handshake refused", client=self.id, peer=self.peer,
+                      status=response.status_code, reason=str(self.protocol.handshake_exc))
             self._pump()
             return
         wbits = 0
@@ -194,7 +195,8 @@ class Session:
         secret = self.cfg.ws_auth_secret
         if not secret:
             return None
-        token = (parse_qs(query).get("auth") or [None])[0]
+        tokens = parse_qs(query).get("auth")
+        token: str | None = tokens[0] if tokens else None
         header = request.headers.get("Authorization", "")
         if token is None and header.lower().startswith("bearer "):
             token = header[7:].strip()
@@ -219,7 +221,7 @@ class Session:
             if op is Opcode.BINARY:
                 self._bad_request("binary frames are not supported: send JSON text frames")
                 return
-            self._on_text(frame.data)
+            self._on_text(bytes(frame.data))
         elif op is Opcode.CONT:
             if self._frag is None:
                 return

@@ -50,7 +50,7 @@ def test_deflate_frames_inflate_with_a_standard_inflater(wbits):
     pframes = parse_frames(out[plain])
     assert [b0 for b0, _ in zframes] == [0xC1] * len(sizes)   # FIN + RSV1 + text
     assert [b0 for b0, _ in pframes] == [0x81] * len(sizes)
-    for (_, zp), (_, pp) in zip(zframes, pframes):
+    for (_, zp), (_, pp) in zip(zframes, pframes, strict=True):
         assert inflater.decompress(zp + b"\x00\x00\xff\xff") == pp
     assert core.compressions == len(sizes)   # once per message, not per client
 

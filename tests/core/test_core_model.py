@@ -81,7 +81,7 @@ class CoreVsModel(RuleBasedStateMachine):
         for subject in subjects:
             self.n += 1
             tails.append(b'"type":"message","channel":"%s","stream_seq":%d}' % (subject.encode(), self.n))
-        want = sum(self.ref.publish(s, t) for s, t in zip(subjects, tails))
+        want = sum(self.ref.publish(s, t) for s, t in zip(subjects, tails, strict=True))
         assert self.core.publish_batch(subjects, tails, [2] * len(subjects)) == want
 
     @precondition(lambda self: self.slots)

@@ -35,7 +35,7 @@ class NodeProcess:
         self.health_port = 0
 
     # -------------------------------------------------------------- lifecycle
-    def start(self, timeout: float = 15.0) -> "NodeProcess":
+    def start(self, timeout: float = 15.0) -> NodeProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "fanout", "serve", *self.args], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         threading.Thread(target=self._read, daemon=True).start()
@@ -86,7 +86,7 @@ class NodeProcess:
             self.proc.wait()
             raise
 
-    def __enter__(self) -> "NodeProcess":
+    def __enter__(self) -> NodeProcess:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
