@@ -153,7 +153,10 @@ class Publisher:
         last: list[BaseException] = []
 
         async def on_error(exc: BaseException) -> None:
-            last[:] = [exc]
+            # The server closes the socket after refusing credentials; keep
+            # the refusal, not the reset that follows it.
+            if not (last and "authorization" in str(last[0]).lower()):
+                last[:] = [exc]
             log.debug("nats error: %s", exc)
 
         nc = NATS()

@@ -204,6 +204,7 @@ class JetStreamBroker(Broker):
         self._epoch = ""
         self._stream_subjects: list[str] = cfg.stream_subjects
         self._fatal: str | None = None
+        self._auth_refused = False
         self._fatal_exc: BaseException | None = None
         self._last_error: str | None = None
         self._error_logged: tuple[str, float] = ("", 0.0)
@@ -392,8 +393,13 @@ class JetStreamBroker(Broker):
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc) or type(exc).__name__
         if "authorization violation" in text.lower() or isinstance(exc, nats.errors.AuthorizationError):
+            self._auth_refused = True
             self._set_error("auth", "NATS refused the credentials (authorization violation): check NATS_USER/"
                             "NATS_PASSWORD, NATS_TOKEN or NATS_CREDS_FILE", level=logging.ERROR)
+        elif self._auth_refused and not (self._nc is not None and self._nc.is_connected):
+            # The server drops the socket right after refusing the
+            # credentials: that reset is not the news.
+            self._emit("error", error=text, kind="connection")
         elif isinstance(exc, nats.errors.SlowConsumerError):
             self._set_error("slow_consumer", f"NATS slow consumer: {text}")
         else:
@@ -410,6 +416,7 @@ class JetStreamBroker(Broker):
         self._emit("ready", ready=False)
 
     async def _on_reconnected(self) -> None:
+        self._auth_refused = False
         self._server = self._server_url()
         log.info("NATS reconnected", extra={"fields": {"server": self._server}})
         self._emit("reconnected", server=self._server)
@@ -471,6 +478,7 @@ class JetStreamBroker(Broker):
         self._js = nc.jetstream(timeout=JS_API_TIMEOUT)
         self._server = self._server_url()
         self._last_error = None
+        self._auth_refused = False
         log.info("NATS connected", extra={"fields": {"server": self._server}})
         self._emit("connected", server=self._server)
 

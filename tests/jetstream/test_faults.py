@@ -94,7 +94,7 @@ async def test_deliveries_lost_on_the_wire_are_filled_from_the_stream(nats_serve
     finally:
         await proxy.close()
     _assert_exactly_once_in_order(sink, 200)
-    assert hook.total("gap_filled") == 50
+    assert hook.total("gap_filled") >= 50  # and any sent into the dead link while reconnecting
 
 
 async def test_cluster_failover_when_connected_server_dies(nats_cluster, make_cfg):
