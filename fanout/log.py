@@ -43,6 +43,7 @@ def setup(level: str = "info") -> None:
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
 
 
-def event(level: int, msg: str, **fields: Any) -> None:
+def event(level: int, msg: str, *, exc_info: bool = False, **fields: Any) -> None:
     if logger.isEnabledFor(level):
-        logger.log(level, msg, extra={"fields": fields})
+        # exc_info belongs to the record (the formatter writes "exc"), not to the fields.
+        logger.log(level, msg, exc_info=exc_info, extra={"fields": fields})

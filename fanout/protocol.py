@@ -21,6 +21,7 @@ __all__ = [
 ]
 
 MAX_CHANNELS_PER_REQUEST = 1000
+MAX_SEQ = 2**64 - 1   # seqs and JetStream stream sequences are uint64 (the core takes them as such)
 
 
 class RequestError(Exception):
@@ -83,8 +84,8 @@ def _channels(obj: dict[str, Any], req_id: Any) -> list[str]:
 
 def _seq(obj: dict[str, Any], name: str, req_id: Any) -> int:
     v = obj.get(name)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise RequestError(ErrorCode.BAD_REQUEST, f"'{name}' must be a non-negative integer", req_id)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_SEQ:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"'{name}' must be a non-negative integer below 2**64", req_id)
     return v
 
 

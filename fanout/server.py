@@ -92,6 +92,9 @@ class Server:
         self.ws_port = lsock.getsockname()[1]
         self.loop.add_reader(lsock.fileno(), self._accept)
         self._tasks.append(self.loop.create_task(self._periodic()))
+        # Right now, not at the first periodic tick: /metrics must agree with /ready.
+        self.metrics.broker_ready.set(1 if self.broker.ready else 0)
+        self.metrics.ready.set(1 if self.ready else 0)
         event(logging.INFO, "fanout listening", ws_port=self.ws_port, health_port=self.health_port,
               mode=self.broker.name, max_connections=self.cfg.ws_max_connections, epoch=self.hub.epoch)
 
