@@ -51,6 +51,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from time import monotonic, time_ns
 from typing import Any
 
 import nats.errors
@@ -64,7 +65,7 @@ from nats.js.errors import APIError, NotFoundError
 from ..config import Config
 from ..publisher import build_headers, split_servers, tls_context
 from ..subjects import matches_any, subject_error, valid_pattern
-from .base import DEFAULT_PRIORITY, Broker, History, Message, Sink, parse_priority
+from .base import DEFAULT_PRIORITY, PRIORITIES, Broker, History, Message, Sink, parse_priority
 
 __all__ = ["JetStreamBroker", "StreamConfigConflict", "MetricsHook", "consumer_name"]
 
@@ -124,6 +125,12 @@ def _ack_fields(reply: str) -> tuple[int, int, int, int, int] | None:
     if n == 9:
         return int(t[4]), int(t[5]), int(t[6]), int(t[7]), int(t[8])
     return None
+
+
+# Header values as publishers send them, to skip parsing on the hot path.
+_PRIO: dict[str | None, int] = {None: DEFAULT_PRIORITY, "": DEFAULT_PRIORITY}
+for _name, _num in PRIORITIES.items():
+    _PRIO[_name] = _PRIO[_name.upper()] = _PRIO[_name.capitalize()] = _num
 
 
 def _priority(headers: dict[str, str] | None) -> int:
@@ -219,6 +226,8 @@ class JetStreamBroker(Broker):
         self._fetched = 0
         self._acked = 0
         self._dupes = 0
+        self._dispatch: Callable[[Message], int] = lambda m: -1
+        self._ack: Callable[..., Any] = self._no_ack
         self._resync = asyncio.Event()
         self._closed = asyncio.Event()
         self._first_outcome = asyncio.Event()
@@ -548,7 +557,9 @@ class JetStreamBroker(Broker):
             # or the one before it): resume after it.
             self._last = floor.stream_seq
             self._last_cseq = max(self._last_cseq, floor.consumer_seq)
-        assert self._nc is not None
+        assert self._nc is not None and self._sink is not None
+        self._dispatch = self._sink.dispatch
+        self._ack = self._nc.publish
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1,
                                              pending_bytes_limit=-1)
@@ -714,32 +725,39 @@ class JetStreamBroker(Broker):
         await nc.publish(self._next_subject, req, reply=self._inbox)
 
     async def _on_msg(self, msg: Msg) -> None:
-        self._activity = time.monotonic()
+        # The hot path: one call per message, no loop turn unless a gap, the
+        # rate limit or a full output buffer makes it wait.
         reply = msg.reply
         if not reply.startswith("$JS.ACK."):
+            self._activity = monotonic()
             await self._on_status(msg)
             return
-        fields = _ack_fields(reply)
-        if fields is None:
+        t = reply.split(".")
+        if len(t) >= 11:  # $JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>...
+            seq, cseq, first = int(t[7]), int(t[8]), t[6] == "1"
+        elif len(t) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            seq, cseq, first = int(t[5]), int(t[6]), t[4] == "1"
+        else:
             return
-        delivered, seq, cseq, _ts, _left = fields
         if self._pending > 0:
             self._pending -= 1
         self._fetched += 1
-        if seq <= self._last:
+        last = self._last
+        if seq <= last:
             # A redelivery of something already dispatched (its ack was lost,
             # or it came through a gap fill): ack it again, send nothing.
             self._dupes += 1
         else:
-            if seq != self._last + 1 and not (delivered == 1 and cseq == self._last_cseq + 1):
+            if seq != last + 1 and not (first and cseq == self._last_cseq + 1):
                 await self._fill_gap(seq)
             if self._rate > 0:
                 await self._take_token()
-            sink = self._sink
-            assert sink is not None
+            headers = msg.headers
+            prio = DEFAULT_PRIORITY if headers is None else _PRIO.get(headers.get("Fanout-Priority"), -1)
+            if prio < 0:
+                prio = _priority(headers)
             try:
-                if sink.dispatch(Message(msg.subject, msg.data, seq, time.time_ns() // 1_000_000,
-                                         _priority(msg.headers))) < 0:
+                if self._dispatch(Message(msg.subject, msg.data, seq, time_ns() // 1_000_000, prio)) < 0:
                     self._dupes += 1
             except Exception:
                 log.exception("dispatch failed", extra={"fields": {"stream_seq": seq, "subject": msg.subject}})
@@ -748,15 +766,23 @@ class JetStreamBroker(Broker):
         if cseq > self._last_cseq:
             self._last_cseq = cseq
         try:
-            await msg.ack()
+            await self._ack(reply)  # explicit ack: an empty message to the ack subject
             self._acked += 1
         except Exception as exc:  # disconnected with a full buffer: it is redelivered and dropped then
             log.debug("ack failed: %s", exc)
         if self._pending <= self._batch:
             await self._top_up()
-        sub = self._sub
-        if sub is None or sub.pending_msgs == 0 or self._fetched >= 4096:
+        if self._fetched >= 4096 or self._queue_empty():
+            self._activity = monotonic()
             self._flush_counts()
+
+    @staticmethod
+    async def _no_ack(subject: str) -> None:
+        raise ConnectionError("not connected")
+
+    def _queue_empty(self) -> bool:
+        sub = self._sub
+        return sub is None or sub.pending_msgs == 0
 
     def _flush_counts(self) -> None:
         if self._fetched:
