@@ -144,7 +144,10 @@ class NatsPublisher:
     async def connect(self) -> None:
         import nats
 
-        self.nc = await nats.connect(self.url, max_reconnect_attempts=3, pending_size=64 << 20)
+        async def quiet(e: Exception) -> None:  # counted, not printed with a traceback
+            self.errors += 1
+
+        self.nc = await nats.connect(self.url, max_reconnect_attempts=3, pending_size=64 << 20, error_cb=quiet)
 
     def publish(self, subject: str, body: bytes) -> None:
         # nats-py's publish only appends to its pending buffer (a flusher task
