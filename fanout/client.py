@@ -244,6 +244,7 @@ class _Pending:
     messages: list[dict[str, Any]] = field(default_factory=list)    # a manual replay's copies
     span: tuple[int, int] | None = None                             # a replay's seq range
     auto: bool = False                                              # a gap replay the client sent itself
+    internal: bool = False                                          # the client's own resume/re-subscribe
 
 
 @dataclass(slots=True)
@@ -494,12 +495,12 @@ class Client:
         return self._ws
 
     async def _request(self, ws: ClientConnection, obj: dict[str, Any], reply: str, *,
-                       span: tuple[int, int] | None = None, auto: bool = False,
+                       span: tuple[int, int] | None = None, internal: bool = False,
                        timeout: float | None = None) -> _Pending:
         """Send one request and wait for its reply; the returned record holds the reply and errors."""
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        pending = _Pending(reply, fut, span=span, auto=auto)
+        pending = _Pending(reply, fut, span=span, internal=internal)
         self._pending[rid] = pending
         try:
             try:
@@ -648,13 +649,17 @@ class Client:
         tr = self.tracker
         if positioned and tr.epoch is not None:
             req: dict[str, Any] = {"type": "resume", "channels": positioned, "after": tr.position, "epoch": tr.epoch}
-            await self._request(ws, req, "resumed")
+            await self._request(ws, req, "resumed", internal=True)
         elif positioned:
             quiet = chans
         if quiet:
-            await self._request(ws, {"type": "subscribe", "channels": quiet}, "subscribed")
-            await self._put(_Event("resumed", ({"type": "resumed", "channels": quiet, "epoch": tr.epoch,
+            p = await self._request(ws, {"type": "subscribe", "channels": quiet}, "subscribed", internal=True)
+            got = list(p.future.result().get("channels") or [])
+            await self._put(_Event("resumed", ({"type": "resumed", "channels": got, "epoch": tr.epoch,
                                                 "complete": False, "reason": "no_position"},)))
+        stale = [c for c in chans if c not in self._channels]   # unsubscribed while we resumed
+        if stale:
+            await self._request(ws, {"type": "unsubscribe", "channels": stale}, "unsubscribed", internal=True)
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         while True:
@@ -708,6 +713,10 @@ class Client:
         if kind == "error":
             if pending is not None and msg.get("channel") is not None:
                 pending.errors.append(msg)      # one refused channel; the reply follows
+                self._channels.pop(msg["channel"], None)
+                self._unpositioned.pop(msg["channel"], None)
+                if pending.internal:            # refused on a resume (e.g. a new token): nobody else hears it
+                    await self._put(_Event("error", (msg,)))
             elif pending is not None:
                 pending.future.set_exception(ServerError(msg))
             else:
@@ -747,6 +756,8 @@ class Client:
         if pending is None:
             return changed      # a reply to a request that timed out: not ours any more
         for ch in chans:
+            if pending.internal and ch not in self._channels:
+                continue        # unsubscribed while the resume was on its way
             self._channels[ch] = None
             if msg.get("type") == "subscribed" and not isinstance(pos, int) and ch not in self._unpositioned:
                 self._unpositioned[ch] = self.tracker.seen_hi

@@ -1,0 +1,589 @@
+"""clients/browser/fanout-client.js against a real node, under Node.js and in headless Chromium.
+
+A driver (tests/clients/js/driver.mjs) runs the client: commands in, every
+event the client reports out, one JSON object each. Under Node.js it is
+run_client.mjs on stdin/stdout; in Chromium it is a page served from here
+that talks to the test over a WebSocket. Every test runs once per runtime.
+
+The client's TCP connection runs through a small proxy here, so a test can cut
+it (both sides aborted, no close frame) or refuse reconnects for a while,
+whatever WebSocket implementation the client uses. Seq gaps come from a
+WebSocket class injected through the client's ``WebSocket`` option that loses
+chosen live frames.
+
+Requirements, else the runtime's tests skip with the reason: Node.js >= 18;
+below 22 (no global WebSocket) the ``ws`` package in tests/clients/js
+(``npm ci --prefix tests/clients/js``; the fixture runs it once when missing);
+Chromium on PATH (``chromium``, ``chromium-browser``, ``google-chrome``) or
+in ``$CHROMIUM``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+JS_DIR = Path(__file__).parent / "js"
+DRIVER = JS_DIR / "run_client.mjs"
+CLIENT_JS = Path(__file__).parents[2] / "clients" / "browser" / "fanout-client.js"
+CH = "odin.token.abc.update"
+TRENDING = "odin.global.trending"
+
+
+# ------------------------------------------------------------ requirements
+_node_why: list[str | None] = []
+
+
+def _node_setup() -> str | None:
+    """Why the Node.js runtime cannot run here, or None when it can (checked once)."""
+    if not _node_why:
+        _node_why.append(_check_node())
+    return _node_why[0]
+
+
+def _check_node() -> str | None:
+    node = shutil.which("node")
+    if node is None:
+        return "node (Node.js >= 18) is not installed"
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        major = int(out.lstrip("v").split(".")[0])
+    except ValueError:
+        return f"cannot read the Node.js version from {out!r}"
+    if major < 18:
+        return f"Node.js {out} is too old (need >= 18)"
+    if major >= 22 or (JS_DIR / "node_modules" / "ws").is_dir():
+        return None
+    npm = shutil.which("npm")
+    if npm is None:
+        return f"Node.js {out} has no global WebSocket and there is no npm to install the ws test dependency"
+    try:
+        res = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True,
+                             timeout=180)
+    except subprocess.TimeoutExpired:
+        return "npm ci in tests/clients/js timed out (run it before the tests)"
+    if res.returncode != 0 or not (JS_DIR / "node_modules" / "ws").is_dir():
+        return f"npm ci in tests/clients/js failed: {res.stderr.strip()[-500:]}"
+    return None
+
+
+def _chromium() -> str | None:
+    return os.environ.get("CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+# ------------------------------------------------------------------ proxy
+class TcpProxy:
+    """127.0.0.1 TCP forwarder to a node's WebSocket port: ``kill()`` cuts every
+    connection (both sides aborted, no close frame); while ``blocked`` new
+    connections are dropped at once; ``upstream_port`` may change."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.blocked = False
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.blocked:
+            writer.transport.abort()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer, up_w)
+        self._conns.add(pair)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+                w.write_eof()
+            except (ConnectionError, OSError, RuntimeError):
+                w.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+        self._conns.discard(pair)
+        for w in pair:
+            w.close()
+
+    def kill(self) -> int:
+        n = len(self._conns)
+        for a, b in list(self._conns):
+            a.transport.abort()
+            b.transport.abort()
+        return n
+
+    async def close(self) -> None:
+        self.kill()
+        if self._server is not None:
+            self._server.close()
+
+
+# ---------------------------------------------------------------- drivers
+class Driver:
+    """A running client driver: ``cmd()`` sends a command and waits for its reply; ``wait()`` for an event."""
+
+    impl = "?"
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.diag: list[str] = []       # the driver's stderr / Chromium's log, for failure messages
+        self._changed = asyncio.Condition()
+
+    async def _add(self, ev: dict[str, Any]) -> None:
+        async with self._changed:
+            self.events.append(ev)
+            self._changed.notify_all()
+
+    async def _send_line(self, line: str) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def wait(self, pred, timeout: float = 10.0, since: int = 0) -> dict[str, Any]:
+        """The first event at or after index ``since`` that satisfies ``pred``."""
+        async def run() -> dict[str, Any]:
+            async with self._changed:
+                i = since
+                while True:
+                    for ev in self.events[i:]:
+                        if pred(ev):
+                            return ev
+                        if ev["ev"] == "exited":
+                            raise AssertionError(f"{self.impl} driver exited:\n" + "".join(self.diag[-30:]))
+                    i = len(self.events)
+                    await self._changed.wait()
+        try:
+            return await asyncio.wait_for(run(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.impl}: event not seen; last events: {self.events[-8:]}; "
+                                 f"log: {''.join(self.diag[-10:])}") from None
+
+    async def cmd(self, name: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+        since = len(self.events)
+        await self._send_line(json.dumps({"cmd": name, **args}))
+        ev = await self.wait(lambda e: e["ev"] in (f"{name}_done", f"{name}_failed"), timeout, since)
+        assert ev["ev"] == f"{name}_done", ev
+        return ev
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["ev"] == kind]
+
+    async def messages(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until n data messages were reported; returns them all."""
+        await self.wait(lambda e: len(self.of("message")) >= n, timeout)
+        return self.of("message")
+
+
+class NodeDriver(Driver):
+    """run_client.mjs under Node.js: commands on stdin, events on stdout."""
+
+    impl = "node"
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        super().__init__()
+        self.proc = proc
+        self._tasks = [asyncio.create_task(self._read_stdout()), asyncio.create_task(self._read_stderr())]
+
+    @classmethod
+    async def start(cls, url: str, opts: dict[str, str]) -> NodeDriver:
+        node_bin = shutil.which("node")
+        assert node_bin is not None
+        proc = await asyncio.create_subprocess_exec(
+            node_bin, str(DRIVER), url, *(f"--{k}={v}" for k, v in opts.items()), cwd=JS_DIR,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "NO_COLOR": "1"})
+        return cls(proc)
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"ev": "raw", "line": line.decode(errors="replace")}
+            await self._add(ev)
+        await self._add({"ev": "exited"})
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.diag.append(line.decode(errors="replace"))
+
+    async def _send_line(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((line + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()     # the driver disconnects and exits
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except (TimeoutError, OSError):
+                self.proc.kill()
+                await self.proc.wait()
+        for t in self._tasks:
+            t.cancel()
+
+
+BROWSER_PAGE = b"""<!doctype html><meta charset="utf-8"><title>fanout client test</title>
+<script type="module">
+import { FanoutClient } from '/fanout-client.js';
+import { drive, faultyWebSocket } from '/driver.mjs';
+const q = new URLSearchParams(location.search);
+const num = (k, d) => (q.has(k) ? Number(q.get(k)) : d);
+const report = new WebSocket(q.get('report'));
+const out = (obj) => report.send(JSON.stringify(obj));
+const drop = new Set((q.get('drop') || '').split(',').filter(Boolean).map(Number));
+const client = new FanoutClient({
+  WebSocket: faultyWebSocket(WebSocket, drop),
+  reconnectMin: num('reconnect-min', 50), reconnectMax: num('reconnect-max', 500),
+  heartbeatInterval: num('heartbeat-interval', 20000), heartbeatTimeout: num('heartbeat-timeout', 10000),
+  requestTimeout: 5000,
+});
+const handle = drive(client, out);
+report.onmessage = (ev) => handle(JSON.parse(ev.data));
+report.onopen = () => { out({ ev: 'started', impl: 'browser', ua: navigator.userAgent }); client.connect(q.get('ws')); };
+</script>
+"""
+
+
+class _StaticHandler(BaseHTTPRequestHandler):
+    files: dict[str, tuple[bytes | Path, str]] = {
+        "/": (BROWSER_PAGE, "text/html"),
+        "/fanout-client.js": (CLIENT_JS, "text/javascript"),
+        "/driver.mjs": (JS_DIR / "driver.mjs", "text/javascript"),
+    }
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        entry = self.files.get(self.path.split("?", 1)[0])
+        if entry is None:
+            self.send_error(404)
+            return
+        body = entry[0] if isinstance(entry[0], bytes) else entry[0].read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", entry[1])
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class BrowserDriver(Driver):
+    """The same driver in headless Chromium: a page served from here, commands and
+    events over a WebSocket between the page and the test."""
+
+    impl = "chromium"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._page_ws: ServerConnection | None = None
+        self._connected = asyncio.Event()
+        self._tmp = tempfile.TemporaryDirectory(prefix="fanout-chromium-")
+        self._http: ThreadingHTTPServer | None = None
+        self._report: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    async def start(cls, url: str, opts: dict[str, str]) -> BrowserDriver:
+        chromium = _chromium()
+        assert chromium is not None
+        self = cls()
+        self._report = await serve(self._on_page, "127.0.0.1", 0)
+        report_port = self._report.sockets[0].getsockname()[1]
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _StaticHandler)
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        query = urlencode({"ws": url, "report": f"ws://127.0.0.1:{report_port}/", **opts})
+        page = f"http://127.0.0.1:{self._http.server_address[1]}/?{query}"
+        with open(os.path.join(self._tmp.name, "chromium.log"), "wb") as log:
+            self.proc = subprocess.Popen(
+                [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-extensions", "--disable-background-networking", f"--user-data-dir={self._tmp.name}",
+                 page],
+                stdout=log, stderr=log, start_new_session=True)
+        try:
+            await asyncio.wait_for(self._connected.wait(), 20)
+        except TimeoutError:
+            await self.close()
+            raise AssertionError("the page did not connect back:\n" + "".join(self.diag)) from None
+        return self
+
+    async def _on_page(self, ws: ServerConnection) -> None:
+        self._page_ws = ws
+        self._connected.set()
+        try:
+            async for raw in ws:
+                await self._add(json.loads(raw))
+        except Exception as exc:  # the browser went away
+            self.diag.append(f"report socket: {exc}\n")
+        await self._add({"ev": "exited"})
+
+    async def _send_line(self, line: str) -> None:
+        assert self._page_ws is not None
+        await self._page_ws.send(line)
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)    # Chromium and the helpers it started
+            await asyncio.to_thread(self.proc.wait)
+        if self._report is not None:
+            self._report.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        try:
+            with open(os.path.join(self._tmp.name, "chromium.log"), errors="replace") as f:
+                self.diag.extend(f.readlines()[-20:])
+        except OSError:
+            pass
+        self._tmp.cleanup()
+
+
+@pytest.fixture(params=["node", "chromium"])
+async def js(request):
+    """``await js(url, drop="3,7", heartbeat_interval=100, ...)`` starts a client driver
+    (options as in run_client.mjs), under Node.js or in headless Chromium; all stop at teardown."""
+    if request.param == "node":
+        why = _node_setup()
+        if why:
+            pytest.skip(why)
+    elif _chromium() is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium, or set CHROMIUM=/path/to/chrome)")
+    kind = NodeDriver if request.param == "node" else BrowserDriver
+    started: list[Driver] = []
+
+    async def make(url: str, **opts: Any) -> Driver:
+        d = await kind.start(url, {k.replace("_", "-"): str(v) for k, v in opts.items()})
+        started.append(d)
+        await d.wait(lambda e: e["ev"] == "open")
+        return d
+
+    yield make
+    for d in started:
+        await d.close()
+
+
+@pytest.fixture
+async def proxy(node):
+    p = await TcpProxy(node.ws_port).start()
+    yield p
+    await p.close()
+
+
+async def publish(node, n: int, start: int = 0, channel: str = CH) -> list[int]:
+    return await asyncio.to_thread(lambda: [node.publish(channel, {"i": i}) for i in range(start, start + n)])
+
+
+def data_i(msgs: list[dict[str, Any]]) -> list[int]:
+    return [m["data"]["i"] for m in msgs]
+
+
+# -------------------------------------------------------------------- tests
+async def test_subscribe_receive_listen_heartbeat(node, js):
+    c = await js(node.ws_url)
+    await c.cmd("listen", pattern="odin.token.*.update")
+    sub = await c.cmd("subscribe", channels=[CH, TRENDING, "odin..bad"])
+    assert sub["channels"] == [CH, TRENDING] and sub["errors"] == ["invalid_channel"]
+    assert c.of("error")[0]["channel"] == "odin..bad"
+    seqs = await publish(node, 3)
+    seqs += await publish(node, 1, start=3, channel=TRENDING)
+    msgs = await c.messages(4)
+    assert [m["seq"] for m in msgs] == [1, 2, 3, 4]
+    assert [m["stream_seq"] for m in msgs] == seqs
+    assert data_i(msgs) == [0, 1, 2, 3]
+    assert [e["channel"] for e in c.of("channel_message")] == [CH] * 3     # the pattern listener
+    assert isinstance((await c.cmd("heartbeat"))["ts"], int)
+    state = await c.cmd("state")
+    assert state["channels"] == [CH, TRENDING] and state["lastStreamSeq"] == seqs[-1] and state["epoch"]
+
+
+async def test_tcp_cut_while_publishing_exactly_once(node, proxy, js):
+    c = await js(proxy.url())
+    await c.cmd("subscribe", channels=[CH])
+    n = 300
+    pub = asyncio.create_task(publish(node, n))
+    await c.messages(50)
+    assert proxy.kill() == 1
+    msgs = await c.messages(n, timeout=20)
+    await pub
+    assert data_i(msgs) == list(range(n))
+    ss = [m["stream_seq"] for m in msgs]
+    assert ss == sorted(set(ss))
+    assert [e["complete"] for e in c.of("resumed")] == [True]
+    assert c.of("close")[0]["code"] == 1006 and c.of("close")[0]["reconnecting"] is True
+    assert (await c.cmd("state"))["reconnects"] == 1
+
+
+async def test_outage_resumed_and_new_subscription_sent_after_reconnect(node, proxy, js):
+    c = await js(proxy.url())
+    await c.cmd("subscribe", channels=[CH])
+    await publish(node, 5)
+    await c.messages(5)
+    proxy.blocked = True
+    proxy.kill()
+    await c.wait(lambda e: e["ev"] == "close")
+    await publish(node, 5, start=5)                 # published while the client is away
+    sub = asyncio.create_task(c.cmd("subscribe", channels=[TRENDING]))   # waits for the connection
+    await c.wait(lambda e: len(c.of("close")) >= 2)    # a refused reconnect, at least
+    proxy.blocked = False
+    assert (await sub)["channels"] == [TRENDING]
+    await publish(node, 1, start=100, channel=TRENDING)
+    msgs = await c.messages(11)
+    assert data_i(msgs) == [*range(10), 100]
+    assert [e["complete"] for e in c.of("resumed")] == [True]
+    assert (await c.cmd("state"))["channels"] == [CH, TRENDING]
+
+
+async def test_unsubscribed_channel_is_not_resumed(node, proxy, js):
+    c = await js(proxy.url())
+    await c.cmd("subscribe", channels=[CH, TRENDING])
+    await publish(node, 1)
+    await publish(node, 1, start=1, channel=TRENDING)
+    await c.messages(2)
+    await c.cmd("unsubscribe", channels=[TRENDING])
+    proxy.kill()
+    await c.wait(lambda e: e["ev"] == "resumed")
+    assert c.of("resumed")[0]["channels"] == [CH]
+    await publish(node, 1, start=2, channel=TRENDING)
+    await publish(node, 1, start=3)
+    msgs = await c.messages(3)
+    assert data_i(msgs) == [0, 1, 3]
+
+
+async def test_gap_is_replayed_in_order(node, js):
+    c = await js(node.ws_url, drop="3,7,8")
+    await c.cmd("subscribe", channels=[CH])
+    await publish(node, 10)
+    msgs = await c.messages(10)
+    assert [m["seq"] for m in msgs] == list(range(1, 11))
+    assert data_i(msgs) == list(range(10))
+    assert (await c.cmd("state"))["missing"] == []
+    assert node.metric("fanout_replays_total", 'result="full"') == 2
+
+
+async def test_gap_beyond_replay_buffer_reports_missing(node_factory, js):
+    node = node_factory(WS_REPLAY_BUFFER="2")
+    c = await js(node.ws_url, drop="2,3,4,5")
+    await c.cmd("subscribe", channels=[CH])
+    await publish(node, 6)          # seq 6 shows the gap; the node still holds 5 and 6
+    await c.messages(3)
+    await publish(node, 1, start=6)
+    msgs = await c.messages(4)
+    assert [m["seq"] for m in msgs] == [1, 5, 6, 7]
+    assert [(e["first"], e["last"]) for e in c.of("missing")] == [(2, 4)]
+    i_missing = c.events.index(c.of("missing")[0])
+    assert c.events[i_missing + 1]["seq"] == 5       # reported where the gap is, before what follows it
+
+
+async def test_manual_replay_returns_copies(node, js):
+    c = await js(node.ws_url)
+    await c.cmd("subscribe", channels=[CH])
+    await publish(node, 4)
+    await c.messages(4)
+    r = await c.cmd("replay", **{"from": 2, "to": 3})
+    assert r["seqs"] == [2, 3] and r["missing"] is None
+    await publish(node, 1, start=4)
+    assert [m["seq"] for m in await c.messages(5)] == [1, 2, 3, 4, 5]   # the copies were not delivered again
+
+
+async def test_node_restart_reports_epoch_change(node_factory, js):
+    first = node_factory()
+    p = await TcpProxy(first.ws_port).start()
+    try:
+        c = await js(p.url())
+        await c.cmd("subscribe", channels=[CH])
+        await publish(first, 3)
+        await c.messages(3)
+        second = node_factory()          # a new epoch; its stream_seq starts at 1 again
+        p.upstream_port = second.ws_port
+        p.kill()
+        ev = await c.wait(lambda e: e["ev"] == "resumed")
+        assert ev["complete"] is False and ev["reason"] == "epoch_changed"
+        assert (await c.cmd("state"))["lastStreamSeq"] == 0
+        seqs = await publish(second, 2, start=3)
+        msgs = await c.messages(5)
+        assert [m["stream_seq"] for m in msgs[3:]] == seqs == [1, 2]
+    finally:
+        await p.close()
+
+
+async def test_quiet_channel_reports_no_position(node, proxy, js):
+    c = await js(proxy.url())
+    await c.cmd("subscribe", channels=[CH])
+    proxy.kill()
+    ev = await c.wait(lambda e: e["ev"] == "resumed")
+    assert ev["complete"] is False and ev["reason"] == "no_position" and ev["channels"] == [CH]
+    await publish(node, 1)
+    assert data_i(await c.messages(1)) == [0]
+
+
+async def test_throttle_update_event(js):
+    """The node sends throttle_update only when it throttles; a scripted server sends one on cue."""
+    async def handler(ws: ServerConnection) -> None:
+        async for raw in ws:
+            req = json.loads(raw)
+            if req["type"] == "subscribe":
+                await ws.send(json.dumps({"type": "subscribed", "id": req["id"], "channels": req["channels"],
+                                          "epoch": "e-1"}))
+                await ws.send(json.dumps({"type": "throttle_update", "level": 3, "rate_percent": 25,
+                                          "message": "Your connection is very slow."}))
+                await ws.send(json.dumps({"seq": 1, "type": "message", "channel": CH, "stream_seq": 5, "ts": 1,
+                                          "data": {"i": 0}}))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws")
+        await c.cmd("subscribe", channels=[CH])
+        await c.messages(1)
+        assert [e["ev"] for e in c.events if e["ev"] in ("throttle_update", "message")] == ["throttle_update", "message"]
+        assert c.of("throttle_update")[0]["rate_percent"] == 25
+        assert (await c.cmd("state"))["throttle"]["level"] == 3
+
+
+async def test_silent_connection_is_replaced_after_missed_heartbeat(js):
+    connections: list[ServerConnection] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        connections.append(ws)
+        async for raw in ws:
+            req = json.loads(raw)
+            if req["type"] == "heartbeat" and len(connections) > 1:     # the first one plays dead
+                await ws.send(json.dumps({"type": "heartbeat_ack", "id": req["id"], "ts": 7}))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws",
+                     heartbeat_interval=100, heartbeat_timeout=200)
+        await c.wait(lambda e: len(c.of("open")) == 2)
+        assert c.of("close")[0]["code"] == 4000 and c.of("close")[0]["reason"] == "heartbeat timeout"
+        assert (await c.cmd("heartbeat"))["ts"] == 7
