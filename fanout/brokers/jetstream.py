@@ -99,6 +99,11 @@ class StreamConfigConflict(Exception):
     """
 
 
+def _redact(url: str) -> str:
+    """A server URL without the user and password it may carry."""
+    return re.sub(r"//[^/@]*@", "//", url)
+
+
 def consumer_name(cfg: Config) -> str:
     """This node's durable: ``JS_CONSUMER_NAME-<node id>``, with characters NATS refuses replaced by ``_``."""
     return _NAME_BAD.sub("_", f"{cfg.js_consumer_name}-{cfg.node_name}")
@@ -212,6 +217,7 @@ class JetStreamBroker(Broker):
         self._stream_subjects: list[str] = cfg.stream_subjects
         self._fatal: str | None = None
         self._auth_refused = False
+        self._connect_errors = 0
         self._fatal_exc: BaseException | None = None
         self._last_error: str | None = None
         self._error_logged: tuple[str, float] = ("", 0.0)
@@ -265,7 +271,7 @@ class JetStreamBroker(Broker):
             "ready": self.ready,
             "connected": bool(nc is not None and nc.is_connected),
             "server": self._server if nc is not None and nc.is_connected else "",
-            "servers": split_servers(self.cfg.nats_url) if self.cfg.nats_url else [],
+            "servers": [_redact(u) for u in split_servers(self.cfg.nats_url)] if self.cfg.nats_url else [],
             "stream": self.stream,
             "consumer": self.consumer,
             "epoch": self._epoch,
@@ -412,9 +418,14 @@ class JetStreamBroker(Broker):
         elif isinstance(exc, nats.errors.SlowConsumerError):
             self._set_error("slow_consumer", f"NATS slow consumer: {text}")
         else:
-            self._set_error("connection", f"NATS connection error ({self.cfg.nats_url}): {type(exc).__name__}: {text}")
+            self._set_error("connection", f"NATS connection error ({_redact(self.cfg.nats_url)}): "
+                                          f"{type(exc).__name__}: {text}")
         if self._nc is not None and not self._nc.is_connected:
-            self._first_outcome.set()
+            # start() returns (not ready) once every configured server failed
+            # a try, not on the first one of a cluster list.
+            self._connect_errors += 1
+            if self._connect_errors >= len(split_servers(self.cfg.nats_url)):
+                self._first_outcome.set()
 
     async def _on_disconnected(self) -> None:
         if self._stopping:
@@ -432,6 +443,7 @@ class JetStreamBroker(Broker):
         # Outstanding pull requests may have died with the old connection.
         if self._consuming:
             self._pending = 0
+            self._activity = monotonic()
             try:
                 await self._top_up()
             except Exception:
@@ -449,9 +461,9 @@ class JetStreamBroker(Broker):
     async def _supervise(self) -> None:
         backoff = 0.1
         while not self._stopping:
-            if self._nc is None or self._nc.is_closed:
-                await self._connect()
             try:
+                if self._nc is None or self._nc.is_closed:
+                    await self._connect()
                 await self._setup()
                 backoff = 0.1
                 self._first_outcome.set()
@@ -749,7 +761,14 @@ class JetStreamBroker(Broker):
             self._dupes += 1
         else:
             if seq != last + 1 and not (first and cseq == self._last_cseq + 1):
-                await self._fill_gap(seq)
+                try:
+                    await self._fill_gap(seq)
+                except Exception as exc:
+                    # Neither dispatch nor ack this one: it comes again (the
+                    # next delivery finds the same gap, or the redelivery).
+                    self._set_error("gap", f"JetStream gap fill failed: {type(exc).__name__}: {exc}")
+                    self._resync.set()
+                    return
             if self._rate > 0:
                 await self._take_token()
             headers = msg.headers
@@ -871,18 +890,27 @@ class JetStreamBroker(Broker):
 
         ``complete`` is False when the stream's first sequence is above
         ``after + 1`` (retention dropped messages the caller has not seen;
-        with ``after == 0`` that means anything was ever dropped). Raises
-        ConnectionError while NATS is unreachable. ``ts_ms`` of these messages
-        is the time JetStream stored them.
+        with ``after == 0`` that means anything was ever dropped), and when
+        the stream cannot be read now (NATS unreachable, a leader election
+        outlasting ``HISTORY_TIMEOUT``): then ``messages`` is empty and the
+        client reloads its state, as for expired retention. ``ts_ms`` of these
+        messages is the time JetStream stored them.
         """
-        js = self._js_ctx()
-        if self._nc is None or not self._nc.is_connected:
-            raise ConnectionError("NATS not connected")
-        pats, _ = self._filters(patterns)
-        messages: list[Message] = []
-        if pats and upto > after:
-            messages = await self._read_range(pats, after, upto)
-        info = await js.stream_info(self.stream)
+        try:
+            js = self._js_ctx()
+            if self._nc is None or not self._nc.is_connected:
+                raise ConnectionError("NATS not connected")
+            pats, _ = self._filters(patterns)
+            messages: list[Message] = []
+            if pats and upto > after:
+                messages = await self._read_range(pats, after, upto)
+            # Checked after the read: a message that expired meanwhile shows.
+            info = await js.stream_info(self.stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._set_error("history", f"JetStream history read failed: {type(exc).__name__}: {exc}")
+            return History([], False)
         first = info.state.first_seq
         complete = first <= after + 1 or (info.state.messages == 0 and info.state.last_seq <= after)
         return History(messages, complete)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from .support import (
     HookRecorder,
     RecordingSink,
     TcpProxy,
+    make_tls_files,
     nats_conn,
     publish_retrying,
     running_broker,
@@ -164,5 +166,25 @@ async def test_unreachable_nats_start_returns_then_connects(nats_server_factory,
         await sink.wait_count(1)
         assert sink.messages[0].payload == b"hello"
         assert "connected" in hook.names()
+    finally:
+        await broker.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_with_client_certificate(nats_server_factory, make_cfg, tmp_path):
+    f = make_tls_files(tmp_path / "tls")
+    server = nats_server_factory(extra_args=["--tlsverify", "--tlscert", f["server.pem"], "--tlskey", f["server.key"],
+                                             "--tlscacert", f["ca.pem"]])
+    sink = RecordingSink()
+    cfg = make_cfg(server.url, NATS_TLS_CA=f["ca.pem"], NATS_TLS_CERT=f["client.pem"], NATS_TLS_KEY=f["client.key"])
+    async with running_broker(cfg, sink) as broker:
+        assert broker.ready
+        assert await broker.publish("odin.token.a.update", b"over tls") == 1
+        await sink.wait_count(1)
+    # Without the client certificate the server refuses the handshake.
+    broker = JetStreamBroker(make_cfg(server.url, NATS_TLS_CA=f["ca.pem"]), reconnect_time_wait=0.2)
+    await broker.start(RecordingSink())
+    try:
+        assert not broker.ready and broker.status()["last_error"]
     finally:
         await broker.stop()
