@@ -103,6 +103,13 @@ async def test_fragmented_frames(shared_node):
         raw.send_frame(0x0, b':"frag"}')
         r = await raw.read_json()
         assert r["type"] == "heartbeat_ack" and r["id"] == "frag"
+        # A ping between fragments is answered; the message still completes.
+        raw.send_frame(0x1, b'{"type":', fin=False)
+        raw.send_frame(0x9, b"between")
+        raw.send_frame(0x0, b'"heartbeat"}')
+        frames = {await raw.read_frame(), await raw.read_frame()}
+        assert (0xA, b"between") in frames
+        assert any(op == 0x1 and json.loads(p)["type"] == "heartbeat_ack" for op, p in frames)
         # A fragmented binary message is still a binary message.
         raw.send_frame(0x2, b'{"type":', fin=False)
         raw.send_frame(0x0, b'"heartbeat"}')
@@ -215,6 +222,19 @@ async def test_oversize_frame_closes_with_1009(shared_node, compression):
     mark.wait(lambda d: d.get("msg") == "client closed" and d.get("code") == 1009)
     async with connect(shared_node) as c:
         await c.heartbeat()
+
+
+async def test_fragments_over_the_limit_together_close_with_1009(shared_node):
+    raw = await RawClient.connect(shared_node.ws_port)
+    try:
+        # 2 x 40000 bytes: each fragment fits, the message does not. (Nothing
+        # more is sent: the node closes the socket at the second fragment.)
+        raw.send_frame(0x1, b"x" * 40000, fin=False)
+        raw.send_frame(0x0, b"x" * 40000, fin=False)
+        code, frames = await raw.read_until_close()
+        assert code == 1009 and frames == []
+    finally:
+        raw.close()
 
 
 async def test_frame_limit_is_configurable(node_factory):
