@@ -335,7 +335,8 @@ class Hub:
                 self.subscription_count += 1
         self.metrics.subscriptions.set(self.subscription_count)
         self.metrics.resumes.labels(str(complete).lower()).inc()
-        self.send(session, reply("resumed", req_id, channels=accepted, epoch=self.epoch, complete=complete))
+        self.send(session, reply("resumed", req_id, channels=accepted, epoch=self.epoch, complete=complete,
+                                 stream_seq=self._last_stream_seq))
 
     # --------------------------------------------------------------- sweeps
     def sweep_idle(self, now: float) -> int:

@@ -32,6 +32,7 @@ from .auth import AuthError, Claims, verify
 from .codes import CloseCode, ErrorCode
 from .log import event
 from .protocol import Heartbeat, Replay, RequestError, Resume, Subscribe, Unsubscribe, parse_request, reply
+from .protocol import Request as ClientRequest
 
 if TYPE_CHECKING:
     from .server import Server
@@ -47,7 +48,7 @@ RECV_SIZE = 65536
 class Session:
     __slots__ = (
         "server", "hub", "cfg", "loop", "sock", "fd", "peer", "id", "protocol", "slot", "claims",
-        "closing", "closed", "last_seen", "tokens", "tokens_at", "strikes", "_frag", "_timer", "_task",
+        "closing", "closed", "last_seen", "tokens", "tokens_at", "strikes", "_frag", "_timer", "_task", "_held",
     )
 
     def __init__(self, server: Server, sock: socket.socket, peer: Any) -> None:
@@ -71,6 +72,7 @@ class Session:
         self.strikes = 0
         self._frag: list[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._held: list[ClientRequest] = []   # requests waiting for a running resume
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.cfg.ws_handshake_timeout, self.abort, "handshake timeout")
         self.loop.add_reader(self.fd, self._on_readable)
@@ -266,20 +268,28 @@ class Session:
         except RequestError as exc:
             self._bad_request(exc.message, exc.req_id)
             return
-        hub = self.hub
         self.server.metrics.client_frames.labels(type(req).__name__.lower()).inc()
+        if self._task is not None and not self._task.done():
+            # A resume is fetching history: later requests wait for it, so
+            # this connection's messages stay in stream order.
+            self._held.append(req)
+            return
+        self._handle(req)
+
+    def _handle(self, req: ClientRequest) -> None:
+        hub = self.hub
         if isinstance(req, Subscribe):
             accepted = hub.subscribe(self, req.channels, req.id)
-            hub.send(self, reply("subscribed", req.id, channels=accepted, epoch=hub.epoch))
+            # stream_seq: the position the subscription starts after, so a
+            # client that got nothing yet can still resume from here.
+            hub.send(self, reply("subscribed", req.id, channels=accepted, epoch=hub.epoch,
+                                 stream_seq=hub.last_stream_seq))
         elif isinstance(req, Unsubscribe):
             done = hub.unsubscribe(self, req.channels, req.id)
             hub.send(self, reply("unsubscribed", req.id, channels=done))
         elif isinstance(req, Replay):
             hub.replay(self, req.from_seq, req.to_seq, req.id)
         elif isinstance(req, Resume):
-            if self._task is not None and not self._task.done():
-                self._bad_request("a resume is already in progress", req.id)
-                return
             self._task = self.loop.create_task(self._resume(req))
         elif isinstance(req, Heartbeat):
             hub.send(self, reply("heartbeat_ack", req.id, ts=int(time.time() * 1000)))
@@ -290,7 +300,16 @@ class Session:
         except Exception as exc:
             event(logging.ERROR, "resume failed", client=self.id, error=str(exc), exc_info=True)
             if not self.closing and self.slot is not None:
-                self.hub.send(self, reply("resumed", req.id, channels=[], epoch=self.hub.epoch, complete=False))
+                self.hub.send(self, reply("resumed", req.id, channels=[], epoch=self.hub.epoch, complete=False,
+                                          stream_seq=self.hub.last_stream_seq))
+        # Requests that came in meanwhile, in order (one may be another resume).
+        while self._held and not self.closing and self.slot is not None:
+            held = self._held.pop(0)
+            if isinstance(held, Resume):
+                self._task = self.loop.create_task(self._resume(held))
+                return
+            self._handle(held)
+        self._held.clear()
 
     # ---------------------------------------------------------------- closing
     def close(self, code: int, reason: str = "") -> None:
