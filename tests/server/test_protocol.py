@@ -26,7 +26,7 @@ async def test_subscribe_reply_lists_accepted_channels_epoch_and_echoes_id(share
                              "channels": ["odin.token.abc.update", "odin.token.*.update", "odin.global.>"]})
         assert r == {"type": "subscribed", "id": req_id,
                      "channels": ["odin.token.abc.update", "odin.token.*.update", "odin.global.>"],
-                     "epoch": r["epoch"]}
+                     "epoch": r["epoch"], "stream_seq": r["stream_seq"]}
         assert type(r["id"]) is type(req_id)
         _, _, body = shared_node.http("GET", "/health")
         assert r["epoch"] and r["epoch"] == json.loads(body)["epoch"]
@@ -304,7 +304,8 @@ async def test_resume_delivers_after_then_live_without_gap_or_duplicate(shared_n
     kinds = [f["type"] for f in frames]
     assert kinds.count("resumed") == 1, kinds
     cut = kinds.index("resumed")
-    assert frames[cut] == {"type": "resumed", "id": 9, "channels": [ch], "epoch": epoch, "complete": True}
+    assert frames[cut] == {"type": "resumed", "id": 9, "channels": [ch], "epoch": epoch, "complete": True,
+                           "stream_seq": frames[cut]["stream_seq"]}
     msgs = [f for f in frames if f["type"] == "message"]
     assert [m["stream_seq"] for m in msgs] == [s for s in seqs if s > after]
     assert [m["data"]["i"] for m in msgs] == list(range(1, 40))
