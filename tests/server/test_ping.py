@@ -4,16 +4,16 @@ with 1001; a client that answers pings stays."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.node import NodeProcess
 from tests.server.support import RawClient, connect
 
 
 @pytest.fixture(scope="module")
-def ping_node():
-    from tests.helpers.node import NodeProcess
-
+def ping_node() -> Iterator[NodeProcess]:
     n = NodeProcess({"WS_PING_INTERVAL": "0.2", "WS_IDLE_TIMEOUT": "1"}).start()
     try:
         yield n
