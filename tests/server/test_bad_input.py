@@ -155,7 +155,8 @@ async def test_invalid_channel_is_refused_alone(shared_node, pattern):
         assert r["type"] == "error" and r["code"] == "invalid_channel" and r["channel"] == pattern, r
         assert r["id"] == "s" and r["message"]
         done = await c.recv()
-        assert done == {"type": "subscribed", "id": "s", "channels": [], "epoch": done["epoch"]}
+        assert done == {"type": "subscribed", "id": "s", "channels": [], "epoch": done["epoch"],
+                        "stream_seq": done["stream_seq"]}
         await c.heartbeat()
 
 
