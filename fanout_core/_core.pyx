@@ -60,8 +60,8 @@ cdef enum:
     HEAD_SLOTS = 256          # IOV_BATCH / 2: one head per data frame in a sendmsg
     IOV_BATCH = 512           # iovecs per sendmsg (Linux allows 1024)
     BATCH = 64                # messages matched together by publish_batch
+    PRIORITY_CRITICAL = 3     # never dropped by throttling
 
-PRIORITY_CRITICAL = 3
 
 
 cdef inline void msg_decref(Msg *m) noexcept:
