@@ -1,11 +1,13 @@
 """One client connection: its socket, its WebSocket protocol state, its requests.
 
 Reading uses websockets' Sans-I/O :class:`~websockets.server.ServerProtocol`
-(handshake, permessage-deflate negotiation, unmasking, inflating, UTF-8
-checks, ping/pong, close handshake, the 1009 size limit). Writing never goes
+(handshake, permessage-deflate negotiation, unmasking, inflating, ping/pong,
+close handshake, the 1009 size limit). It does not check that text frames
+are UTF-8; a frame that is not gets ``bad_request`` like any frame that is not
+JSON, and the connection stays open (PROTOCOL.md). Writing never goes
 through it: after the handshake, every byte for this client (data frames,
 control replies, and the pongs/close frames websockets produces) is queued in
-the compiled core, in order, and leaves in one ``send()`` per loop turn.
+the compiled core, in order, and leaves in one ``sendmsg()`` per loop turn.
 
 The socket is a plain non-blocking socket watched with ``loop.add_reader``
 (no asyncio transport): one object per connection, and the core can write to
@@ -110,7 +112,7 @@ class Session:
                   reason=f"{protocol.handshake_exc}: {protocol.handshake_exc.__cause__}")
         elif protocol.close_sent is not None and protocol.close_rcvd is None and not self.closing:
             # websockets failed the connection itself (frame over the size
-            # limit: 1009; protocol error: 1002; bad UTF-8: 1007).
+            # limit: 1009; protocol error: 1002).
             code = protocol.close_sent.code
             self.server.metrics.closed.labels(str(code)).inc()
             event(logging.INFO, "client closed", client=self.id, peer=self.peer, code=code,
