@@ -28,10 +28,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
+from nats.js import api
 from nats.js.client import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
 from .brokers.base import PRIORITIES
 from .config import Config
@@ -39,7 +43,7 @@ from .subjects import subject_error
 
 log = logging.getLogger("fanout.publisher")
 
-__all__ = ["Publisher", "publish", "build_headers", "priority_name", "tls_context", "split_servers"]
+__all__ = ["Publisher", "publish", "publish_acked", "build_headers", "priority_name", "tls_context", "split_servers"]
 
 _NAMES = {v: k for k, v in PRIORITIES.items()}
 
@@ -105,12 +109,13 @@ class Publisher:
 
     ``stream`` (optional) makes JetStream refuse a message that would not
     land in that stream (``Nats-Expected-Stream``). ``timeout`` bounds the
-    wait for each ack. Extra keyword arguments go to :func:`nats.connect`.
+    wait for each ack, retries included; the default outlasts a stream
+    leader election (4 to 9 s in NATS). Extra keyword arguments go to :func:`nats.connect`.
     """
 
     def __init__(self, servers: str | list[str] = "nats://127.0.0.1:4222", *, stream: str | None = None,
                  user: str | None = None, password: str | None = None, token: str | None = None,
-                 creds_file: str | None = None, tls: ssl.SSLContext | None = None, timeout: float = 5.0,
+                 creds_file: str | None = None, tls: ssl.SSLContext | None = None, timeout: float = 10.0,
                  name: str = "fanout-publisher", connect_wait: float = 10.0, **connect_opts: Any) -> None:
         self.servers = split_servers(servers)
         self.stream = stream
@@ -189,7 +194,8 @@ class Publisher:
                       msg_id: str | None = None, timeout: float | None = None) -> int:
         """Publish and wait for the ack; returns the message's ``stream_seq``.
 
-        Raises ValueError for a bad subject or priority, and nats-py's errors
+        Retries within ``timeout`` (see :func:`publish_acked`). Raises
+        ValueError for a bad subject or priority, and nats-py's errors
         (``nats.errors.TimeoutError``, ``nats.js.errors.NoStreamResponseError``
         when no stream takes the subject, ``APIError``) otherwise.
         """
@@ -200,14 +206,39 @@ class Publisher:
         if self._js is None:
             await self.connect()
         assert self._js is not None
-        ack = await self._js.publish(subject, bytes(payload), timeout=timeout or self.timeout,
-                                     stream=self.stream, headers=headers)
+        ack = await publish_acked(self._js, subject, bytes(payload), headers=headers, stream=self.stream,
+                                  timeout=timeout or self.timeout)
         return ack.seq
+
+
+async def publish_acked(js: JetStreamContext, subject: str, payload: bytes, *, headers: dict[str, str],
+                        stream: str | None, timeout: float) -> api.PubAck:
+    """``js.publish`` that rides out a stream leader election or a reconnect.
+
+    "No responders" means no stream leader took the message (none is
+    elected yet, or no stream has the subject), so it is retried until
+    ``timeout`` runs out; nothing can be stored twice by that. A timed-out
+    attempt is retried only with a ``Nats-Msg-Id`` (it may have been stored;
+    JetStream drops the repeat). nats.go retries the same way.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return await js.publish(subject, payload, timeout=max(0.05, left), stream=stream,
+                                    headers=dict(headers))
+        except (NoStreamResponseError, nats.errors.TimeoutError) as exc:
+            retry = isinstance(exc, NoStreamResponseError) or MSG_ID_HEADER in headers
+            if not retry or deadline - time.monotonic() < pause:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
 
 async def publish(subject: str, payload: bytes | str, *, servers: str | list[str] = "nats://127.0.0.1:4222",
                   priority: str | int = "high", msg_id: str | None = None, stream: str | None = None,
-                  timeout: float = 5.0, **connect_opts: Any) -> int:
+                  timeout: float = 10.0, **connect_opts: Any) -> int:
     """Connect, publish one message with ack, close; returns its ``stream_seq``."""
     _check_subject(subject)
     priority_name(priority)

@@ -63,7 +63,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from ..config import Config
-from ..publisher import build_headers, split_servers, tls_context
+from ..publisher import build_headers, publish_acked, split_servers, tls_context
 from ..subjects import matches_any, subject_error, valid_pattern
 from .base import DEFAULT_PRIORITY, PRIORITIES, Broker, History, Message, Sink, parse_priority
 
@@ -86,6 +86,7 @@ HISTORY_CONCURRENCY = 8    # history reads at once (each is an ephemeral consume
 HISTORY_TIMEOUT = 10.0     # seconds one history read may take
 JS_API_TIMEOUT = 2.0       # seconds for a JetStream API call (they answer in ms; a
                            # leader election makes them time out, then setup retries)
+PUBLISH_TIMEOUT = 10.0     # seconds publish() waits for the ack, retries included (an election takes 4-9 s)
 LOG_REPEAT = 30.0          # seconds before the same connection error is logged again
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_-]")
@@ -1008,15 +1009,19 @@ class JetStreamBroker(Broker):
     # --------------------------------------------------------------- publish
     async def publish(self, subject: str, payload: bytes, priority: int = DEFAULT_PRIORITY,
                       msg_id: str | None = None) -> int:
-        """JetStream publish with ack; sets ``Fanout-Priority`` and ``Nats-Msg-Id``; returns the stream seq."""
+        """JetStream publish with ack; sets ``Fanout-Priority`` and ``Nats-Msg-Id``; returns the stream seq.
+
+        Waits up to ``PUBLISH_TIMEOUT`` through a leader election
+        (:func:`fanout.publisher.publish_acked`).
+        """
         problem = subject_error(subject, wildcards=False)
         if problem:
             raise ValueError(f"invalid subject {subject!r}: {problem}")
         nc = self._nc
         if nc is None or not nc.is_connected:
             raise ConnectionError("NATS not connected")
-        ack = await self._js_ctx().publish(subject, payload, stream=self.stream,
-                                           headers=build_headers(priority, msg_id))
+        ack = await publish_acked(self._js_ctx(), subject, payload, headers=build_headers(priority, msg_id),
+                                  stream=self.stream, timeout=PUBLISH_TIMEOUT)
         if ack.duplicate:
             self._emit("duplicate", n=1, subject=subject, publish=True)
         return ack.seq

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fanout.publisher import Publisher, build_headers, priority_name, publish
@@ -70,3 +72,16 @@ async def test_from_config(nats_server, make_cfg):
         assert await pub.publish("odin.token.a.update", b"x") == 1
         with pytest.raises(Exception):  # noqa: B017 - lands in another stream: refused
             await pub.publish("other.a", b"x")
+
+
+@pytest.mark.asyncio
+async def test_publish_waits_for_the_stream_to_appear(nats_server):
+    """No responders (no stream leader yet, as in an election) is retried within the timeout."""
+    async with nats_conn(nats_server.url) as nc, Publisher(nats_server.url, timeout=5.0) as pub:
+        task = asyncio.create_task(pub.publish("odin.token.a.update", b"x", msg_id="late-1"))
+        await asyncio.sleep(0.3)  # the publisher is retrying meanwhile
+        assert not task.done()
+        await nc.jetstream().add_stream(name="T", subjects=SUBJECTS)
+        assert await asyncio.wait_for(task, 5) == 1
+    with pytest.raises(Exception):  # noqa: B017 - no stream for it at all: fails after the timeout
+        await publish("nothing.here", b"x", servers=nats_server.url, timeout=0.5)
