@@ -522,9 +522,11 @@ class JetStreamBroker(Broker):
             if nc is None or not nc.is_connected:
                 continue
             now = time.monotonic()
-            if now - self._activity > WATCHDOG:
-                # Not even a heartbeat: the requests are gone (e.g. a server
-                # restarted behind a reconnect that nats-py did not see).
+            if now - self._activity > WATCHDOG and self._queue_empty():
+                # Nothing to work on and not even a heartbeat: the requests
+                # are gone (e.g. a server restarted behind a reconnect that
+                # nats-py did not see). While messages wait in the queue (a
+                # slow sink, the rate limit) the requests are not the problem.
                 log.info("JetStream pull requests silent for %.1fs: requesting again", now - self._activity)
                 self._activity = now
                 self._pending = 0
