@@ -671,15 +671,30 @@ class JetStreamBroker(Broker):
         # A shorter max_age than the current duplicate window is refused: keep it within.
         if "max_age" in changes and have.duplicate_window and want.max_age and have.duplicate_window > want.max_age:
             changes["duplicate_window"] = want.max_age
+        js = self._js_ctx()
         try:
-            new = await self._js_ctx().update_stream(have.evolve(**changes))
+            new = await js.update_stream(have.evolve(**changes))
         except APIError as exc:
-            fields = ", ".join(f"{k} {getattr(have, k)!r} -> {v!r} ({env[k]})"
-                               for k, v in changes.items() if k in env)
+            refused = {k: (exc.description or "") for k in env}
+            if len(env) > 1:
+                # Find the field NATS refuses: apply the others one by one
+                # (they would be applied anyway once the refused one is fixed).
+                for k in list(env):
+                    one = {k: changes[k]}
+                    if k == "max_age" and "duplicate_window" in changes:
+                        one["duplicate_window"] = changes["duplicate_window"]
+                    try:
+                        have = (await js.update_stream(have.evolve(**one))).config
+                        del refused[k]
+                    except APIError as e:
+                        refused[k] = e.description or ""
+                if not refused:
+                    return await js.stream_info(name)
+            fields = "; ".join(f"{k} {getattr(have, k)!r} -> {changes[k]!r} ({env[k]}): {why}"
+                               for k, why in refused.items())
             raise StreamConfigConflict(
-                f"stream {name} differs from the config and NATS refuses to update it: {fields}: "
-                f"{exc.description} (change the setting, delete the stream, or set JS_STREAM_MANAGE=false)"
-            ) from None
+                f"stream {name} differs from the config and NATS refuses to change {fields} "
+                "(change the setting, delete the stream, or set JS_STREAM_MANAGE=false)") from exc
         log.info("JetStream stream updated", extra={"fields": {"stream": name, "changed": sorted(changes)}})
         return new
 

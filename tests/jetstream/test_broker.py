@@ -62,8 +62,13 @@ async def test_replicas_refused_on_single_server_names_the_field(nats_server, ma
     async with nats_conn(nats_server.url) as nc:
         await nc.jetstream().add_stream(name="T", subjects=["odin.token.>", "odin.global.>"])
     broker = JetStreamBroker(make_cfg(nats_server.url, JS_STREAM_REPLICAS=3))
-    with pytest.raises(StreamConfigConflict, match="JS_STREAM_REPLICAS"):
+    with pytest.raises(StreamConfigConflict, match="JS_STREAM_REPLICAS") as err:
         await broker.start(RecordingSink())
+    # The fields NATS can change were changed; only the refused one is named.
+    assert "JS_STREAM_MAX_AGE" not in str(err.value)
+    async with nats_conn(nats_server.url) as nc:
+        c = (await nc.jetstream().stream_info("T")).config
+    assert c.max_msgs == 100000 and c.num_replicas == 1
 
 
 async def test_manage_false_uses_existing_stream_as_is(nats_server, make_cfg):
