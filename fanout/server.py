@@ -49,9 +49,11 @@ def make_broker(cfg: Config, metrics: Metrics) -> Broker:
     from .brokers.jetstream import JetStreamBroker
 
     def hook(evt: str, **fields: Any) -> None:
-        metrics.broker_events.labels(evt).inc(fields.get("n", 1) if evt in ("acked", "fetched") else 1)
-        if evt not in ("acked", "fetched", "duplicate", "rate_wait"):
-            event(logging.WARNING if evt in ("disconnected", "error") else logging.INFO, f"nats {evt}", **fields)
+        n = fields.get("n", 1)
+        metrics.broker_events.labels(evt).inc(n if isinstance(n, int) and n > 0 else 1)
+        # The broker logs its own errors (rate-limited); state changes are logged here.
+        if evt in ("connected", "disconnected", "reconnected", "epoch"):
+            event(logging.WARNING if evt == "disconnected" else logging.INFO, f"nats {evt}", **fields)
 
     return JetStreamBroker(cfg, metrics_hook=hook)
 

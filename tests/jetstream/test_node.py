@@ -32,8 +32,8 @@ async def subscribe(ws: Any, channels: list[str]) -> dict[str, Any]:
     return reply
 
 
-async def publish_n(url: str, n: int, start: int = 0, subject: str = SUBJECT) -> list[int]:
-    async with Publisher(servers=[url]) as pub:
+async def publish_n(url: str, n: int, start: int = 0, subject: str = SUBJECT, timeout: float = 10.0) -> list[int]:
+    async with Publisher(servers=[url], timeout=timeout) as pub:
         return [await pub.publish(subject, json.dumps({"i": i}).encode()) for i in range(start, start + n)]
 
 
@@ -189,7 +189,8 @@ async def test_cluster_member_killed_node_fails_over_clients_keep_everything(nat
             others = [s.url for s in nats_cluster.servers if s is not victim]
             seqs = await publish_n(others[0], 20)
             victim.kill()
-            seqs += await publish_n(others[1], 20, start=20)
+            # The stream may be electing a new leader for seconds: the publisher waits.
+            seqs += await publish_n(others[1], 20, start=20, timeout=30)
             got = [await recv_json(ws, 25) for _ in seqs]
             assert [m["stream_seq"] for m in got] == seqs
             assert [m["seq"] for m in got] == list(range(1, 41))
