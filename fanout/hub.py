@@ -1,8 +1,9 @@
 """The hub: the one caller of the compiled core.
 
-It maps core slots to sessions, turns broker messages into one core
-``publish`` each (the core does the per-client work), schedules the flush
-that writes every client's queued bytes once per loop turn, and runs the
+It maps core slots to sessions, collects the messages brokers dispatch
+during a loop turn and hands them to the core in one ``publish_batch`` (the
+core does all per-client work), then has the core write every client's
+queued bytes, one ``sendmsg()`` per client per turn. It also runs the
 control-path operations that change the core: (un)subscribe, replay, resume.
 
 Backpressure: a client's socket that is full is watched for writability and
