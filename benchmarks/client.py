@@ -77,7 +77,7 @@ class Tally:
 
     __slots__ = ("received", "gaps", "dups", "lat", "bytes")
 
-    def __init__(self, lat: "array[int]") -> None:
+    def __init__(self, lat: array[int]) -> None:
         self.lat = lat
         self.received = 0
         self.gaps = 0

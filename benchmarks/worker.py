@@ -197,12 +197,12 @@ class Worker:
                 return time.monotonic() - t0
             except HandshakeError as e:
                 reason = f"handshake_{e.status}"
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 reason = "timeout"
+            except ConnectionError as e:  # before OSError: it is one
+                reason = f"closed:{e}"[:60]
             except OSError as e:
                 reason = f"oserror_{e.errno}" if e.errno else f"oserror_{type(e).__name__}"
-            except ConnectionError as e:
-                reason = f"closed:{e}"[:60]
             if client is not None and client.transport is not None:
                 client.transport.abort()
             else:
@@ -266,7 +266,7 @@ class Worker:
         except HandshakeError as e:
             sock.close()
             return f"handshake_{e.status}"
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             if slot >= 0:
                 self.waiting.pop(slot, None)
                 if self.engine.state(slot) == native.S_READY:

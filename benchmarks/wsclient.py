@@ -31,7 +31,7 @@ class Url:
     tls: bool
 
     @classmethod
-    def parse(cls, url: str) -> "Url":
+    def parse(cls, url: str) -> Url:
         u = urlsplit(url)
         if u.scheme not in ("ws", "wss"):
             raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
@@ -74,7 +74,7 @@ class Deflate:
     server_no_context_takeover: bool = False
     server_max_window_bits: int = 15
 
-    def new_inflater(self) -> "zlib._Decompress":
+    def new_inflater(self) -> zlib._Decompress:
         # A 15-bit window inflates streams made with any smaller window too.
         return zlib.decompressobj(-15)
 
