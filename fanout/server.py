@@ -83,7 +83,24 @@ class Server:
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------- lifecycle
+    def _check_fd_limit(self) -> None:
+        """One descriptor per connection plus headroom: raise the soft limit as far
+        as the hard one allows, and refuse to start when that is not enough (else
+        accept() would fail under load and starve the ops port)."""
+        import resource
+
+        need = self.cfg.ws_max_connections + 128
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if soft != resource.RLIM_INFINITY and soft < need:
+            raise RuntimeError(f"WS_MAX_CONNECTIONS={self.cfg.ws_max_connections} needs {need} open files; "
+                               f"this process may hold {soft} (ulimit -n): lower WS_MAX_CONNECTIONS or raise the limit")
+
     async def start(self) -> None:
+        self._check_fd_limit()
         self.hub.bind(self.loop, self.broker)
         await self.broker.start(self.hub)
         self._ops = await serve_http(self.cfg.health_host, self.cfg.health_port, self._ops_request)

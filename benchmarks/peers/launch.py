@@ -111,7 +111,7 @@ class Peer:
             self.proc.wait(timeout=5)
 
 
-def fanout_peer(max_connections: int = 25000, extra_env: dict[str, str] | None = None) -> Peer:
+def fanout_peer(max_connections: int = 19850, extra_env: dict[str, str] | None = None) -> Peer:
     ws, ops = free_port(), free_port()
     env = {
         "WS_HOST": "127.0.0.1",

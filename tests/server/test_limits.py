@@ -57,3 +57,18 @@ async def test_slot_is_reused_after_a_disconnect(node_factory):
         await c.heartbeat()
     assert node.metric("fanout_connections_accepted_total") == 7
     assert node.metric("fanout_connections_rejected_total", 'reason="connection_limit"') == 0
+
+
+def test_connection_limit_above_the_file_limit_refuses_to_start():
+    import subprocess
+    import sys
+
+    from tests.helpers.node import NodeProcess
+
+    env = NodeProcess({"WS_MAX_CONNECTIONS": "1000000"}).env
+    proc = subprocess.run([sys.executable, "-c",
+                           "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096));"
+                           "import sys; sys.argv=['fanout','serve']; from fanout.cli import main; main()"],
+                          env=env, capture_output=True, timeout=20)
+    assert proc.returncode != 0
+    assert b"WS_MAX_CONNECTIONS=1000000" in proc.stderr and b"ulimit -n" in proc.stderr
