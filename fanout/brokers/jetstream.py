@@ -64,7 +64,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from ..config import Config
 from ..publisher import build_headers, publish_acked, split_servers, tls_context
-from ..subjects import matches_any, subject_error, valid_pattern
+from ..subjects import covers, matches_any, subject_error, valid_pattern
 from .base import DEFAULT_PRIORITY, PRIORITIES, Broker, History, Message, Sink, parse_priority
 
 __all__ = ["JetStreamBroker", "StreamConfigConflict", "MetricsHook", "consumer_name"]
@@ -146,19 +146,6 @@ def _priority(headers: dict[str, str] | None) -> int:
         return parse_priority(headers.get("Fanout-Priority"))
     except ValueError:
         return DEFAULT_PRIORITY
-
-
-def _covers(a: str, b: str) -> bool:
-    """Whether every subject that pattern ``b`` matches also matches pattern ``a``."""
-    at, bt = a.split("."), b.split(".")
-    for i, tok in enumerate(at):
-        if tok == ">":
-            return len(bt) > i
-        if i >= len(bt) or bt[i] == ">":
-            return False
-        if tok != "*" and tok != bt[i]:
-            return False
-    return len(at) == len(bt)
 
 
 def _collide(a: str, b: str) -> bool:
@@ -896,7 +883,7 @@ class JetStreamBroker(Broker):
         """Server-side filter subjects for ``patterns`` and whether NATS can take them as they are."""
         pats = sorted({p for p in patterns if valid_pattern(p)})
         pats = [p for p in pats if any(_collide(p, s) for s in self._stream_subjects)]
-        pats = [p for p in pats if not any(q != p and _covers(q, p) for q in pats)]
+        pats = [p for p in pats if not any(q != p and covers(q, p) for q in pats)]
         for i, a in enumerate(pats):
             for b in pats[i + 1:]:
                 if _collide(a, b):
