@@ -813,14 +813,6 @@ cdef class Core:
             self._mark_dirty(slot, c)
         return sent, missing
 
-    def replay_range(self, int slot):
-        """(first, last) seqs this client's ring can still replay, or None."""
-        cdef Client *c = self._check(slot)
-        if c.ring == NULL or c.seq == 0:
-            return None
-        lo = c.seq - self.replay_size + 1 if c.seq >= <uint64_t>self.replay_size else 1
-        return (lo, c.seq)
-
     # ------------------------------------------------------------------ flush
     cdef int _send_some(self, int slot) noexcept:
         """Write what is queued for one client with sendmsg(): 0 drained, 1 blocked, -1 dead."""
@@ -943,10 +935,6 @@ cdef class Core:
         if c.shead == c.nseg:
             return 0
         return self._send_some(slot)
-
-    @property
-    def pending_flush(self):
-        return self.ndirty > 0
 
     def take_dirty(self):
         """For tests: pop the queued bytes of every dirty client without a

@@ -17,6 +17,15 @@ def tail(i: int, size: int = 50) -> bytes:
     return b'"type":"message","channel":"a.b","stream_seq":%d,"data":"%s"}' % (i, b"x" * size)
 
 
+def small_socketpair() -> tuple[socket.socket, socket.socket]:
+    """(server side, non-blocking; client side) with small buffers, so they fill fast."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return a, b
+
+
 def parse_frames(buf: bytes) -> list[tuple[int, bytes]]:
     """(first byte, payload) of each server frame in buf."""
     out, pos = [], 0
@@ -109,10 +118,7 @@ def test_slow_client_marked_after_strikes_and_gets_no_more_data():
 
 
 def test_flush_writes_one_send_per_client_and_reports_blocked():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a, b = small_socketpair()
     core = Core(4, queue_limit=1 << 30)
     s = core.add_client(a.fileno())
     core.subscribe(s, "a.b")
@@ -162,10 +168,7 @@ def test_dead_socket_reported():
 
 
 def test_truncate_keeps_the_partly_written_frame():
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a, b = small_socketpair()
     core = Core(2, queue_limit=1 << 30)
     s = core.add_client(a.fileno())
     core.subscribe(s, "a.b")
