@@ -62,6 +62,7 @@ class Metrics:
         self.closed = Counter("fanout_connections_closed_total", "Connections closed by the server", ["code"], registry=r)
         self.client_frames = Counter("fanout_client_frames_total", "Client requests by type", ["type"], registry=r)
         self.client_errors = Counter("fanout_client_errors_total", "Error replies sent to clients", ["code"], registry=r)
+        self.log_suppressed = Counter("fanout_log_suppressed_total", "Log lines held back by the per-client/per-reason log limit (fanout.log.limited_event)", ["reason"], registry=r)
         self.subscriptions = Gauge("fanout_subscriptions", "Client subscriptions (pattern, client pairs)", registry=r)
         self.replays = Counter("fanout_replays_total", "Replay requests", ["result"], registry=r)
         self.resumes = Counter("fanout_resumes_total", "Resume requests", ["complete"], registry=r)
