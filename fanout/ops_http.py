@@ -1,33 +1,79 @@
-"""A small HTTP/1.1 server for the ops port (/health, /ready, /metrics, /publish).
+"""The ops port's HTTP/1.1 server (/health, /ready, /metrics, POST /publish).
 
-None of our dependencies serves HTTP requests with bodies on asyncio
-(websockets' parser takes GET only), so this is the minimum: request line,
-headers, a Content-Length body, keep-alive. Limits: 8 KiB of headers, bodies
-up to ``max_body`` bytes (413 above), no chunked uploads (411).
+Parsing and framing are h11's (Sans-I/O, RFC 7230 rules); this module adds the
+asyncio I/O, the limits and the timeouts. What a client gets:
+
+- Keep-alive and pipelining as h11 decides: HTTP/1.0 requests and
+  ``Connection: close`` close after the response.
+- Malformed requests (conflicting or non-digit Content-Length, whitespace
+  before a header colon, a bad request line, ...) get h11's status hint (400,
+  431 for an oversize head, 501 for an unknown Transfer-Encoding) with a JSON
+  body, then the connection closes. Bare-LF line endings and obs-fold
+  continuation lines are read the way h11 reads them (folded into the previous
+  header's value, never a header of their own).
+- ``Expect: 100-continue`` gets ``100 Continue`` as soon as the head is read,
+  or the final answer at once when the body would be refused (413).
+- ``HEAD`` gets the GET headers (Content-Length included) and no body.
+- Request bodies: Content-Length or chunked, up to ``max_body`` (1 MiB, the
+  node's publish limit). A larger declared length is refused with 413 before
+  any body is read; a chunked body is refused with 413 as soon as it passes
+  the limit, and the connection closes.
+
+Limits, so that nobody can hold the port or delay ``/health`` for others:
+
+- ``HEADER_TIMEOUT`` (10 s): a request head must be complete within this of
+  the connection's accept (first request) or of its first byte (keep-alive
+  follow-ups), however slowly it trickles; then 408 and close.
+- ``IDLE_TIMEOUT`` (30 s): a keep-alive connection with no request starts is
+  closed.
+- ``BODY_TIMEOUT`` (30 s): the whole body must arrive within this (1 MiB needs
+  about 35 KB/s); then 408 and close.
+- ``WRITE_TIMEOUT`` (10 s): a client that does not read its response is cut.
+- ``MAX_CONNECTIONS`` (256): concurrent ops connections. At the limit a new
+  connection evicts the one that has waited longest for a request head
+  (idle keep-alive or trickling slowloris); only when every connection is
+  busy in a handler does the new one get 503. Every connection is one task
+  on the node's event loop; waiting connections cost a wake-up per packet.
+- ``MAX_HEAD_BYTES`` (16 KiB, h11's default): request line plus headers.
+
+The module constants are read when :func:`serve` is called, so tests may
+shorten them. Refusals are logged as one ``ops request refused`` line per
+second at most, with a count of the ones left out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import h11
 
 from .log import event
 
 __all__ = ["HttpRequest", "HttpResponse", "serve"]
 
-REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
-           429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+HEADER_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0
+BODY_TIMEOUT = 30.0
+WRITE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 256
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY = 1 << 20
+LINGER_TIMEOUT = 2.0        # after refusing a body: read and drop what the client still sends, for so long ...
+LINGER_BYTES = 4 << 20      # ... or so many bytes, so the client reads our answer instead of a reset
+READ_CHUNK = 64 * 1024
 
 
 @dataclass(slots=True)
 class HttpRequest:
     method: str
     path: str
-    headers: dict[str, str]   # lower-case names
+    headers: dict[str, str]   # lower-case names; repeated headers joined with ", "
     body: bytes
     peer: str
 
@@ -43,74 +89,254 @@ class HttpResponse:
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
 
-async def _read_request(reader: asyncio.StreamReader, peer: str, max_body: int) -> HttpRequest | HttpResponse | None:
+def _error(status: int, error: str, message: str) -> HttpResponse:
+    return HttpResponse(status, json.dumps({"error": error, "message": message}, separators=(",", ":")).encode())
+
+
+def _reason(status: int) -> str:
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return None
-    except asyncio.LimitOverrunError:
-        return HttpResponse(431, b'{"error":"headers too large"}')
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        return HttpResponse(400, b'{"error":"bad request line"}')
-    headers = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            return HttpResponse(400, b'{"error":"bad header line"}')
-        headers[name.strip().lower()] = value.strip()
-    body = b""
-    if "transfer-encoding" in headers:
-        return HttpResponse(411, b'{"error":"send a Content-Length body"}')
-    if "content-length" in headers:
-        try:
-            n = int(headers["content-length"])
-        except ValueError:
-            return HttpResponse(400, b'{"error":"bad Content-Length"}')
-        if n < 0:
-            return HttpResponse(400, b'{"error":"bad Content-Length"}')
-        if n > max_body:
-            return HttpResponse(413, b'{"error":"body too large"}')
-        try:
-            body = await reader.readexactly(n)
-        except asyncio.IncompleteReadError:
-            return None
-    return HttpRequest(parts[0], parts[1], headers, body, peer)
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
-async def serve(host: str, port: int, handler: Handler, max_body: int = 1 << 20) -> asyncio.Server:
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class _RefusalLog:
+    """At most one log line per second for refused requests (bad input must not
+    flood the log), with how many were left out since the last one."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._left_out = 0
+
+    def __call__(self, status: int, reason: str, peer: str) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._left_out += 1
+            return
+        event(logging.INFO, "ops request refused", status=status, reason=reason, peer=peer,
+              left_out=self._left_out)
+        self._last, self._left_out = now, 0
+
+
+class _Closed(Exception):
+    """The connection is over (EOF, timeout while idle, eviction): nothing more to send."""
+
+
+@dataclass(slots=True)
+class _Settings:
+    header_timeout: float
+    idle_timeout: float
+    body_timeout: float
+    write_timeout: float
+    max_connections: int
+    max_body: int
+
+
+class _Conn:
+    """One ops connection: reads with deadlines, h11 parses, the handler answers."""
+
+    def __init__(self, pool: _Pool, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.pool = pool
+        self.s = pool.settings
+        self.reader = reader
+        self.writer = writer
         peername = writer.get_extra_info("peername")
-        peer = peername[0] if isinstance(peername, tuple) else str(peername)
+        self.peer = peername[0] if isinstance(peername, tuple) else str(peername)
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.loop = asyncio.get_running_loop()
+        # Waiting for a request head (idle or trickling): the connections that may be evicted.
+        self.waiting_since: float | None = self.loop.time()
+
+    def evict(self) -> None:
+        self.writer.transport.abort()
+
+    async def run(self) -> None:
         try:
+            first = True
             while True:
-                req = await _read_request(reader, peer, max_body)
-                if req is None:
-                    break
-                if isinstance(req, HttpResponse):
-                    resp, keep = req, False
-                else:
+                got = await self._read_request(first)
+                first = False
+                if isinstance(got, HttpResponse):
+                    await self._send(got, head_only=False, close=True)
+                    await self._linger()
+                    return
+                req, complete = got
+                self.waiting_since = None
+                if complete:
                     try:
-                        resp = await handler(req)
+                        resp = await self.pool.handler(req)
                     except Exception:
                         event(logging.ERROR, "ops handler failed", path=req.path, exc_info=True)
-                        resp = HttpResponse(500, b'{"error":"internal error"}')
-                    keep = req.headers.get("connection", "").lower() != "close"
-                head = [f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, 'Status')}",
-                        f"Content-Type: {resp.content_type}", f"Content-Length: {len(resp.body)}"]
-                head += [f"{k}: {v}" for k, v in resp.headers.items()]
-                if not keep:
-                    head.append("Connection: close")
-                writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body)
-                await writer.drain()
-                if not keep:
-                    break
-        except (ConnectionError, asyncio.CancelledError):
+                        resp = _error(500, "internal_error", "the handler failed; see the node log")
+                else:
+                    resp = _error(413, "too_large", f"body over {self.s.max_body} bytes")
+                await self._send(resp, head_only=req.method == "HEAD", close=not complete)
+                if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                    self.h11.start_next_cycle()
+                    self.waiting_since = self.loop.time()
+                    continue
+                if not complete:
+                    await self._linger()
+                return
+        except (_Closed, ConnectionError, TimeoutError, OSError):
             pass
         finally:
-            writer.close()
+            self.pool.forget(self)
+            self.writer.close()
 
-    return await asyncio.start_server(on_client, host, port, limit=8192, reuse_address=True)
+    # ----------------------------------------------------------------- reading
+    async def _fill(self, deadline: float) -> bool:
+        """Feed h11 the next bytes; False when the deadline passed first."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                data = await self.reader.read(READ_CHUNK)
+        except TimeoutError:
+            return False
+        self.h11.receive_data(data)   # b"" tells h11 the peer closed
+        return True
+
+    def _refuse(self, status: int, reason: str, message: str) -> HttpResponse:
+        self.pool.log_refusal(status, reason, self.peer)
+        return _error(status, reason, message)
+
+    async def _read_request(self, first: bool) -> tuple[HttpRequest, bool] | HttpResponse:
+        """The next request and whether its body was read in full (False: over
+        the limit, answer 413), or an error response to send before closing."""
+        now = self.loop.time()
+        head_deadline = now + self.s.header_timeout
+        # A new connection must send its head within the header timeout; a
+        # keep-alive one may first sit idle, and its head clock starts with its first byte.
+        idle = not first and not self.h11.trailing_data[0]
+        deadline = now + self.s.idle_timeout if idle else head_deadline
+        try:
+            while True:
+                ev = self.h11.next_event()
+                if ev is h11.NEED_DATA:
+                    if not await self._fill(deadline):
+                        if idle:
+                            raise _Closed
+                        return self._refuse(408, "timeout", f"request head not complete within {self.s.header_timeout:g} s")
+                    if idle and self.h11.trailing_data[0]:
+                        idle = False
+                        deadline = head_deadline = self.loop.time() + self.s.header_timeout
+                    continue
+                if isinstance(ev, h11.ConnectionClosed):
+                    raise _Closed
+                if isinstance(ev, h11.Request):
+                    return await self._read_body(ev)
+                raise _Closed   # PAUSED or anything else: not a state a server waiting for a request is in
+        except h11.RemoteProtocolError as exc:
+            if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                raise _Closed from exc
+            status = exc.error_status_hint
+            return self._refuse(status, "bad_request" if status == 400 else _reason(status).lower().replace(" ", "_"),
+                                str(exc))
+
+    async def _read_body(self, req: h11.Request) -> tuple[HttpRequest, bool]:
+        headers: dict[str, str] = {}
+        for name, value in req.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        request = HttpRequest(req.method.decode("ascii"), req.target.decode("ascii"), headers, b"", self.peer)
+        declared = headers.get("content-length")
+        # h11 has checked it is one run of digits; with Transfer-Encoding it is ignored.
+        if declared is not None and "transfer-encoding" not in headers and int(declared) > self.s.max_body:
+            # Refused before any of the body is read, and without 100 Continue,
+            # so an Expect-ing client never sends it.
+            self.pool.log_refusal(413, "too_large", self.peer)
+            return request, False
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                      reason=b"Continue")))
+        deadline = self.loop.time() + self.s.body_timeout
+        body = bytearray()
+        while True:
+            ev = self.h11.next_event()
+            if ev is h11.NEED_DATA:
+                if not await self._fill(deadline):
+                    raise _Closed   # a body that stalls: drop it (the client may still be sending)
+                continue
+            if isinstance(ev, h11.Data):
+                body += ev.data
+                if len(body) > self.s.max_body:
+                    self.pool.log_refusal(413, "too_large", self.peer)
+                    return request, False
+                continue
+            if isinstance(ev, h11.EndOfMessage):
+                request.body = bytes(body)
+                return request, True
+            raise _Closed   # ConnectionClosed mid-body
+
+    # ----------------------------------------------------------------- writing
+    async def _write(self, data: bytes) -> None:
+        self.writer.write(data)
+        async with asyncio.timeout(self.s.write_timeout):
+            await self.writer.drain()
+
+    async def _send(self, resp: HttpResponse, head_only: bool, close: bool) -> None:
+        headers = [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body)))]
+        headers += [(k, v) for k, v in resp.headers.items() if k.lower() not in ("content-length", "content-type")]
+        if close:
+            headers.append(("Connection", "close"))
+        out = self.h11.send(h11.Response(status_code=resp.status, headers=headers, reason=_reason(resp.status)))
+        if resp.body and not head_only:
+            out += self.h11.send(h11.Data(data=resp.body))
+        out += self.h11.send(h11.EndOfMessage())
+        await self._write(out)
+
+    async def _linger(self) -> None:
+        """Half-close, then drop what the client still sends for a bounded
+        time: closing with unread data would reset the connection and the
+        client might lose the answer we just sent."""
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        left = LINGER_BYTES
+        try:
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                while left > 0 and (data := await self.reader.read(READ_CHUNK)):
+                    left -= len(data)
+        except TimeoutError:
+            pass
+
+
+class _Pool:
+    """The open connections, for the connection limit."""
+
+    def __init__(self, handler: Handler, settings: _Settings) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.conns: set[_Conn] = set()
+        self.log_refusal = _RefusalLog()
+
+    def forget(self, conn: _Conn) -> None:
+        self.conns.discard(conn)
+
+    async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(self, reader, writer)
+        if len(self.conns) >= self.settings.max_connections:
+            waiting = [c for c in self.conns if c.waiting_since is not None]
+            if not waiting:
+                self.log_refusal(503, "too_many_connections", conn.peer)
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 32\r\n\r\n"
+                             b'{"error":"too_many_connections"}')
+                writer.close()
+                return
+            oldest = min(waiting, key=lambda c: c.waiting_since or 0.0)
+            self.conns.discard(oldest)
+            oldest.evict()
+        self.conns.add(conn)
+        await conn.run()
+
+
+async def serve(host: str, port: int, handler: Handler, max_body: int | None = None) -> asyncio.Server:
+    """Listen on ``host:port`` and answer each request with ``handler``.
+
+    The returned server's ``close()`` stops listening; open connections end
+    with the event loop (or their timeouts).
+    """
+    settings = _Settings(HEADER_TIMEOUT, IDLE_TIMEOUT, BODY_TIMEOUT, WRITE_TIMEOUT, MAX_CONNECTIONS,
+                         MAX_BODY if max_body is None else max_body)
+    pool = _Pool(handler, settings)
+    return await asyncio.start_server(pool.on_client, host, port, limit=READ_CHUNK, reuse_address=True)
