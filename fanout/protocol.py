@@ -4,24 +4,33 @@
 :class:`RequestError` with the PROTOCOL.md error code; nothing here touches a
 socket. :func:`message_tail` builds the shared part of a data message once per
 published message: the compiled core prepends each client's ``{"seq":N,``.
+
+Limits of a request (beyond the frame size the session enforces): strict
+UTF-8, JSON nested at most :data:`MAX_DEPTH` levels (checked before parsing,
+so a 2 KB ``[[[[...`` costs no recursion), at most
+:data:`MAX_CHANNELS_PER_REQUEST` channels.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
+from itertools import accumulate
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from .codes import ErrorCode
 
 __all__ = [
-    "RequestError", "Subscribe", "Unsubscribe", "Replay", "Resume", "Heartbeat",
+    "RequestError", "Subscribe", "Unsubscribe", "Replay", "Resume", "Heartbeat", "Refresh",
     "Request", "parse_request", "reply", "error_reply", "message_tail", "encode_data",
 ]
 
 MAX_CHANNELS_PER_REQUEST = 1000
 MAX_SEQ = 2**64 - 1   # seqs and JetStream stream sequences are uint64 (the core takes them as such)
+MAX_DEPTH = 32        # JSON nesting; every valid request needs 2
 
 
 class RequestError(Exception):
@@ -36,6 +45,7 @@ class RequestError(Exception):
 class Subscribe:
     channels: list[str]
     id: Any = None
+    snapshot: bool = False   # PROTOCOL 1.1: newest retained message per matching subject first
 
 
 @dataclass(slots=True)
@@ -64,7 +74,14 @@ class Heartbeat:
     id: Any = None
 
 
-Request = Subscribe | Unsubscribe | Replay | Resume | Heartbeat
+@dataclass(slots=True)
+class Refresh:
+    """PROTOCOL 1.1: a new JWT for the same ``sub`` (checked by the caller, not here)."""
+    token: str
+    id: Any = None
+
+
+Request = Subscribe | Unsubscribe | Replay | Resume | Heartbeat | Refresh
 
 
 def _is_int(v: Any) -> bool:
@@ -89,11 +106,47 @@ def _seq(obj: dict[str, Any], name: str, req_id: Any) -> int:
     return v
 
 
+# Strings are cut out once the escapes that matter (\\ and \") are gone, so
+# the pattern cannot backtrack: every pass is linear even on hostile input.
+_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _too_deep(text: str) -> bool:
+    """True when ``text`` nests brackets deeper than :data:`MAX_DEPTH` outside strings.
+
+    Cheap on every real request (fewer brackets than the limit: one count);
+    otherwise strings are cut out and the running depth is summed in C
+    (regex, ``accumulate``, ``max``), linear in the frame size.
+    """
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    # Dropping backslash pairs left to right, then backslash-quote, pairs
+    # backslashes the way a JSON string does; other escapes hold no quote or bracket.
+    unescaped = text.replace("\\\\", "").replace('\\"', "")
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", unescaped))
+    return bool(brackets) and max(accumulate(map(_STEP.__getitem__, brackets))) > MAX_DEPTH
+
+
 def parse_request(text: str | bytes) -> Request:
-    """One client frame -> request; :class:`RequestError` (bad_request) when malformed."""
+    """One client frame -> request; :class:`RequestError` (bad_request) when malformed.
+
+    Bytes must be strict UTF-8 (no encoded surrogates): a client library's
+    text frame always is, so anything else is refused, not guessed at.
+    """
+    if isinstance(text, bytes | bytearray | memoryview):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"frame is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    if _too_deep(text):
+        raise RequestError(ErrorCode.BAD_REQUEST, f"frame nests JSON deeper than {MAX_DEPTH} levels")
     try:
         obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except RecursionError:   # not reachable past _too_deep; kept so no depth can ever close with 1011
+        raise RequestError(ErrorCode.BAD_REQUEST, f"frame nests JSON deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
         raise RequestError(ErrorCode.BAD_REQUEST, f"frame is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise RequestError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
@@ -104,7 +157,10 @@ def parse_request(text: str | bytes) -> Request:
     if not isinstance(kind, str):
         raise RequestError(ErrorCode.BAD_REQUEST, "'type' must be a string", req_id)
     if kind == "subscribe":
-        return Subscribe(_channels(obj, req_id), req_id)
+        snapshot = obj.get("snapshot", False)
+        if not isinstance(snapshot, bool):
+            raise RequestError(ErrorCode.BAD_REQUEST, "'snapshot' must be true or false", req_id)
+        return Subscribe(_channels(obj, req_id), req_id, snapshot)
     if kind == "unsubscribe":
         return Unsubscribe(_channels(obj, req_id), req_id)
     if kind == "replay":
@@ -119,6 +175,11 @@ def parse_request(text: str | bytes) -> Request:
         return Resume(_channels(obj, req_id), _seq(obj, "after", req_id), epoch, req_id)
     if kind == "heartbeat":
         return Heartbeat(req_id)
+    if kind == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise RequestError(ErrorCode.BAD_REQUEST, "'token' must be a non-empty string", req_id)
+        return Refresh(token, req_id)
     raise RequestError(ErrorCode.BAD_REQUEST, f"unknown type {kind!r}", req_id)
 
 
@@ -154,6 +215,13 @@ def encode_data(payload: bytes) -> bytes:
 
 
 def message_tail(subject: str, stream_seq: int, ts_ms: int, payload: bytes) -> bytes:
-    """Everything of a data message after the per-client ``{"seq":N,`` prefix."""
-    return (b'"type":"message","channel":"%s","stream_seq":%d,"ts":%d,' % (subject.encode(), stream_seq, ts_ms)
+    """Everything of a data message after the per-client ``{"seq":N,`` prefix.
+
+    The subject is JSON-escaped (ASCII, ``\\uXXXX`` for the rest): ingest
+    should refuse subjects outside the channel syntax, but NATS allows ``"``
+    and ``\\`` in subjects, and one unescaped would break the frame for every
+    subscriber. One C call per message (~0.1 us), not per client.
+    """
+    return (b'"type":"message","channel":%s,"stream_seq":%d,"ts":%d,'
+            % (encode_basestring_ascii(subject).encode("ascii"), stream_seq, ts_ms)
             + encode_data(payload) + b"}")

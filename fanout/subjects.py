@@ -23,7 +23,9 @@ def subject_error(text: object, *, wildcards: bool) -> str | None:
         return "channel must be a string"
     if not text:
         return "channel is empty"
-    if len(text.encode()) > MAX_BYTES:
+    # surrogatepass: a lone surrogate (JSON "\ud800") has no UTF-8 form; it must
+    # come back as a bad token below, not raise here.
+    if len(text) > MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         return f"channel longer than {MAX_BYTES} bytes"
     tokens = text.split(".")
     if len(tokens) > MAX_TOKENS:
