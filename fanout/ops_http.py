@@ -37,23 +37,23 @@ Limits, so that nobody can hold the port or delay ``/health`` for others:
 - ``MAX_HEAD_BYTES`` (16 KiB, h11's default): request line plus headers.
 
 The module constants are read when :func:`serve` is called, so tests may
-shorten them. Refusals are logged as one ``ops request refused`` line per
-second at most, with a count of the ones left out.
+shorten them. Refusals are logged as ``ops request refused`` lines, rate-limited
+per reason and peer by :func:`fanout.log.limited_event`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import h11
 
-from .log import event
+from .log import event, limited_event
 
 __all__ = ["HttpRequest", "HttpResponse", "serve"]
 
@@ -65,8 +65,10 @@ MAX_CONNECTIONS = 256
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY = 1 << 20
 LINGER_TIMEOUT = 2.0        # after refusing a body: read and drop what the client still sends, for so long ...
-LINGER_BYTES = 4 << 20      # ... or so many bytes, so the client reads our answer instead of a reset
+LINGER_BYTES = 1 << 20      # ... or so many bytes, so the client reads our answer instead of a reset
 READ_CHUNK = 64 * 1024
+
+_WAIT_ORDER = itertools.count()   # a sequence, not a clock: connections accepted in one tick still have an order
 
 
 @dataclass(slots=True)
@@ -100,22 +102,9 @@ def _reason(status: int) -> str:
         return ""
 
 
-class _RefusalLog:
-    """At most one log line per second for refused requests (bad input must not
-    flood the log), with how many were left out since the last one."""
-
-    def __init__(self) -> None:
-        self._last = 0.0
-        self._left_out = 0
-
-    def __call__(self, status: int, reason: str, peer: str) -> None:
-        now = time.monotonic()
-        if now - self._last < 1.0:
-            self._left_out += 1
-            return
-        event(logging.INFO, "ops request refused", status=status, reason=reason, peer=peer,
-              left_out=self._left_out)
-        self._last, self._left_out = now, 0
+def _log_refusal(status: int, reason: str, peer: str) -> None:
+    # Bad input from one peer must not flood the log: fanout.log limits the lines per (reason, peer).
+    limited_event(("ops_" + reason, peer), logging.INFO, "ops request refused", status=status, reason=reason, peer=peer)
 
 
 class _Closed(Exception):
@@ -144,10 +133,13 @@ class _Conn:
         self.peer = peername[0] if isinstance(peername, tuple) else str(peername)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.loop = asyncio.get_running_loop()
-        # Waiting for a request head (idle or trickling): the connections that may be evicted.
-        self.waiting_since: float | None = self.loop.time()
+        # Set while waiting for a request (idle or trickling): such connections
+        # may be evicted, lowest number (longest waiting) first.
+        self.waiting: int | None = next(_WAIT_ORDER)
+        self.evicted = False
 
     def evict(self) -> None:
+        self.evicted = True
         self.writer.transport.abort()
 
     async def run(self) -> None:
@@ -157,29 +149,27 @@ class _Conn:
                 got = await self._read_request(first)
                 first = False
                 if isinstance(got, HttpResponse):
+                    # Refused (bad head, timeout, body too large): the rest of
+                    # the request may still be coming, so answer and close.
                     await self._send(got, head_only=False, close=True)
                     await self._linger()
                     return
-                req, complete = got
-                self.waiting_since = None
-                if complete:
-                    try:
-                        resp = await self.pool.handler(req)
-                    except Exception:
-                        event(logging.ERROR, "ops handler failed", path=req.path, exc_info=True)
-                        resp = _error(500, "internal_error", "the handler failed; see the node log")
-                else:
-                    resp = _error(413, "too_large", f"body over {self.s.max_body} bytes")
-                await self._send(resp, head_only=req.method == "HEAD", close=not complete)
-                if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-                    self.h11.start_next_cycle()
-                    self.waiting_since = self.loop.time()
-                    continue
-                if not complete:
-                    await self._linger()
-                return
+                self.waiting = None
+                try:
+                    resp = await self.pool.handler(got)
+                except Exception:
+                    event(logging.ERROR, "ops handler failed", path=got.path, exc_info=True)
+                    resp = _error(500, "internal_error", "the handler failed; see the node log")
+                await self._send(resp, head_only=got.method == "HEAD", close=False)
+                if self.h11.our_state is not h11.DONE:
+                    return   # MUST_CLOSE: HTTP/1.0 or Connection: close, as h11 decided
+                self.h11.start_next_cycle()
+                self.waiting = next(_WAIT_ORDER)
         except (_Closed, ConnectionError, TimeoutError, OSError):
             pass
+        except h11.LocalProtocolError:
+            # We were about to send something h11 calls invalid (a handler's bad header): our bug, not the client's.
+            event(logging.ERROR, "ops response invalid", peer=self.peer, exc_info=True)
         finally:
             self.pool.forget(self)
             self.writer.close()
@@ -192,22 +182,22 @@ class _Conn:
                 data = await self.reader.read(READ_CHUNK)
         except TimeoutError:
             return False
+        if self.evicted:
+            raise _Closed
         self.h11.receive_data(data)   # b"" tells h11 the peer closed
         return True
 
     def _refuse(self, status: int, reason: str, message: str) -> HttpResponse:
-        self.pool.log_refusal(status, reason, self.peer)
+        _log_refusal(status, reason, self.peer)
         return _error(status, reason, message)
 
-    async def _read_request(self, first: bool) -> tuple[HttpRequest, bool] | HttpResponse:
-        """The next request and whether its body was read in full (False: over
-        the limit, answer 413), or an error response to send before closing."""
+    async def _read_request(self, first: bool) -> HttpRequest | HttpResponse:
+        """The next request, body read in full, or the refusal to send before closing."""
         now = self.loop.time()
-        head_deadline = now + self.s.header_timeout
         # A new connection must send its head within the header timeout; a
         # keep-alive one may first sit idle, and its head clock starts with its first byte.
         idle = not first and not self.h11.trailing_data[0]
-        deadline = now + self.s.idle_timeout if idle else head_deadline
+        deadline = now + (self.s.idle_timeout if idle else self.s.header_timeout)
         try:
             while True:
                 ev = self.h11.next_event()
@@ -218,7 +208,7 @@ class _Conn:
                         return self._refuse(408, "timeout", f"request head not complete within {self.s.header_timeout:g} s")
                     if idle and self.h11.trailing_data[0]:
                         idle = False
-                        deadline = head_deadline = self.loop.time() + self.s.header_timeout
+                        deadline = self.loop.time() + self.s.header_timeout
                     continue
                 if isinstance(ev, h11.ConnectionClosed):
                     raise _Closed
@@ -232,20 +222,20 @@ class _Conn:
             return self._refuse(status, "bad_request" if status == 400 else _reason(status).lower().replace(" ", "_"),
                                 str(exc))
 
-    async def _read_body(self, req: h11.Request) -> tuple[HttpRequest, bool]:
+    async def _read_body(self, req: h11.Request) -> HttpRequest | HttpResponse:
         headers: dict[str, str] = {}
         for name, value in req.headers:
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         request = HttpRequest(req.method.decode("ascii"), req.target.decode("ascii"), headers, b"", self.peer)
+        too_large = f"body over {self.s.max_body} bytes"
         declared = headers.get("content-length")
         # h11 has checked it is one run of digits; with Transfer-Encoding it is ignored.
         if declared is not None and "transfer-encoding" not in headers and int(declared) > self.s.max_body:
             # Refused before any of the body is read, and without 100 Continue,
             # so an Expect-ing client never sends it.
-            self.pool.log_refusal(413, "too_large", self.peer)
-            return request, False
+            return self._refuse(413, "too_large", too_large)
         if self.h11.they_are_waiting_for_100_continue:
             await self._write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[],
                                                                       reason=b"Continue")))
@@ -255,17 +245,16 @@ class _Conn:
             ev = self.h11.next_event()
             if ev is h11.NEED_DATA:
                 if not await self._fill(deadline):
-                    raise _Closed   # a body that stalls: drop it (the client may still be sending)
+                    return self._refuse(408, "timeout", f"request body not complete within {self.s.body_timeout:g} s")
                 continue
             if isinstance(ev, h11.Data):
                 body += ev.data
                 if len(body) > self.s.max_body:
-                    self.pool.log_refusal(413, "too_large", self.peer)
-                    return request, False
+                    return self._refuse(413, "too_large", too_large)
                 continue
             if isinstance(ev, h11.EndOfMessage):
                 request.body = bytes(body)
-                return request, True
+                return request
             raise _Closed   # ConnectionClosed mid-body
 
     # ----------------------------------------------------------------- writing
@@ -307,7 +296,6 @@ class _Pool:
         self.handler = handler
         self.settings = settings
         self.conns: set[_Conn] = set()
-        self.log_refusal = _RefusalLog()
 
     def forget(self, conn: _Conn) -> None:
         self.conns.discard(conn)
@@ -315,15 +303,15 @@ class _Pool:
     async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(self, reader, writer)
         if len(self.conns) >= self.settings.max_connections:
-            waiting = [c for c in self.conns if c.waiting_since is not None]
+            waiting = [c for c in self.conns if c.waiting is not None]
             if not waiting:
-                self.log_refusal(503, "too_many_connections", conn.peer)
+                _log_refusal(503, "too_many_connections", conn.peer)
                 writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                              b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 32\r\n\r\n"
                              b'{"error":"too_many_connections"}')
                 writer.close()
                 return
-            oldest = min(waiting, key=lambda c: c.waiting_since or 0.0)
+            oldest = min(waiting, key=lambda c: c.waiting or 0)
             self.conns.discard(oldest)
             oldest.evict()
         self.conns.add(conn)
