@@ -1,6 +1,6 @@
-"""clients/browser/fanout-client.js against a real node, under Node.js and in headless Chromium.
+"""@fanout/client (clients/js) against a real node, under Node.js and in headless Chromium.
 
-A driver (tests/clients/js/driver.mjs) runs the client: commands in, every
+A driver (clients/js/test/driver/driver.mjs) runs the built client: commands in, every
 event the client reports out, one JSON object each. Under Node.js it is
 run_client.mjs on stdin/stdout; in Chromium it is a page served from here
 that talks to the test over a WebSocket. Every test runs once per runtime.
@@ -11,11 +11,14 @@ whatever WebSocket implementation the client uses. Seq gaps come from a
 WebSocket class injected through the client's ``WebSocket`` option that loses
 chosen live frames.
 
-Requirements, else the runtime's tests skip with the reason: Node.js >= 18;
-below 22 (no global WebSocket) the ``ws`` package in tests/clients/js
-(``npm ci --prefix tests/clients/js``; the fixture runs it once when missing);
-Chromium on PATH (``chromium``, ``chromium-browser``, ``google-chrome``) or
-in ``$CHROMIUM``.
+Under Node.js it runs dist/index.js (tsc's output), in Chromium the minified
+bundle dist/fanout-client.min.js. Every test also checks that the runtime saw
+no unhandled promise rejection.
+
+Requirements, else the runtime's tests skip with the reason (tests/clients/jsenv.py):
+Node.js >= 18 and clients/js's dev dependencies (``npm ci --prefix clients/js``;
+run once when missing), Chromium on PATH (``chromium``, ``chromium-browser``,
+``google-chrome``) or in ``$CHROMIUM``.
 """
 
 from __future__ import annotations
@@ -36,53 +39,12 @@ from urllib.parse import urlencode
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-JS_DIR = Path(__file__).parent / "js"
-DRIVER = JS_DIR / "run_client.mjs"
-CLIENT_JS = Path(__file__).parents[2] / "clients" / "browser" / "fanout-client.js"
+from tests.clients.jsenv import PKG, chromium_setup, js_setup, node_bin
+
+DRIVER_DIR = PKG / "test" / "driver"
+DRIVER = DRIVER_DIR / "run_client.mjs"
 CH = "odin.token.abc.update"
 TRENDING = "odin.global.trending"
-
-
-# ------------------------------------------------------------ requirements
-_node_why: list[str | None] = []
-
-
-def _node_setup() -> str | None:
-    """Why the Node.js runtime cannot run here, or None when it can (checked once)."""
-    if not _node_why:
-        _node_why.append(_check_node())
-    return _node_why[0]
-
-
-def _check_node() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return "node (Node.js >= 18) is not installed"
-    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    try:
-        major = int(out.lstrip("v").split(".")[0])
-    except ValueError:
-        return f"cannot read the Node.js version from {out!r}"
-    if major < 18:
-        return f"Node.js {out} is too old (need >= 18)"
-    if major >= 22 or (JS_DIR / "node_modules" / "ws").is_dir():
-        return None
-    npm = shutil.which("npm")
-    if npm is None:
-        return f"Node.js {out} has no global WebSocket and there is no npm to install the ws test dependency"
-    try:
-        res = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True,
-                             timeout=180)
-    except subprocess.TimeoutExpired:
-        return "npm ci in tests/clients/js timed out (run it before the tests)"
-    if res.returncode != 0 or not (JS_DIR / "node_modules" / "ws").is_dir():
-        return f"npm ci in tests/clients/js failed: {res.stderr.strip()[-500:]}"
-    return None
-
-
-def _chromium() -> str | None:
-    return os.environ.get("CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
 # ------------------------------------------------------------------ proxy
@@ -214,10 +176,8 @@ class NodeDriver(Driver):
 
     @classmethod
     async def start(cls, url: str, opts: dict[str, str]) -> NodeDriver:
-        node_bin = shutil.which("node")
-        assert node_bin is not None
         proc = await asyncio.create_subprocess_exec(
-            node_bin, str(DRIVER), url, *(f"--{k}={v}" for k, v in opts.items()), cwd=JS_DIR,
+            node_bin(), str(DRIVER), url, *(f"--{k}={v}" for k, v in opts.items()), cwd=DRIVER_DIR,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "NO_COLOR": "1"})
         return cls(proc)
@@ -258,19 +218,15 @@ class NodeDriver(Driver):
 BROWSER_PAGE = b"""<!doctype html><meta charset="utf-8"><title>fanout client test</title>
 <script type="module">
 import { FanoutClient } from '/fanout-client.js';
-import { drive, faultyWebSocket } from '/driver.mjs';
+import { clientOptions, drive, switchableNetwork } from '/driver.mjs';
 const q = new URLSearchParams(location.search);
-const num = (k, d) => (q.has(k) ? Number(q.get(k)) : d);
+const opts = Object.fromEntries(q.entries());
 const report = new WebSocket(q.get('report'));
 const out = (obj) => report.send(JSON.stringify(obj));
-const drop = new Set((q.get('drop') || '').split(',').filter(Boolean).map(Number));
-const client = new FanoutClient({
-  WebSocket: faultyWebSocket(WebSocket, drop),
-  reconnectMin: num('reconnect-min', 50), reconnectMax: num('reconnect-max', 500),
-  heartbeatInterval: num('heartbeat-interval', 20000), heartbeatTimeout: num('heartbeat-timeout', 10000),
-  requestTimeout: 5000,
-});
-const handle = drive(client, out);
+addEventListener('unhandledrejection', (ev) => out({ ev: 'unhandled', message: String(ev.reason && ev.reason.stack || ev.reason) }));
+const network = switchableNetwork();
+const client = new FanoutClient(clientOptions(opts, WebSocket, network));
+const handle = drive(client, out, network);
 report.onmessage = (ev) => handle(JSON.parse(ev.data));
 report.onopen = () => { out({ ev: 'started', impl: 'browser', ua: navigator.userAgent }); client.connect(q.get('ws')); };
 </script>
@@ -280,8 +236,8 @@ report.onopen = () => { out({ ev: 'started', impl: 'browser', ua: navigator.user
 class _StaticHandler(BaseHTTPRequestHandler):
     files: dict[str, tuple[bytes | Path, str]] = {
         "/": (BROWSER_PAGE, "text/html"),
-        "/fanout-client.js": (CLIENT_JS, "text/javascript"),
-        "/driver.mjs": (JS_DIR / "driver.mjs", "text/javascript"),
+        "/fanout-client.js": (PKG / "dist" / "fanout-client.min.js", "text/javascript"),
+        "/driver.mjs": (DRIVER_DIR / "driver.mjs", "text/javascript"),
     }
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -318,8 +274,7 @@ class BrowserDriver(Driver):
 
     @classmethod
     async def start(cls, url: str, opts: dict[str, str]) -> BrowserDriver:
-        chromium = _chromium()
-        assert chromium is not None
+        chromium = chromium_setup()
         self = cls()
         self._report = await serve(self._on_page, "127.0.0.1", 0)
         report_port = self._report.sockets[0].getsockname()[1]
@@ -375,24 +330,23 @@ class BrowserDriver(Driver):
 async def js(request):
     """``await js(url, drop="3,7", heartbeat_interval=100, ...)`` starts a client driver
     (options as in run_client.mjs), under Node.js or in headless Chromium; all stop at teardown."""
-    if request.param == "node":
-        why = _node_setup()
-        if why:
-            pytest.skip(why)
-    elif _chromium() is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium, or set CHROMIUM=/path/to/chrome)")
+    js_setup()
+    if request.param == "chromium":
+        chromium_setup()
     kind = NodeDriver if request.param == "node" else BrowserDriver
     started: list[Driver] = []
 
     async def make(url: str, **opts: Any) -> Driver:
         d = await kind.start(url, {k.replace("_", "-"): str(v) for k, v in opts.items()})
         started.append(d)
-        await d.wait(lambda e: e["ev"] == "open")
+        await d.wait(lambda e: e["ev"] == "connected")
         return d
 
     yield make
     for d in started:
         await d.close()
+    for d in started:
+        assert not d.of("unhandled"), d.of("unhandled")
 
 
 @pytest.fixture
@@ -442,7 +396,7 @@ async def test_tcp_cut_while_publishing_exactly_once(node, proxy, js):
     ss = [m["stream_seq"] for m in msgs]
     assert ss == sorted(set(ss))
     assert [e["complete"] for e in c.of("resumed")] == [True]
-    assert c.of("close")[0]["code"] == 1006 and c.of("close")[0]["reconnecting"] is True
+    assert c.of("disconnected")[0]["code"] == 1006 and c.of("disconnected")[0]["reconnecting"] is True
     assert (await c.cmd("state"))["reconnects"] == 1
 
 
@@ -453,10 +407,10 @@ async def test_outage_resumed_and_new_subscription_sent_after_reconnect(node, pr
     await c.messages(5)
     proxy.blocked = True
     proxy.kill()
-    await c.wait(lambda e: e["ev"] == "close")
+    await c.wait(lambda e: e["ev"] == "disconnected")
     await publish(node, 5, start=5)                 # published while the client is away
     sub = asyncio.create_task(c.cmd("subscribe", channels=[TRENDING]))   # waits for the connection
-    await c.wait(lambda e: len(c.of("close")) >= 2)    # a refused reconnect, at least
+    await c.wait(lambda e: len(c.of("disconnected")) >= 2)    # a refused reconnect, at least
     proxy.blocked = False
     assert (await sub)["channels"] == [TRENDING]
     await publish(node, 1, start=100, channel=TRENDING)
@@ -468,11 +422,12 @@ async def test_outage_resumed_and_new_subscription_sent_after_reconnect(node, pr
 
 async def test_unsubscribed_channel_is_not_resumed(node, proxy, js):
     c = await js(proxy.url())
-    await c.cmd("subscribe", channels=[CH, TRENDING])
+    await c.cmd("subscribe", channels=[CH])
+    await c.cmd("subscribe", channels=[TRENDING])
     await publish(node, 1)
     await publish(node, 1, start=1, channel=TRENDING)
     await c.messages(2)
-    await c.cmd("unsubscribe", channels=[TRENDING])
+    await c.cmd("unsubscribe", sub=1)
     proxy.kill()
     await c.wait(lambda e: e["ev"] == "resumed")
     assert c.of("resumed")[0]["channels"] == [CH]
@@ -584,6 +539,6 @@ async def test_silent_connection_is_replaced_after_missed_heartbeat(js):
     async with serve(handler, "127.0.0.1", 0) as server:
         c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws",
                      heartbeat_interval=100, heartbeat_timeout=200)
-        await c.wait(lambda e: len(c.of("open")) == 2)
-        assert c.of("close")[0]["code"] == 4000 and c.of("close")[0]["reason"] == "heartbeat timeout"
+        await c.wait(lambda e: len(c.of("connected")) == 2)
+        assert c.of("disconnected")[0]["code"] == 4000 and c.of("disconnected")[0]["reason"] == "heartbeat timeout"
         assert (await c.cmd("heartbeat"))["ts"] == 7

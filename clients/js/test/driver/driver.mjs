@@ -1,0 +1,119 @@
+// The platform-neutral half of the client test driver, shared by run_client.mjs
+// (Node.js: stdin/stdout) and the page tests/clients/test_js_client.py serves to
+// Chromium (a WebSocket back to the test). Commands in, the client's events out,
+// as JSON objects. Options come as strings (a query string or --flags).
+
+/**
+ * A WebSocket class that loses the first (live) copy of the data messages whose
+ * seq is in `drop`, injected through the client's `WebSocket` option: a seq gap.
+ */
+export function faultyWebSocket(Base, drop) {
+  return class FaultyWebSocket extends Base {
+    set onmessage(fn) {
+      super.onmessage = fn && ((ev) => {
+        if (drop.size && typeof ev.data === 'string') {
+          const msg = JSON.parse(ev.data);
+          if (msg.type === 'message' && drop.delete(msg.seq)) return;
+        }
+        fn(ev);
+      });
+    }
+
+    get onmessage() { return super.onmessage; }
+  };
+}
+
+/** A network monitor the test switches with the `offline` / `online` commands. */
+export function switchableNetwork() {
+  let online = true;
+  const fns = new Set();
+  return {
+    onLine: () => online,
+    onOnline(fn) { fns.add(fn); return () => fns.delete(fn); },
+    set(v) { online = v; if (v) for (const fn of [...fns]) fn(); },
+  };
+}
+
+/** Client options from the driver's string options. */
+export function clientOptions(opts, WebSocket, network) {
+  const num = (k, d) => (opts[k] !== undefined ? Number(opts[k]) : d);
+  const tokens = opts.tokens ? opts.tokens.split(',') : null;
+  let next = 0;
+  return {
+    WebSocket: faultyWebSocket(WebSocket, new Set((opts.drop || '').split(',').filter(Boolean).map(Number))),
+    network,
+    token: opts.token || undefined,
+    getToken: tokens ? async () => tokens[Math.min(next++, tokens.length - 1)] : undefined,
+    minReconnectDelay: num('reconnect-min', 50),
+    maxReconnectDelay: num('reconnect-max', 500),
+    heartbeatInterval: num('heartbeat-interval', 20000),
+    heartbeatTimeout: num('heartbeat-timeout', 10000),
+    refreshBefore: num('refresh-before', 30000),
+    requestTimeout: 5000,
+  };
+}
+
+const brief = (m) => ({ seq: m.seq, stream_seq: m.stream_seq, channel: m.channel, data: m.data, snapshot: !!m.snapshot });
+
+/** Report the client's events through `out`; returns `handle(cmd)` for the commands. */
+export function drive(client, out, network) {
+  client.on('message', (msg) => out({ ev: 'message', ...brief(msg) }));
+  for (const type of ['connected', 'disconnected', 'resumed', 'reset', 'missing', 'throttle_update', 'error', 'reconnect', 'refreshed', 'state']) {
+    client.on(type, (arg) => out({ ev: type, ...(typeof arg === 'object' ? arg : { value: arg }) }));
+  }
+  client.on('snapshot', (info) => out({ ev: 'snapshot', channels: info.channels, count: info.count, n: info.messages.length }));
+  const subs = [];
+  const commands = {
+    async subscribe(c) {
+      const sub = client.subscribe(c.channels, { snapshot: !!c.snapshot });
+      const id = subs.push(sub) - 1;
+      sub.on('message', (msg) => out({ ev: 'sub_message', sub: id, ...brief(msg) }));
+      sub.on('reset', (info) => out({ ev: 'sub_reset', sub: id, ...info }));
+      sub.on('snapshot', (info) => out({ ev: 'sub_snapshot', sub: id, count: info.count }));
+      if (c.nowait) return { sub: id };
+      const r = await sub.ready;
+      return { sub: id, channels: r.channels, errors: r.errors.map((e) => e.code) };
+    },
+    async ready(c) {
+      const r = await subs[c.sub].ready;
+      return { channels: r.channels, errors: r.errors.map((e) => e.code) };
+    },
+    async unsubscribe(c) { subs[c.sub].unsubscribe(); return {}; },
+    async iterate(c) {
+      const got = [];
+      for await (const msg of subs[c.sub]) {
+        got.push(msg.stream_seq);
+        if (got.length >= c.n) break;
+      }
+      return { stream_seqs: got };
+    },
+    async heartbeat() { return { ts: await client.heartbeat() }; },
+    async replay(c) {
+      const r = await client.replay(c.from, c.to);
+      return { seqs: r.messages.map((m) => m.seq), missing: r.missing };
+    },
+    async listen(c) {
+      client.on(`message:${c.pattern}`, (msg) => out({ ev: 'channel_message', pattern: c.pattern, channel: msg.channel, data: msg.data }));
+      return {};
+    },
+    async set_token(c) { client.setToken(c.token); return {}; },
+    async offline() { network.set(false); return {}; },
+    async online() { network.set(true); return {}; },
+    async disconnect() { client.disconnect(); return {}; },
+    async state() {
+      return {
+        channels: client.channels, lastStreamSeq: client.lastStreamSeq, epoch: client.epoch, reconnects: client.reconnects,
+        missing: client.missing, throttle: client.throttle, duplicates: client.tracker.duplicates, connected: client.connected,
+        state: client.state,
+      };
+    },
+    async exit() { client.disconnect(); return {}; },
+  };
+  return async (c) => {
+    try {
+      out({ ev: `${c.cmd}_done`, ...(await commands[c.cmd](c)) });
+    } catch (err) {
+      out({ ev: `${c.cmd}_failed`, message: String(err && err.message) });
+    }
+  };
+}
