@@ -36,8 +36,9 @@ Limits, so that nobody can hold the port or delay ``/health`` for others:
   on the node's event loop; waiting connections cost a wake-up per packet.
 - ``MAX_HEAD_BYTES`` (16 KiB, h11's default): request line plus headers.
 
-The module constants are read when :func:`serve` is called, so tests may
-shorten them. Refusals are logged as ``ops request refused`` lines, rate-limited
+The timeouts and the connection bound are read when :func:`serve` is called,
+so tests may shorten them. h11 0.16 or later: earlier ones accepted malformed
+chunk ends (CVE-2025-43859, request smuggling behind a proxy). Refusals are logged as ``ops request refused`` lines, rate-limited
 per reason and peer by :func:`fanout.log.limited_event`.
 """
 
@@ -137,6 +138,7 @@ class _Conn:
         # may be evicted, lowest number (longest waiting) first.
         self.waiting: int | None = next(_WAIT_ORDER)
         self.evicted = False
+        self.method = b""   # of the request being answered: HEAD answers carry no body, refusals included
 
     def evict(self) -> None:
         self.evicted = True
@@ -151,7 +153,7 @@ class _Conn:
                 if isinstance(got, HttpResponse):
                     # Refused (bad head, timeout, body too large): the rest of
                     # the request may still be coming, so answer and close.
-                    await self._send(got, head_only=False, close=True)
+                    await self._send(got, close=True)
                     await self._linger()
                     return
                 self.waiting = None
@@ -160,10 +162,11 @@ class _Conn:
                 except Exception:
                     event(logging.ERROR, "ops handler failed", path=got.path, exc_info=True)
                     resp = _error(500, "internal_error", "the handler failed; see the node log")
-                await self._send(resp, head_only=got.method == "HEAD", close=False)
+                await self._send(resp, close=False)
                 if self.h11.our_state is not h11.DONE:
                     return   # MUST_CLOSE: HTTP/1.0 or Connection: close, as h11 decided
                 self.h11.start_next_cycle()
+                self.method = b""
                 self.waiting = next(_WAIT_ORDER)
         except (_Closed, ConnectionError, TimeoutError, OSError):
             pass
@@ -223,6 +226,7 @@ class _Conn:
                                 str(exc))
 
     async def _read_body(self, req: h11.Request) -> HttpRequest | HttpResponse:
+        self.method = req.method
         headers: dict[str, str] = {}
         for name, value in req.headers:
             key = name.decode("latin-1")
@@ -263,13 +267,13 @@ class _Conn:
         async with asyncio.timeout(self.s.write_timeout):
             await self.writer.drain()
 
-    async def _send(self, resp: HttpResponse, head_only: bool, close: bool) -> None:
+    async def _send(self, resp: HttpResponse, close: bool) -> None:
         headers = [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body)))]
         headers += [(k, v) for k, v in resp.headers.items() if k.lower() not in ("content-length", "content-type")]
         if close:
             headers.append(("Connection", "close"))
         out = self.h11.send(h11.Response(status_code=resp.status, headers=headers, reason=_reason(resp.status)))
-        if resp.body and not head_only:
+        if resp.body and self.method != b"HEAD":
             out += self.h11.send(h11.Data(data=resp.body))
         out += self.h11.send(h11.EndOfMessage())
         await self._write(out)

@@ -287,6 +287,17 @@ async def test_head_sends_the_get_headers_and_no_body(shared_node, path):
         c.close()
 
 
+async def test_a_refused_head_request_gets_headers_only(shared_node):
+    c = await Http.open(shared_node.health_port)
+    try:
+        await c.send(b"HEAD /publish/odin.token.h.a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (2 << 20))
+        r = await c.reply(head_only=True)
+        assert r.status == 413 and int(r.headers["content-length"]) > 0, r
+        assert await c.closed() == b""   # and no body before the close
+    finally:
+        c.close()
+
+
 # ------------------------------------------------------------------ bodies
 async def test_a_chunked_publish_is_accepted_and_delivered(shared_node):
     async with connect(shared_node) as ws:
