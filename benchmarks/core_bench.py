@@ -91,7 +91,7 @@ def workload(clients: int, subjects: int, seed: int = 1):
     rnd = random.Random(seed)
     names = [f"odin.token.t{i}.update" for i in range(subjects)]
     subs: list[list[str]] = []
-    for c in range(clients):
+    for _ in range(clients):
         pats = rnd.sample(names, 3)
         r = rnd.random()
         if r < 0.10:
