@@ -74,7 +74,14 @@ class Config:
     ws_idle_timeout: float = _setting("WS_IDLE_TIMEOUT", 60.0, "close a client that sent nothing (not even a pong) for this long", lo=0.1, hi=86400, kind="duration")
     ws_handshake_timeout: float = _setting("WS_HANDSHAKE_TIMEOUT", 10.0, "seconds a socket may take to finish the handshake", lo=0.1, hi=600, kind="duration")
     ws_compression: bool = _setting("WS_COMPRESSION", True, "offer permessage-deflate (compressed once per message for all clients)")
-    ws_auth_secret: str = _setting("WS_AUTH_SECRET", "", "HS256 secret; when set, clients need a JWT (?auth= or Bearer)")
+    ws_auth_secret: str = _setting("WS_AUTH_SECRET", "", "HMAC secret for HS256/384/512 tokens; when any WS_AUTH key is set, clients need a JWT (?auth= or Bearer)")
+    ws_auth_public_key_file: str = _setting("WS_AUTH_PUBLIC_KEY_FILE", "", "PEM public key or certificate; its type pins the algorithms (RSA: RS256/384/512, EC: ES256/384/512, Ed25519: EdDSA)")
+    ws_auth_jwks_url: str = _setting("WS_AUTH_JWKS_URL", "", "http(s) URL of a JWKS; tokens name their key by kid (not with WS_AUTH_PUBLIC_KEY_FILE)")
+    ws_auth_jwks_max_age: float = _setting("WS_AUTH_JWKS_MAX_AGE", 300.0, "refetch the JWKS when it is older than this (removed keys stop working)", lo=1, hi=7 * 86400, kind="duration")
+    ws_auth_jwks_min_interval: float = _setting("WS_AUTH_JWKS_MIN_INTERVAL", 30.0, "least time between JWKS fetches, also when tokens name unknown kids", lo=1, hi=86400, kind="duration")
+    ws_auth_audience: str = _setting("WS_AUTH_AUDIENCE", "", "accepted token aud value(s), comma-separated; empty = tokens must carry no aud")
+    ws_auth_issuer: str = _setting("WS_AUTH_ISSUER", "", "required token iss value(s), comma-separated; empty = iss not checked")
+    ws_auth_leeway_seconds: float = _setting("WS_AUTH_LEEWAY_SECONDS", 5.0, "clock skew allowed on exp, nbf and iat", lo=0, hi=300)
     # --- fan-out -------------------------------------------------------------
     ws_max_broadcast_rate: float = _setting("WS_MAX_BROADCAST_RATE", 0.0, "messages/s fanned out (0 = unlimited); excess publishes wait or get 429", lo=0, hi=1e9)
     ws_flush_interval: float = _setting("WS_FLUSH_INTERVAL", 0.0, "extra delay before flushing queued frames, to put more frames in one syscall (0 = next loop turn)", lo=0, hi=1.0, kind="duration")
@@ -195,6 +202,13 @@ def _check_subjects(cfg: Config) -> str | None:
         return "needs at least one subject pattern"
     bad = [s for s in subs if not valid_pattern(s)]
     return f"invalid subject pattern(s): {', '.join(bad)}" if bad else None
+
+
+@_check("WS_AUTH_SECRET")
+def _check_auth(cfg: Config) -> str | None:
+    from .auth import config_problem
+
+    return config_problem(cfg)
 
 
 @_check("NATS_TLS_KEY")
