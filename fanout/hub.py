@@ -1,16 +1,29 @@
-"""The hub: the one caller of the compiled core.
+"""The hub: the one caller of the compiled core, a router keyed by core slot.
 
-It maps core slots to sessions, collects the messages brokers dispatch
-during a loop turn and hands them to the core in one ``publish_batch`` (the
-core does all per-client work), then has the core write every client's
-queued bytes, one ``sendmsg()`` per client per turn. It also runs the
-control-path operations that change the core: (un)subscribe, replay, resume.
+It collects the messages brokers dispatch during a loop turn and hands them to
+the core in one ``publish_batch`` (the core does all per-client work), then has
+the core write every client's queued bytes, one ``sendmsg()`` per client per
+turn. It runs the control-path operations that change a client's stream in
+the core: (un)subscribe, replay, resume, and control replies.
 
-Backpressure: a client's socket that is full is watched for writability and
-flushed from there; meanwhile its queue grows up to ``WS_CLIENT_QUEUE_BYTES``.
-A client over that limit for ``WS_SLOW_CLIENT_STRIKES`` consecutive messages is
-handed to :meth:`Hub._on_slow` (today: closed with 1008; graded throttling
-plugs in there).
+What the hub knows of a connection is the small :class:`Peer` protocol: its fd
+and four callbacks. The core reports slots whose socket is full, failed, or
+stayed over its queue limit; the hub passes each on to the slot's peer, plus
+"drained" for a peer that asked (:meth:`Hub.watch_drain`). The peer (a
+:class:`~fanout.session.Session`) owns its socket, its fd registrations and its
+close; the hub never touches either.
+
+Backpressure: a client's queue may grow up to ``WS_CLIENT_QUEUE_BYTES``; a
+client over it for ``WS_SLOW_CLIENT_STRIKES`` consecutive messages, or over it
+after a control reply (a client that does not read its replies is slow like
+any other), is reported with :meth:`Peer.on_slow`.
+
+Catch-up (``resume`` and ``replay``) is paced by the client's socket: history
+goes into the queue only while it holds less than half the queue limit, the
+next chunk once the socket took the last, so a catch-up of any size is
+delivered whole and never counts as slowness. A resume subscribes at the very
+end, in the same loop step as its last history message, so live messages
+follow with no gap and no duplicate.
 """
 
 from __future__ import annotations
@@ -19,31 +32,87 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from fanout_core import Core
 
 from .brokers.base import Broker, History, Message
-from .codes import CloseCode, ErrorCode
 from .config import Config
 from .log import event
 from .memstream import Entry, MemoryStream
 from .metrics import Metrics
-from .protocol import error_reply, message_tail, reply
-from .subjects import matches_any, subject_error
+from .protocol import message_tail
+from .subjects import matches_any
 
-if TYPE_CHECKING:
-    from .session import Session
-
-__all__ = ["Hub"]
+__all__ = ["Hub", "Peer", "Resumed"]
 
 PING_FRAME = b"\x89\x00"
+REPLAY_CHUNK = 32        # ring entries queued per replay step
+FETCH_ROUNDS = 8         # history fetches one resume may make before it gives up chasing the stream
+
+
+class Peer(Protocol):
+    """What the hub needs from a connection it routes to."""
+
+    @property
+    def fd(self) -> int: ...
+
+    def on_blocked(self) -> None:
+        """The socket is full: watch it for writability, then call :meth:`Hub.flush_one`."""
+
+    def on_dead(self, why: str) -> None:
+        """A write failed: the connection is gone."""
+
+    def on_slow(self) -> None:
+        """The client stayed over its queue limit; it gets no more data frames."""
+
+    def on_drained(self) -> None:
+        """Everything queued was written (only after :meth:`Hub.watch_drain`)."""
+
+
+@dataclass(slots=True)
+class Resumed:
+    """The outcome of :meth:`Hub.resume`."""
+
+    accepted: list[str]          # patterns now subscribed
+    over_limit: list[str]        # patterns refused by WS_MAX_SUBSCRIPTIONS
+    complete: bool               # every retained message after ``after`` was delivered
+
+
+@dataclass(slots=True, eq=False)
+class _CatchUp:
+    """One paced catch-up of one slot (control path: at most one per connection)."""
+
+    slot: int
+    on_done: Callable[[_CatchUp], None]
+    finished: bool = False
+    # resume
+    patterns: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    cursor: int = 0                  # stream position delivered up to
+    pending: deque[Entry] = field(default_factory=deque)   # fetched from the broker
+    pending_upto: int = 0            # the broker answered for everything up to here
+    complete: bool = True
+    fetching: bool = False
+    fetches: int = 0
+    # replay
+    replay_next: int = 0
+    replay_to: int = -1
+    missing: tuple[int, int] | None = None
+
+    @property
+    def is_replay(self) -> bool:
+        return self.replay_to >= 0
 
 
 class Hub:
-    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        self.clock = clock
         self.core = Core(
             cfg.ws_max_connections,
             replay_size=cfg.ws_replay_buffer,
@@ -52,8 +121,8 @@ class Hub:
             throttle_percents=cfg.throttle_percents,  # type: ignore[arg-type]  # validated: 4 values
         )
         metrics.attach_core(self.core.stats)
-        self.sessions: list[Session | None] = [None] * cfg.ws_max_connections
-        self.recent = MemoryStream(cfg.ws_history_size, cfg.js_stream_max_age)
+        self._peers: list[Peer | None] = [None] * cfg.ws_max_connections
+        self.recent = MemoryStream(cfg.ws_history_size, cfg.js_stream_max_age, clock)
         self.broker: Broker | None = None
         # Embedded mode: the epoch changes when the node restarts.
         self.epoch = "e-" + secrets.token_hex(6)
@@ -64,11 +133,13 @@ class Hub:
         self._slow_seen = 0
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._draining: set[Session] = set()   # closing sessions waiting for their queue to drain
+        self._watch: set[int] = set()               # slots to report when drained
+        self._catchups: dict[int, _CatchUp] = {}
+        self._high = max(1, cfg.ws_client_queue_bytes // 2)   # catch-up fills the queue up to here
         self.subscription_count = 0
 
     # -------------------------------------------------------------- lifecycle
-    def bind(self, loop: asyncio.AbstractEventLoop, broker: Broker) -> None:
+    def bind(self, loop: asyncio.AbstractEventLoop, broker: Broker | None) -> None:
         self._loop = loop
         self.broker = broker
 
@@ -78,30 +149,32 @@ class Hub:
         return self._loop
 
     @property
+    def open_count(self) -> int:
+        return int(self.core.clients_active)
+
+    @property
     def full(self) -> bool:
         return self.core.clients_active >= self.cfg.ws_max_connections
 
-    def attach(self, session: Session, wbits: int) -> int:
-        slot: int = self.core.add_client(session.fd, wbits)
-        self.sessions[slot] = session
-        self.metrics.connections.inc()
-        self.metrics.ws_connections.inc()
+    def attach(self, peer: Peer, wbits: int) -> int:
+        """Give a connection that finished its handshake a slot."""
+        slot: int = self.core.add_client(peer.fd, wbits)
+        self._peers[slot] = peer
         return slot
 
-    def detach(self, session: Session) -> None:
-        slot = session.slot
-        if slot is None or self.sessions[slot] is not session:
+    def detach(self, slot: int) -> None:
+        """Forget a slot: its subscriptions, queue and any running catch-up."""
+        if self._peers[slot] is None:
             return
         self.publish_pending()
-        if self.core.blocked(slot):
-            self.loop.remove_writer(session.fd)
         self.subscription_count -= len(self.core.subscriptions(slot))
         self.metrics.subscriptions.set(self.subscription_count)
         self.core.remove_client(slot)
-        self.sessions[slot] = None
-        self._draining.discard(session)
-        self.metrics.connections.dec()
-        self.metrics.ws_connections.dec()
+        self._peers[slot] = None
+        self._watch.discard(slot)
+        cu = self._catchups.pop(slot, None)
+        if cu is not None:
+            cu.finished = True        # gone: nobody to tell
 
     # ------------------------------------------------------------- Sink API
     @property
@@ -137,7 +210,7 @@ class Hub:
         self._pending_subjects.append(msg.subject)
         self._pending_tails.append(tail)
         self._pending_priorities.append(msg.priority)
-        self.recent.append(Entry(msg.stream_seq, msg.subject, tail, msg.priority, time.monotonic()))
+        self.recent.append(Entry(msg.stream_seq, msg.subject, tail, msg.priority, self.clock()))
         self.schedule_flush()
         return 1
 
@@ -152,18 +225,9 @@ class Hub:
         if self.core.slow_marked != self._slow_seen:
             self._slow_seen = self.core.slow_marked
             for slot in self.core.take_slow():
-                self._on_slow(slot)
-
-    def _on_slow(self, slot: int) -> None:
-        """A client stayed over its queue limit. Graded throttling (core.set_level
-        + a throttle_update message) will plug in here; today it is closed."""
-        session = self.sessions[slot]
-        if session is None:
-            return
-        dropped = self.core.truncate(slot)
-        event(logging.WARNING, "slow client closed", client=session.id, peer=session.peer,
-              dropped_bytes=dropped, limit=self.cfg.ws_client_queue_bytes)
-        session.close(CloseCode.POLICY_VIOLATION, "client too slow")
+                peer = self._peers[slot]
+                if peer is not None:
+                    peer.on_slow()
 
     # ------------------------------------------------------------------ flush
     def schedule_flush(self) -> None:
@@ -174,181 +238,271 @@ class Hub:
                 self._flush_handle = self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """Publish what is pending, write every client's queue, report back."""
         self._flush_handle = None
         self.publish_pending()
         t0 = time.perf_counter()
         blocked, dead = self.core.flush()
+        peers = self._peers
         if blocked:
             for slot in blocked:
-                s = self.sessions[slot]
-                if s is not None:
-                    self.loop.add_writer(s.fd, self._on_writable, slot)
+                peer = peers[slot]
+                if peer is not None:
+                    peer.on_blocked()
         if dead:
             for slot in dead:
-                s = self.sessions[slot]
-                if s is not None:
-                    s.abort("send failed")
-        if self._draining:
-            for s in list(self._draining):
-                if s.slot is not None and self.core.queued(s.slot) == 0:
-                    s.finish_close()
+                peer = peers[slot]
+                if peer is not None:
+                    peer.on_dead("send failed")
+        if self._catchups:
+            for cu in list(self._catchups.values()):
+                self._pump(cu)
+        if self._watch:
+            for slot in list(self._watch):
+                self._check_drained(slot)
         self.metrics.flush_seconds.observe(time.perf_counter() - t0)
 
-    def _on_writable(self, slot: int) -> None:
-        s = self.sessions[slot]
-        if s is None:
-            return
-        r = self.core.flush_slot(slot)
-        if r == 0:
-            self.loop.remove_writer(s.fd)
-            if s in self._draining:
-                s.finish_close()
-        elif r < 0:
-            self.loop.remove_writer(s.fd)
-            s.abort("send failed")
+    def flush_one(self, slot: int) -> int:
+        """After the slot's socket turned writable: write its queue.
+        0 drained, 1 blocked again, -1 dead (the caller closes)."""
+        r: int = self.core.flush_slot(slot)
+        if r >= 0:
+            cu = self._catchups.get(slot)
+            if cu is not None:
+                self._pump(cu)
+            if r == 0 and slot in self._watch:
+                self._check_drained(slot)
+        return r
 
-    def drain_then_close(self, session: Session) -> None:
-        """Close the socket once everything queued for it was written."""
-        self._draining.add(session)
+    def _check_drained(self, slot: int) -> None:
+        if self.core.queued(slot) == 0:
+            self._watch.discard(slot)
+            peer = self._peers[slot]
+            if peer is not None:
+                peer.on_drained()
+
+    def watch_drain(self, slot: int) -> None:
+        """Report :meth:`Peer.on_drained` once everything queued for the slot was written."""
+        self._watch.add(slot)
         self.schedule_flush()
 
     # ------------------------------------------------------------- sending
-    def send(self, session: Session, payload: bytes) -> None:
-        if session.slot is not None:
-            self.publish_pending()  # replies follow the data accepted before them
-            self.core.send_text(session.slot, payload)
-            self.schedule_flush()
+    def send_raw(self, slot: int, data: bytes) -> None:
+        """Queue bytes websockets produced (handshake response, pong, close), in order."""
+        self.core.enqueue_raw(slot, data)
+        self.schedule_flush()
 
-    def send_error(self, session: Session, code: ErrorCode, message: str, req_id: Any = None, **fields: Any) -> None:
-        self.metrics.client_errors.labels(str(code)).inc()
-        event(logging.INFO, "client error", client=session.id, peer=session.peer, code=str(code), error=message, **fields)
-        self.send(session, error_reply(code, message, req_id, **fields))
+    def reply(self, slot: int, payload: bytes) -> None:
+        """Queue a control reply after the data accepted before it."""
+        self.publish_pending()
+        self.core.send_text(slot, payload)
+        self.schedule_flush()
+        if self.core.queued(slot) > self.cfg.ws_client_queue_bytes:
+            peer = self._peers[slot]
+            if peer is not None:
+                peer.on_slow()
+
+    def stop_data(self, slot: int) -> None:
+        """No more data frames for this slot (it is closing)."""
+        self.publish_pending()  # messages accepted before the close go out before it
+        self.core.set_nodata(slot)
+
+    def discard_queued(self, slot: int) -> int:
+        """Drop the frames not yet begun (a slow client about to be closed); bytes dropped."""
+        dropped: int = self.core.truncate(slot)
+        return dropped
+
+    def queued(self, slot: int) -> int:
+        return int(self.core.queued(slot))
 
     def ping_all(self) -> None:
         self.core.broadcast_raw(PING_FRAME)
         self.schedule_flush()
 
     # -------------------------------------------------------- subscriptions
-    def _admit(self, session: Session, channels: list[str], req_id: Any) -> list[str]:
-        """Validate patterns and check permission and limits; errors go out per refused pattern."""
-        ok = []
-        for ch in channels:
-            problem = subject_error(ch, wildcards=True)
-            if problem:
-                self.send_error(session, ErrorCode.INVALID_CHANNEL, problem, req_id, channel=ch)
-            elif session.claims is not None and not session.claims.allows(ch):
-                self.send_error(session, ErrorCode.FORBIDDEN, "token does not allow this channel", req_id, channel=ch)
-            else:
-                ok.append(ch)
-        return ok
-
-    def subscribe(self, session: Session, channels: list[str], req_id: Any) -> list[str]:
-        assert session.slot is not None
-        self.publish_pending()
-        accepted = []
-        limit = self.cfg.ws_max_subscriptions
-        for ch in self._admit(session, channels, req_id):
-            have = self.core.subscriptions(session.slot)
-            if ch not in have and len(have) >= limit:
-                self.send_error(session, ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                                f"at most {limit} subscriptions per connection", req_id, channel=ch)
-                continue
-            if self.core.subscribe(session.slot, ch):
-                self.subscription_count += 1
-            accepted.append(ch)
-        self.metrics.subscriptions.set(self.subscription_count)
-        return accepted
-
-    def unsubscribe(self, session: Session, channels: list[str], req_id: Any) -> list[str]:
-        assert session.slot is not None
-        self.publish_pending()
-        done = []
-        for ch in channels:
-            problem = subject_error(ch, wildcards=True)
-            if problem:
-                self.send_error(session, ErrorCode.INVALID_CHANNEL, problem, req_id, channel=ch)
-                continue
-            if self.core.unsubscribe(session.slot, ch):
-                self.subscription_count -= 1
-            done.append(ch)
-        self.metrics.subscriptions.set(self.subscription_count)
-        return done
-
-    def replay(self, session: Session, from_seq: int, to_seq: int, req_id: Any) -> None:
-        assert session.slot is not None
-        self.publish_pending()
-        sent, missing = self.core.replay(session.slot, from_seq, to_seq)
-        self.metrics.replays.labels("partial" if missing else "full").inc()
-        self.send(session, reply("replay_done", req_id, from_seq=from_seq, to_seq=to_seq,
-                                 missing=list(missing) if missing else None))
-
-    async def resume(self, session: Session, channels: list[str], after: int, epoch: str | None, req_id: Any) -> None:
-        """Deliver retained messages after ``after`` on ``channels``, then subscribe.
-
-        The last step (catch-up from memory, subscribe, ``resumed``) runs
-        without yielding to the loop, so no live message can fall between
-        history and subscription, and none is sent twice.
-        """
-        assert session.slot is not None
-        patterns = self._admit(session, channels, req_id)
-        complete = True
-        history: list[Entry] = []
-        same_stream = epoch is None or epoch == self.epoch
-        if not same_stream:
-            complete = False  # seqs of another stream incarnation mean nothing here
-        elif not self.recent.covers(after):
-            # Not all in memory: ask the broker for what came before, up to
-            # what this node has dispatched, then catch up from memory.
-            upto = self._last_stream_seq
-            hist: History
-            if self.broker is not None:
-                hist = await self.broker.history(patterns, after, upto)
-            else:
-                hist = History([], False)
-            if session.slot is None:
-                return  # it went away while we waited
-            complete = hist.complete
-            history = [Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
-                             m.priority, 0.0) for m in hist.messages]
-            after = max(after, upto)
-            if not self.recent.covers(after):
-                complete = False  # traffic outran memory while we waited
-        self.publish_pending()  # what memory holds must not reach this client twice
-        if same_stream:
-            history.extend(self.recent.since(after, patterns))
-        slot = session.slot
+    def _split_limit(self, slot: int, patterns: list[str]) -> tuple[list[str], list[str]]:
         have = self.core.subscriptions(slot)
-        limit = self.cfg.ws_max_subscriptions
-        accepted: list[str] = []
+        room = self.cfg.ws_max_subscriptions - len(have)
+        ok, over = [], []
         for ch in patterns:
-            if ch not in have and len(have) + len(accepted) >= limit:
-                self.send_error(session, ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                                f"at most {limit} subscriptions per connection", req_id, channel=ch)
+            if ch in have:
+                ok.append(ch)
+            elif room > 0:
+                ok.append(ch)
+                room -= 1
             else:
-                accepted.append(ch)
-        already = list(have)
-        for e in history:
-            # Skip what a live subscription of this connection already sent.
-            if matches_any(accepted, e.subject) and not (already and matches_any(already, e.subject)):
-                self.core.deliver(slot, e.tail, e.priority)
-        for ch in accepted:
+                over.append(ch)
+        return ok, over
+
+    def subscribe(self, slot: int, patterns: list[str]) -> tuple[list[str], list[str]]:
+        """Subscribe valid, permitted patterns; returns (accepted, over the subscription limit)."""
+        self.publish_pending()
+        ok, over = self._split_limit(slot, patterns)
+        for ch in ok:
             if self.core.subscribe(slot, ch):
                 self.subscription_count += 1
         self.metrics.subscriptions.set(self.subscription_count)
-        self.metrics.resumes.labels(str(complete).lower()).inc()
-        self.send(session, reply("resumed", req_id, channels=accepted, epoch=self.epoch, complete=complete,
-                                 stream_seq=self._last_stream_seq))
+        return ok, over
 
-    # --------------------------------------------------------------- sweeps
-    def sweep_idle(self, now: float) -> int:
-        """Close clients silent for longer than WS_IDLE_TIMEOUT; returns how many."""
-        limit = now - self.cfg.ws_idle_timeout
-        n = 0
-        for s in self.sessions:
-            if s is not None and s.last_seen < limit and not s.closing:
-                s.close(CloseCode.GOING_AWAY, "idle timeout")
-                n += 1
-        return n
+    def unsubscribe(self, slot: int, patterns: list[str]) -> None:
+        self.publish_pending()
+        for ch in patterns:
+            if self.core.unsubscribe(slot, ch):
+                self.subscription_count -= 1
+        self.metrics.subscriptions.set(self.subscription_count)
 
-    def live_sessions(self) -> list[Session]:
-        return [s for s in self.sessions if s is not None]
+    def seq(self, slot: int) -> int:
+        return int(self.core.seq(slot))
+
+    # -------------------------------------------------------------- catch-up
+    def _start(self, cu: _CatchUp) -> None:
+        if cu.slot in self._catchups:
+            raise RuntimeError("one catch-up at a time per connection")
+        self._catchups[cu.slot] = cu
+        self._pump(cu)
+
+    def _finish(self, cu: _CatchUp) -> None:
+        if self._catchups.get(cu.slot) is cu:
+            del self._catchups[cu.slot]
+        if not cu.finished:
+            cu.finished = True
+            cu.on_done(cu)
+
+    def replay(self, slot: int, from_seq: int, to_seq: int,
+               on_done: Callable[[tuple[int, int] | None], None]) -> None:
+        """Queue the slot's buffered messages from_seq..to_seq again, paced by its
+        socket; then ``on_done(missing)``: the (first, last) span of requested
+        seqs no longer held, or None. Seqs above the last one sent are ignored."""
+        self.publish_pending()
+
+        def done(cu: _CatchUp) -> None:
+            self.metrics.replays.labels("partial" if cu.missing else "full").inc()
+            on_done(cu.missing)
+
+        cu = _CatchUp(slot, done, replay_next=from_seq, replay_to=min(to_seq, self.seq(slot)))
+        if cu.replay_to < from_seq:
+            cu.replay_to = from_seq - 1   # nothing sent yet in that range: nothing to do
+        self._start(cu)
+
+    def resume(self, slot: int, patterns: list[str], after: int, epoch: str | None,
+               on_done: Callable[[Resumed], None]) -> None:
+        """Deliver retained messages after ``after`` on ``patterns``, paced, then
+        subscribe and call ``on_done`` in the same loop step (so its reply
+        precedes every live message of the new subscriptions).
+
+        History comes from memory (:attr:`recent`) and, for what memory no
+        longer holds, from the broker. The last step (the last history
+        message, subscribe, ``on_done``) runs without yielding to the loop, so
+        no live message falls between history and subscription, and none is
+        sent twice. ``on_done`` is not called if the slot is detached first.
+        """
+        ok, over = self._split_limit(slot, patterns)
+        if not ok:
+            after = self._last_stream_seq     # nothing to catch up on
+
+        def done(cu: _CatchUp) -> None:
+            self.metrics.resumes.labels(str(cu.complete).lower()).inc()
+            on_done(Resumed(ok, over, cu.complete))
+
+        cu = _CatchUp(slot, done, patterns=ok, already=list(self.core.subscriptions(slot)), cursor=after)
+        if epoch is not None and epoch != self.epoch:
+            # seqs of another stream incarnation mean nothing here
+            cu.complete = False
+            cu.cursor = self._last_stream_seq
+        self._start(cu)
+
+    def _pump(self, cu: _CatchUp) -> None:
+        """Put the next history into the slot's queue while it has room."""
+        core, slot = self.core, cu.slot
+        if self._peers[slot] is None or cu.finished:
+            return
+        if cu.is_replay:
+            while cu.replay_next <= cu.replay_to and core.queued(slot) < self._high:
+                hi = min(cu.replay_to, cu.replay_next + REPLAY_CHUNK - 1)
+                _, missing = core.replay(slot, cu.replay_next, hi)
+                if missing is not None:
+                    cu.missing = missing if cu.missing is None else (cu.missing[0], missing[1])
+                cu.replay_next = hi + 1
+            self.schedule_flush()
+            if cu.replay_next > cu.replay_to:
+                self._finish(cu)
+            return
+        while core.queued(slot) < self._high:
+            if cu.pending:
+                self._deliver(cu, cu.pending.popleft())
+                continue
+            if cu.fetching:
+                return
+            if cu.pending_upto:
+                cu.cursor = max(cu.cursor, cu.pending_upto)
+                cu.pending_upto = 0
+            if not self.recent.covers(cu.cursor):
+                if self.broker is not None and cu.fetches < FETCH_ROUNDS:
+                    cu.fetching = True
+                    cu.fetches += 1
+                    task = self.loop.create_task(self._fetch(cu))
+                    task.add_done_callback(_log_failure)
+                    return
+                cu.complete = False          # lost: deliver what memory still holds
+                cu.cursor = self.recent.dropped_upto
+            entries, scanned = self.recent.scan(cu.cursor, cu.patterns, 64)
+            if entries or scanned > cu.cursor:
+                for e in entries:
+                    self._deliver(cu, e)
+                cu.cursor = max(cu.cursor, scanned)
+                continue
+            # Caught up with everything dispatched: messages accepted this turn
+            # go out through the core first (to those already subscribed), the
+            # rest of memory to this slot, then the subscription takes over.
+            self.publish_pending()
+            entries, scanned = self.recent.scan(cu.cursor, cu.patterns, None)
+            for e in entries:
+                self._deliver(cu, e)
+            for ch in cu.patterns:
+                if core.subscribe(slot, ch):
+                    self.subscription_count += 1
+            self.metrics.subscriptions.set(self.subscription_count)
+            self.schedule_flush()
+            self._finish(cu)
+            return
+        self.schedule_flush()
+
+    def _deliver(self, cu: _CatchUp, e: Entry) -> None:
+        # Skip what a live subscription of this connection already sent.
+        if not (cu.already and matches_any(cu.already, e.subject)):
+            self.core.deliver(cu.slot, e.tail, e.priority, True)
+        if e.stream_seq > cu.cursor:
+            cu.cursor = e.stream_seq
+
+    async def _fetch(self, cu: _CatchUp) -> None:
+        """History the memory no longer holds, from the broker, up to what was dispatched."""
+        assert self.broker is not None
+        upto = self._last_stream_seq
+        try:
+            hist: History = await self.broker.history(cu.patterns, cu.cursor, upto)
+        except Exception as exc:
+            event(logging.WARNING, "history fetch failed", error=str(exc))
+            hist = History([], False)
+        cu.fetching = False
+        if self._peers[cu.slot] is None or cu.finished:
+            return
+        if not hist.complete:
+            cu.complete = False
+        for m in hist.messages:
+            if m.stream_seq > cu.cursor:
+                cu.pending.append(Entry(m.stream_seq, m.subject,
+                                        message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload), m.priority, 0.0))
+        if hist.messages or hist.complete:
+            cu.pending_upto = upto       # the broker answered for everything up to here
+        else:
+            # No source older than memory (embedded mode): skip what is lost.
+            cu.cursor = max(cu.cursor, self.recent.dropped_upto)
+        self._pump(cu)
+
+    def catching_up(self, slot: int) -> bool:
+        return slot in self._catchups
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        event(logging.ERROR, "catch-up failed", error=str(task.exception()))

@@ -8,8 +8,10 @@ resume that does fetch from JetStream catches up from here without a gap.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .subjects import matches_any
@@ -27,9 +29,10 @@ class Entry:
 
 
 class MemoryStream:
-    def __init__(self, max_msgs: int, max_age: float) -> None:
+    def __init__(self, max_msgs: int, max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_msgs = max_msgs
         self.max_age = max_age
+        self.clock = clock
         self._q: deque[Entry] = deque()
         #: Highest stream_seq that has left the window (0: nothing lost yet).
         self.dropped_upto = 0
@@ -47,7 +50,7 @@ class MemoryStream:
         self.expire(entry.at)
 
     def expire(self, now: float | None = None) -> None:
-        limit = (time.monotonic() if now is None else now) - self.max_age
+        limit = (self.clock() if now is None else now) - self.max_age
         q = self._q
         while q and q[0].at < limit:
             self.dropped_upto = q.popleft().stream_seq
@@ -76,3 +79,23 @@ class MemoryStream:
                 out.append(e)
         out.reverse()
         return out
+
+    def scan(self, after: int, patterns: list[str], limit: int | None) -> tuple[list[Entry], int]:
+        """Up to ``limit`` entries after ``after`` matching any pattern, oldest
+        first, and the stream_seq scanned up to (``after`` when nothing is
+        newer): the next call continues from there. A paced catch-up reads
+        memory this way, a chunk at a time, whatever the window holds."""
+        q = self._q
+        i = bisect.bisect_right(q, after, key=lambda e: e.stream_seq)
+        out: list[Entry] = []
+        scanned = after
+        n = len(q)
+        while i < n:
+            e = q[i]
+            scanned = e.stream_seq
+            if matches_any(patterns, e.subject):
+                out.append(e)
+                if limit is not None and len(out) >= limit:
+                    break
+            i += 1
+        return out, scanned

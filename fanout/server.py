@@ -1,10 +1,16 @@
-"""The node: WebSocket listener, ops HTTP port, broker, periodic work, shutdown.
+"""The node: WebSocket listener, admission, ops routes, periodic work, shutdown.
 
-Only this module and the brokers touch the network. Start-up order: hub,
-broker, ops port, WebSocket listener; ``/ready`` turns 200 once the broker is
-ready. On SIGTERM/SIGINT: ``/ready`` turns 503, the listener closes, the
-broker stops, queued bytes are flushed, clients get 1001, and the process
-exits 0 within ``WS_SHUTDOWN_TIMEOUT``.
+The server owns the listening sockets and the one registry of sessions (every
+connection, from accept to close); each :class:`~fanout.session.Session` owns
+its own socket, the hub routes messages to them, the brokers own their NATS
+connection, and :mod:`fanout.ops_http` serves the ops port for the routes
+defined here. Admission (:meth:`Server.admission`) refuses new handshakes while
+draining, full or braking.
+
+Start-up order: hub, broker, ops port, WebSocket listener; ``/ready`` turns
+200 once the broker is ready. On SIGTERM/SIGINT: ``/ready`` turns 503, the
+listener closes, the broker stops, queued bytes are flushed, clients get 1001,
+and the process exits 0 within ``WS_SHUTDOWN_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -21,16 +27,18 @@ from typing import Any
 import psutil
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 
+from .auth import Authenticator
 from .brokers.base import Broker, parse_priority
 from .brokers.embedded import EmbeddedBroker
 from .codes import CloseCode
 from .config import Config
 from .hub import Hub
-from .log import event
+from .log import bind_counter, event
 from .metrics import CONTENT_TYPE, Metrics
 from .ops_http import HttpRequest, HttpResponse
 from .ops_http import serve as serve_http
-from .session import Session
+from .ratelimit import TokenBucket
+from .session import Refusal, Session, State
 from .subjects import matches_any, subject_error
 
 __all__ = ["Server", "run"]
@@ -51,23 +59,33 @@ def make_broker(cfg: Config, metrics: Metrics) -> Broker:
     def hook(evt: str, **fields: Any) -> None:
         n = fields.get("n", 1)
         metrics.broker_events.labels(evt).inc(n if isinstance(n, int) and n > 0 else 1)
-        # The broker logs its own errors (rate-limited); state changes are logged here.
-        if evt in ("connected", "disconnected", "reconnected", "epoch"):
-            event(logging.WARNING if evt == "disconnected" else logging.INFO, f"nats {evt}", **fields)
+        if evt == "ingest_rejected":
+            metrics.ingest_rejected.labels(fields.get("reason", "")).inc(n if isinstance(n, int) and n > 0 else 1)
+        # No logging here: the broker logs its state changes and errors (once, rate-limited).
 
     return JetStreamBroker(cfg, metrics_hook=hook)
 
 
 class Server:
+    """Implements :class:`~fanout.session.SessionHost` for its sessions."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.clock = time.monotonic
         self.metrics = Metrics()
-        self.hub = Hub(cfg, self.metrics)
+        bind_counter(self.metrics.log_suppressed)
+        self.hub = Hub(cfg, self.metrics, self.clock)
         self.broker = make_broker(cfg, self.metrics)
+        auth = Authenticator(cfg)
+        self.auth: Authenticator | None = auth if auth.enabled else None
         self.extensions = ([ServerPerMessageDeflateFactory(server_no_context_takeover=True,
                                                            client_no_context_takeover=True)]
                            if cfg.ws_compression else None)
+        #: The one registry: every connection from accept to close, in any state.
         self.sessions: set[Session] = set()
+        self.open_count = 0          # of them, past the handshake
+        self._empty = asyncio.Event()
+        self._empty.set()
         self.draining = False
         self.braking = False
         self._hot_for = 0.0
@@ -75,8 +93,8 @@ class Server:
         self._listener: socket.socket | None = None
         self._ops: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._publish_tokens = cfg.ws_max_broadcast_rate
-        self._publish_at = time.monotonic()
+        self._publish_bucket = (TokenBucket(cfg.ws_max_broadcast_rate, max(1.0, cfg.ws_max_broadcast_rate))
+                                if cfg.ws_max_broadcast_rate > 0 else None)
         self._stopped = asyncio.Event()
         self.ws_port = cfg.ws_port
         self.health_port = cfg.health_port
@@ -102,6 +120,8 @@ class Server:
     async def start(self) -> None:
         self._check_fd_limit()
         self.hub.bind(self.loop, self.broker)
+        if self.auth is not None:
+            await self.auth.start()
         await self.broker.start(self.hub)
         self._ops = await serve_http(self.cfg.health_host, self.cfg.health_port, self._ops_request)
         self.health_port = self._ops.sockets[0].getsockname()[1]
@@ -121,8 +141,31 @@ class Server:
     def ready(self) -> bool:
         return self.broker.ready and not self.draining and not self.braking
 
-    def forget(self, session: Session) -> None:
+    # ------------------------------------------------- SessionHost (registry)
+    def admission(self) -> Refusal | None:
+        if self.draining:
+            return (503, "draining", "Service Unavailable: node is shutting down\n", 5)
+        if self.hub.full:
+            return (503, "connection_limit", "Service Unavailable: connection limit reached\n", 5)
+        if self.braking:
+            return (503, "overload", "Service Unavailable: node is overloaded\n", 10)
+        return None
+
+    def opened(self, session: Session) -> None:
+        self.open_count += 1
+        self.metrics.connections.set(self.open_count)
+        self.metrics.ws_connections.set(self.open_count)
+
+    def closed(self, session: Session) -> None:
+        if session not in self.sessions:
+            return
         self.sessions.discard(session)
+        if session.was_open:
+            self.open_count -= 1
+            self.metrics.connections.set(self.open_count)
+            self.metrics.ws_connections.set(self.open_count)
+        if not self.sessions:
+            self._empty.set()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -143,6 +186,7 @@ class Server:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sessions.add(Session(self, conn, addr))
+            self._empty.clear()
 
     def _resume_accept(self) -> None:
         if self._listener is not None and not self.draining:
@@ -160,7 +204,7 @@ class Server:
             if now >= next_ping:
                 next_ping = now + cfg.ws_ping_interval
                 self.hub.ping_all()
-            self.hub.sweep_idle(now)
+            self._sweep_idle(now)
             self.hub.recent.expire(now)
             cpu = proc.cpu_percent(None)
             self.metrics.cpu_percent.set(cpu)
@@ -169,6 +213,14 @@ class Server:
             self.metrics.broker_ready.set(1 if self.broker.ready else 0)
             self.metrics.ready.set(1 if self.ready else 0)
             self.metrics.last_stream_seq.set(self.hub.last_stream_seq)
+
+    def _sweep_idle(self, now: float) -> int:
+        """Close clients silent for longer than WS_IDLE_TIMEOUT (1001); returns how many."""
+        limit = now - self.cfg.ws_idle_timeout
+        idle = [s for s in self.sessions if s.state is State.OPEN and s.last_seen < limit]
+        for s in idle:
+            s.close(CloseCode.GOING_AWAY, "idle timeout")
+        return len(idle)
 
     def _brake(self, cpu: float, tick: float) -> None:
         """Emergency brake (WS_BRAKE_CPU_PERCENT): over the limit for 3 s refuses new
@@ -205,8 +257,10 @@ class Server:
         for s in list(self.sessions):
             s.close(CloseCode.GOING_AWAY, "server shutting down")
         self.hub.flush()
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        try:
+            await asyncio.wait_for(self._empty.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            pass
         left = len(self.sessions)
         for s in list(self.sessions):
             s.abort("shutdown timeout")
@@ -214,6 +268,8 @@ class Server:
             t.cancel()
         if self._ops is not None:
             self._ops.close()
+        if self.auth is not None:
+            await self.auth.close()
         event(logging.INFO, "stopped", unclean_closes=left, dispatched=self.hub.last_stream_seq)
         self._stopped.set()
 
@@ -225,7 +281,8 @@ class Server:
         path = req.path.split("?", 1)[0]
         if path == "/health":
             return _json(200, {"status": "ok", "node": self.cfg.node_name, "uptime_s": round(time.time() - self.started, 1),
-                               "connections": len(self.sessions), "epoch": self.hub.epoch,
+                               "connections": self.open_count,
+                               "handshaking": len(self.sessions) - self.open_count, "epoch": self.hub.epoch,
                                "last_stream_seq": self.hub.last_stream_seq, **self.broker.status()})
         if path == "/ready":
             if self.ready:
@@ -260,15 +317,9 @@ class Server:
             return self._publish_refused(413, "too_large", f"payload over {MAX_PUBLISH_BYTES} bytes")
         if self.draining or not self.broker.ready:
             return self._publish_refused(503, "not_ready", "node is not accepting publishes", {"Retry-After": "5"})
-        rate = self.cfg.ws_max_broadcast_rate
-        if rate > 0:
-            now = time.monotonic()
-            self._publish_tokens = min(rate, self._publish_tokens + (now - self._publish_at) * rate)
-            self._publish_at = now
-            if self._publish_tokens < 1:
-                return self._publish_refused(429, "rate_limited", f"over WS_MAX_BROADCAST_RATE={rate:g}/s",
-                                             {"Retry-After": "1"})
-            self._publish_tokens -= 1
+        if self._publish_bucket is not None and not self._publish_bucket.take():
+            return self._publish_refused(429, "rate_limited", f"over WS_MAX_BROADCAST_RATE={self.cfg.ws_max_broadcast_rate:g}/s",
+                                         {"Retry-After": "1"})
         try:
             seq = await self.broker.publish(subject, req.body, priority, req.headers.get("nats-msg-id"))
         except Exception as exc:

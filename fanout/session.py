@@ -1,45 +1,79 @@
 """One client connection: its socket, its WebSocket protocol state, its requests.
 
+A session owns its socket, both directions of its fd registration with the
+event loop, and its state machine::
+
+    HANDSHAKE --101--> OPEN --close sent or received--> DRAINING --queue written--> CLOSED
+        |                                                                            ^
+        +------------- refused / timeout / error / abort at any time ----------------+
+
 Reading uses websockets' Sans-I/O :class:`~websockets.server.ServerProtocol`
 (handshake, permessage-deflate negotiation, unmasking, inflating, ping/pong,
-close handshake, the 1009 size limit). It does not check that text frames
-are UTF-8; a frame that is not gets ``bad_request`` like any frame that is not
-JSON, and the connection stays open (PROTOCOL.md). Writing never goes
-through it: after the handshake, every byte for this client (data frames,
-control replies, and the pongs/close frames websockets produces) is queued in
-the compiled core, in order, and leaves in one ``sendmsg()`` per loop turn.
+close handshake, the 1009 size limit). websockets does not check that text
+frames are UTF-8; this module does, and closes with 1007 on invalid UTF-8
+(RFC 6455 8.1). Writing never goes through it: after the handshake, every
+byte for this client (data frames, control replies, the pongs and close
+frames websockets produces) is queued in the compiled core through the hub,
+in order, and leaves in one ``sendmsg()`` per loop turn.
 
 The socket is a plain non-blocking socket watched with ``loop.add_reader``
-(no asyncio transport): one object per connection, and the core can write to
-the fd directly.
+(no asyncio transport): one object per connection, and the core writes to
+the fd directly. When the core reports the socket full (:meth:`on_blocked`),
+the session watches it for writability until its queue is written.
+
+Every client frame but CLOSE costs a token of the ``WS_CONTROL_RATE`` bucket
+(data, ping, pong and continuation frames alike): a client over it gets
+``rate_limited`` errors, then 1008 after ``WS_CONTROL_STRIKES``; from then on
+nothing it sends is read. Log lines a client can cause are rate-limited per
+client and reason (:func:`fanout.log.limited_event`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.exceptions import InvalidHeader
+from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
-from .auth import AuthError, Claims, verify
+from .auth import AuthError, AuthUnavailable, Claims
 from .codes import CloseCode, ErrorCode
-from .log import event
-from .protocol import Heartbeat, Replay, RequestError, Resume, Subscribe, Unsubscribe, parse_request, reply
+from .config import Config
+from .log import event, limited_event
+from .metrics import Metrics
+from .protocol import (
+    Heartbeat,
+    Refresh,
+    Replay,
+    RequestError,
+    Resume,
+    Subscribe,
+    Unsubscribe,
+    error_reply,
+    parse_request,
+    reply,
+)
 from .protocol import Request as ClientRequest
+from .ratelimit import TokenBucket
+from .subjects import subject_error
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .auth import Authenticator
+    from .hub import Hub, Resumed
 
-__all__ = ["Session"]
+__all__ = ["Session", "SessionHost", "State", "Refusal"]
 
 _ids = itertools.count(1)
 WS_PATHS = ("/", "/ws")
@@ -47,37 +81,86 @@ CLOSE_TIMEOUT = 5.0      # seconds to wait for the client's close frame after ou
 RECV_SIZE = 65536
 
 
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+#: An admission refusal: HTTP status, metric reason, body text, Retry-After seconds (or None).
+Refusal = tuple[int, str, str, "int | None"]
+
+
+class SessionHost(Protocol):
+    """What a session needs from the node that accepted it (the server)."""
+
+    cfg: Config
+    metrics: Metrics
+    loop: asyncio.AbstractEventLoop
+    auth: Authenticator | None
+    clock: Callable[[], float]
+
+    @property
+    def hub(self) -> Hub: ...
+
+    @property
+    def extensions(self) -> Sequence[ServerExtensionFactory] | None: ...
+
+    def admission(self) -> Refusal | None:
+        """Why a new connection must be refused now (draining, full, overloaded), or None."""
+
+    def opened(self, session: Session) -> None:
+        """The handshake succeeded."""
+
+    def closed(self, session: Session) -> None:
+        """The session is gone (any state): forget it."""
+
+
 class Session:
     __slots__ = (
-        "server", "hub", "cfg", "loop", "sock", "fd", "peer", "id", "protocol", "slot", "claims",
-        "closing", "closed", "last_seen", "tokens", "tokens_at", "strikes", "_frag", "_timer", "_task", "_held",
+        "host", "hub", "cfg", "loop", "clock", "sock", "fd", "peer", "id", "protocol", "slot", "claims",
+        "state", "last_seen", "bucket", "strikes", "_frag", "_frag_text", "_timer", "_expiry", "_busy",
+        "_held", "_writing", "_reading", "_auth_task", "closed_code", "was_open",
     )
 
-    def __init__(self, server: Server, sock: socket.socket, peer: Any) -> None:
-        self.server = server
-        self.hub = server.hub
-        self.cfg = server.cfg
-        self.loop = server.loop
+    def __init__(self, host: SessionHost, sock: socket.socket, peer: Any) -> None:
+        self.host = host
+        self.hub = host.hub
+        self.cfg = host.cfg
+        self.loop = host.loop
+        self.clock = host.clock
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.id = next(_ids)
-        self.protocol = ServerProtocol(extensions=server.extensions, max_size=self.cfg.ws_max_frame_bytes)
+        self.protocol = ServerProtocol(extensions=host.extensions, max_size=self.cfg.ws_max_frame_bytes)
         self.slot: int | None = None
         self.claims: Claims | None = None
-        self.closing = False
-        self.closed = False
-        now = time.monotonic()
-        self.last_seen = now
-        self.tokens = float(self.cfg.ws_control_burst)
-        self.tokens_at = now
+        self.state = State.HANDSHAKE
+        self.last_seen = self.clock()
+        self.bucket = TokenBucket(self.cfg.ws_control_rate, self.cfg.ws_control_burst, self.clock)
         self.strikes = 0
+        self.closed_code: int | None = None
+        self.was_open = False
         self._frag: list[bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._held: list[ClientRequest] = []   # requests waiting for a running resume
+        self._frag_text = False
+        self._busy = False                      # a resume or replay is running
+        self._held: list[ClientRequest] = []    # requests waiting for it, in order
+        self._writing = False
+        self._reading = True
+        self._auth_task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.cfg.ws_handshake_timeout, self.abort, "handshake timeout")
         self.loop.add_reader(self.fd, self._on_readable)
+
+    @property
+    def closing(self) -> bool:
+        return self.state is State.DRAINING or self.state is State.CLOSED
+
+    def _log(self, key: str, level: int, msg: str, **fields: Any) -> None:
+        limited_event((key, self.id), level, msg, client=self.id, peer=self.peer, **fields)
 
     # ------------------------------------------------------------------ input
     def _on_readable(self) -> None:
@@ -90,7 +173,7 @@ class Session:
             return
         protocol = self.protocol
         if data:
-            self.last_seen = time.monotonic()
+            self.last_seen = self.clock()
             protocol.receive_data(data)
         else:
             protocol.receive_eof()
@@ -98,51 +181,51 @@ class Session:
         try:
             for ev in protocol.events_received():
                 if isinstance(ev, Frame):
-                    self._on_frame(ev)
+                    if self._reading:
+                        self._on_frame(ev)
                 elif isinstance(ev, Request):
                     request = True
                     self._on_handshake(ev)
         except Exception:  # a bug here must not take the node down
             event(logging.ERROR, "client handler failed", client=self.id, exc_info=True)
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
-        if data and not request and self.slot is None and protocol.handshake_exc is not None:
+        if data and not request and self.state is State.HANDSHAKE and protocol.handshake_exc is not None:
             # Not an HTTP request at all: websockets drops it without a response.
-            self.server.metrics.rejected.labels("bad_handshake").inc()
-            event(logging.INFO, "handshake refused", client=self.id, peer=self.peer,
-                  reason=f"{protocol.handshake_exc}: {protocol.handshake_exc.__cause__}")
-        elif protocol.close_sent is not None and protocol.close_rcvd is None and not self.closing:
+            self.host.metrics.rejected.labels("bad_handshake").inc()
+            self._log("bad_handshake", logging.INFO, "handshake refused",
+                      reason=f"{protocol.handshake_exc}: {protocol.handshake_exc.__cause__}")
+        elif (protocol.close_sent is not None and protocol.close_rcvd is None
+              and self.state is State.OPEN):
             # websockets failed the connection itself (frame over the size
             # limit: 1009; protocol error: 1002).
             code = protocol.close_sent.code
-            self.server.metrics.closed.labels(str(code)).inc()
-            event(logging.INFO, "client closed", client=self.id, peer=self.peer, code=code,
-                  reason=protocol.close_sent.reason)
+            self.closed_code = code
+            self.host.metrics.closed.labels(str(code)).inc()
+            self._log("protocol_close", logging.INFO, "client closed", code=code, reason=protocol.close_sent.reason)
         self._pump()
-        if not data and not self.closed:
+        if not data and self.state is not State.CLOSED:
             self.abort("eof")
 
     def _pump(self) -> None:
         """Move what websockets wants to send into the core queue (or the socket,
-        before the handshake completes)."""
-        if self.closed:
+        before the handshake completes), and follow its state."""
+        if self.state is State.CLOSED:
             return
         eof = False
         for chunk in self.protocol.data_to_send():
             if not chunk:
                 eof = True
             elif self.slot is not None:
-                self.hub.core.enqueue_raw(self.slot, chunk)
-                self.hub.schedule_flush()
+                self.hub.send_raw(self.slot, chunk)
             else:
                 self._send_direct(chunk)
-        if self.protocol.state is not State.OPEN and self.slot is not None:
-            self.hub.core.set_nodata(self.slot)
-            self.closing = True
+        if self.slot is not None and self.state is State.OPEN and self.protocol.state is not WsState.OPEN:
+            self._enter_draining()
         if eof:
             if self.slot is None:
                 self.abort("handshake refused")
             else:
-                self.hub.drain_then_close(self)
+                self.hub.watch_drain(self.slot)
 
     def _send_direct(self, data: bytes) -> None:
         try:
@@ -152,25 +235,65 @@ class Session:
 
     # -------------------------------------------------------------- handshake
     def _on_handshake(self, request: Request) -> None:
-        server, metrics = self.server, self.server.metrics
         url = urlsplit(request.path)
-        response: Response
+        refusal: Refusal | None
         if url.path not in WS_PATHS:
-            response = self._refuse(404, "not_found", "Not Found: WebSocket paths are /ws and /\n")
-        elif server.draining:
-            response = self._refuse(503, "draining", "Service Unavailable: node is shutting down\n", retry_after=5)
-        elif self.hub.full:
-            response = self._refuse(503, "connection_limit", "Service Unavailable: connection limit reached\n", retry_after=5)
-        elif server.braking:
-            response = self._refuse(503, "overload", "Service Unavailable: node is overloaded\n", retry_after=10)
+            refusal = (404, "not_found", "Not Found: WebSocket paths are /ws and /\n", None)
         else:
-            response = self._authenticate(request, url.query) or self.protocol.accept(request)
+            refusal = self.host.admission()
+        if refusal is not None:
+            self._respond(self._refuse(*refusal))
+            return
+        auth = self.host.auth
+        if auth is None or not auth.enabled:
+            self._respond(self._accept(request))
+            return
+        # Verifying may wait for a JWKS download: read nothing more meanwhile.
+        self.loop.remove_reader(self.fd)
+        self._auth_task = self.loop.create_task(self._authenticate(auth, request, url.query))
+
+    async def _authenticate(self, auth: Authenticator, request: Request, query: str) -> None:
+        tokens = parse_qs(query).get("auth")
+        token: str | None = tokens[0] if tokens else None
+        header = request.headers.get("Authorization", "")
+        if token is None and header.lower().startswith("bearer "):
+            token = header[7:].strip()
+        response: Response
+        try:
+            self.claims = await auth.verify(token)
+        except AuthUnavailable as exc:
+            response = self._refuse(503, "auth_unavailable", f"Service Unavailable: {exc}\n", 5)
+        except AuthError as exc:
+            self._log("unauthorized", logging.INFO, "handshake refused", reason=str(exc))
+            response = self._refuse(401, "unauthorized", f"Unauthorized: {exc}\n", None)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="fanout"'
+        else:
+            response = self._accept(request)
+        if self.state is not State.HANDSHAKE:
+            return
+        self._respond(response)
+        if self.state is not State.CLOSED:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self._on_readable()   # what arrived meanwhile
+
+    def _accept(self, request: Request) -> Response:
+        response = self.protocol.accept(request)
+        exc = self.protocol.handshake_exc
+        if (response.status_code == 400 and isinstance(exc, InvalidHeader)
+                and exc.name.lower() == "sec-websocket-version"):
+            # RFC 6455 4.2.2: say which version we speak.
+            response = self.protocol.reject(426, "Upgrade Required: this server speaks WebSocket version 13\n")
+            response.headers["Sec-WebSocket-Version"] = "13"
+        return response
+
+    def _respond(self, response: Response) -> None:
+        metrics = self.host.metrics
         self.protocol.send_response(response)
         if response.status_code != 101:
             if self.protocol.handshake_exc is not None and response.status_code not in (401, 404, 503):
                 metrics.rejected.labels("bad_handshake").inc()
-                event(logging.INFO, "handshake refused", client=self.id, peer=self.peer,
-                      status=response.status_code, reason=str(self.protocol.handshake_exc))
+                self._log("bad_handshake", logging.INFO, "handshake refused",
+                          status=response.status_code, reason=str(self.protocol.handshake_exc))
             self._pump()
             return
         wbits = 0
@@ -178,49 +301,50 @@ class Session:
             if isinstance(ext, PerMessageDeflate):
                 wbits = ext.local_max_window_bits or 15
         self.slot = self.hub.attach(self, wbits)
+        self.state = State.OPEN
+        self.was_open = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for chunk in self.protocol.data_to_send():
-            self.hub.core.enqueue_raw(self.slot, chunk, False)
-        self.hub.schedule_flush()
+            self.hub.send_raw(self.slot, chunk)
+        self._arm_expiry()
         metrics.accepted.inc()
+        self.host.opened(self)
         event(logging.DEBUG, "client connected", client=self.id, peer=self.peer, slot=self.slot,
               deflate=bool(wbits), user=self.claims.sub if self.claims else None)
 
-    def _refuse(self, status: int, reason: str, text: str, retry_after: int | None = None) -> Response:
-        self.server.metrics.rejected.labels(reason).inc()
+    def _refuse(self, status: int, reason: str, text: str, retry_after: int | None) -> Response:
+        self.host.metrics.rejected.labels(reason).inc()
         response = self.protocol.reject(status, text)
         if retry_after is not None:
             response.headers["Retry-After"] = str(retry_after)
         return response
 
-    def _authenticate(self, request: Request, query: str) -> Response | None:
-        secret = self.cfg.ws_auth_secret
-        if not secret:
-            return None
-        tokens = parse_qs(query).get("auth")
-        token: str | None = tokens[0] if tokens else None
-        header = request.headers.get("Authorization", "")
-        if token is None and header.lower().startswith("bearer "):
-            token = header[7:].strip()
-        try:
-            self.claims = verify(token, secret)
-        except AuthError as exc:
-            event(logging.INFO, "handshake refused", client=self.id, peer=self.peer, reason=str(exc))
-            response = self._refuse(401, "unauthorized", f"Unauthorized: {exc}\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="fanout"'
-            return response
-        return None
+    def _arm_expiry(self) -> None:
+        """Close with 4001 when the token expires (exp + leeway), unless refreshed."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        auth = self.host.auth
+        if self.claims is None or auth is None:
+            return
+        delay = max(0.0, auth.expires_at(self.claims) - time.time())
+        self._expiry = self.loop.call_later(delay, self.close, CloseCode.TOKEN_EXPIRED, "token expired")
 
     # ----------------------------------------------------------------- frames
     def _on_frame(self, frame: Frame) -> None:
         op = frame.opcode
+        if op is Opcode.CLOSE:
+            return   # websockets answers it; _pump follows the state
+        if not self._allow():
+            return
         if op is Opcode.TEXT or op is Opcode.BINARY:
-            if not self._allow():
-                return
+            if self._frag is not None:
+                return   # websockets already failed a new message inside a fragmented one (1002)
             if not frame.fin:
-                self._frag = [bytes(frame.data)] if op is Opcode.TEXT else []
+                self._frag = [bytes(frame.data)]
+                self._frag_text = op is Opcode.TEXT
                 return
             if op is Opcode.BINARY:
                 self._bad_request("binary frames are not supported: send JSON text frames")
@@ -232,108 +356,228 @@ class Session:
             self._frag.append(bytes(frame.data))
             if frame.fin:
                 parts, self._frag = self._frag, None
-                if parts:
+                if self._frag_text:
                     self._on_text(b"".join(parts))
                 else:
                     self._bad_request("binary frames are not supported: send JSON text frames")
-        elif op is Opcode.PING:
-            self._allow()
-        # PONG and CLOSE: websockets already did what they need (last_seen is updated).
+        # PING: websockets queued the pong; PONG: last_seen is updated.
 
     def _allow(self) -> bool:
         """Token bucket over client frames: rate_limited errors, then 1008."""
-        now = time.monotonic()
-        cfg = self.cfg
-        self.tokens = min(float(cfg.ws_control_burst), self.tokens + (now - self.tokens_at) * cfg.ws_control_rate)
-        self.tokens_at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.bucket.take():
             return True
+        if self.closing:
+            return False
         self.strikes += 1
+        cfg = self.cfg
         if self.strikes >= cfg.ws_control_strikes:
-            event(logging.WARNING, "client flooding: closed", client=self.id, peer=self.peer)
-            self.close(CloseCode.POLICY_VIOLATION, "too many messages")
+            self._log("flooding", logging.WARNING, "client flooding: closed")
+            self.close(CloseCode.POLICY_VIOLATION, "too many messages", stop_reading=True)
         else:
-            self.hub.send_error(self, ErrorCode.RATE_LIMITED,
-                                f"over {cfg.ws_control_rate:g} messages/s: slow down or be disconnected")
+            self.send_error(ErrorCode.RATE_LIMITED,
+                            f"over {cfg.ws_control_rate:g} messages/s: slow down or be disconnected")
         return False
 
     def _bad_request(self, message: str, req_id: Any = None) -> None:
-        self.server.metrics.client_frames.labels("invalid").inc()
-        self.hub.send_error(self, ErrorCode.BAD_REQUEST, message, req_id)
+        self.host.metrics.client_frames.labels("invalid").inc()
+        self.send_error(ErrorCode.BAD_REQUEST, message, req_id)
 
     def _on_text(self, data: bytes) -> None:
-        if self.closing or self.slot is None:
+        if self.state is not State.OPEN:
             return
         try:
-            req = parse_request(data)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.host.metrics.client_frames.labels("invalid").inc()
+            self._log("invalid_utf8", logging.INFO, "client sent invalid UTF-8: closed")
+            self.close(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
+            return
+        try:
+            req = parse_request(text)
         except RequestError as exc:
             self._bad_request(exc.message, exc.req_id)
             return
-        self.server.metrics.client_frames.labels(type(req).__name__.lower()).inc()
-        if self._task is not None and not self._task.done():
-            # A resume is fetching history: later requests wait for it, so
+        self.host.metrics.client_frames.labels(type(req).__name__.lower()).inc()
+        if self._busy:
+            # A resume or replay is catching up: later requests wait for it, so
             # this connection's messages stay in stream order.
             self._held.append(req)
             return
         self._handle(req)
 
+    # ---------------------------------------------------------------- requests
+    def send(self, payload: bytes) -> None:
+        """Queue a control reply (nothing after our close frame)."""
+        if self.state is State.OPEN and self.slot is not None:
+            self.hub.reply(self.slot, payload)
+
+    def send_error(self, code: ErrorCode, message: str, req_id: Any = None, **fields: Any) -> None:
+        self.host.metrics.client_errors.labels(str(code)).inc()
+        self._log(str(code), logging.INFO, "client error", code=str(code), error=message, **fields)
+        self.send(error_reply(code, message, req_id, **fields))
+
+    def _admit(self, channels: list[str], req_id: Any) -> list[str]:
+        """Valid and permitted patterns; an error goes out for each refused one."""
+        ok = []
+        for ch in channels:
+            problem = subject_error(ch, wildcards=True)
+            if problem:
+                self.send_error(ErrorCode.INVALID_CHANNEL, problem, req_id, channel=ch)
+            elif self.claims is not None and not self.claims.allows(ch):
+                self.send_error(ErrorCode.FORBIDDEN, "token does not allow this channel", req_id, channel=ch)
+            else:
+                ok.append(ch)
+        return ok
+
+    def _over_limit(self, patterns: list[str], req_id: Any) -> None:
+        limit = self.cfg.ws_max_subscriptions
+        for ch in patterns:
+            self.send_error(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {limit} subscriptions per connection",
+                            req_id, channel=ch)
+
     def _handle(self, req: ClientRequest) -> None:
-        hub = self.hub
+        hub, slot = self.hub, self.slot
+        if slot is None or self.state is not State.OPEN:
+            return
         if isinstance(req, Subscribe):
-            accepted = hub.subscribe(self, req.channels, req.id)
+            accepted, over = hub.subscribe(slot, self._admit(req.channels, req.id))
+            self._over_limit(over, req.id)
             # stream_seq: the position the subscription starts after, so a
             # client that got nothing yet can still resume from here.
-            hub.send(self, reply("subscribed", req.id, channels=accepted, epoch=hub.epoch,
-                                 stream_seq=hub.last_stream_seq))
+            self.send(reply("subscribed", req.id, channels=accepted, epoch=hub.epoch,
+                            stream_seq=hub.last_stream_seq))
         elif isinstance(req, Unsubscribe):
-            done = hub.unsubscribe(self, req.channels, req.id)
-            hub.send(self, reply("unsubscribed", req.id, channels=done))
+            valid = []
+            for ch in req.channels:
+                problem = subject_error(ch, wildcards=True)
+                if problem:
+                    self.send_error(ErrorCode.INVALID_CHANNEL, problem, req.id, channel=ch)
+                else:
+                    valid.append(ch)
+            hub.unsubscribe(slot, valid)
+            self.send(reply("unsubscribed", req.id, channels=valid))
         elif isinstance(req, Replay):
-            hub.replay(self, req.from_seq, req.to_seq, req.id)
-        elif isinstance(req, Resume):
-            self._task = self.loop.create_task(self._resume(req))
-        elif isinstance(req, Heartbeat):
-            hub.send(self, reply("heartbeat_ack", req.id, ts=int(time.time() * 1000)))
+            self._busy = True
 
-    async def _resume(self, req: Resume) -> None:
+            def replayed(missing: tuple[int, int] | None, r: Replay = req) -> None:
+                self.send(reply("replay_done", r.id, from_seq=r.from_seq, to_seq=r.to_seq,
+                                missing=list(missing) if missing else None))
+                self._next_request()
+
+            hub.replay(slot, req.from_seq, req.to_seq, replayed)
+        elif isinstance(req, Resume):
+            self._busy = True
+
+            def resumed(res: Resumed, r: Resume = req) -> None:
+                self._over_limit(res.over_limit, r.id)
+                self.send(reply("resumed", r.id, channels=res.accepted, epoch=self.hub.epoch,
+                                complete=res.complete, stream_seq=self.hub.last_stream_seq))
+                self._next_request()
+
+            hub.resume(slot, self._admit(req.channels, req.id), req.after, req.epoch, resumed)
+        elif isinstance(req, Heartbeat):
+            self.send(reply("heartbeat_ack", req.id, ts=int(time.time() * 1000)))
+        elif isinstance(req, Refresh):
+            self._busy = True
+            task = self.loop.create_task(self._refresh(req))
+            task.add_done_callback(lambda t: self._next_request())
+
+    def _next_request(self) -> None:
+        """A catch-up finished: run the requests that waited for it, in order."""
+        self._busy = False
+        while self._held and not self._busy and self.state is State.OPEN:
+            self._handle(self._held.pop(0))
+        if self.state is not State.OPEN:
+            self._held.clear()
+
+    async def _refresh(self, req: Refresh) -> None:
+        auth = self.host.auth
+        if auth is None or not auth.enabled:
+            self.send_error(ErrorCode.UNAUTHORIZED, "this node does not use tokens", req.id)
+            return
         try:
-            await self.hub.resume(self, req.channels, req.after, req.epoch, req.id)
-        except Exception as exc:
-            event(logging.ERROR, "resume failed", client=self.id, error=str(exc), exc_info=True)
-            if not self.closing and self.slot is not None:
-                self.hub.send(self, reply("resumed", req.id, channels=[], epoch=self.hub.epoch, complete=False,
-                                          stream_seq=self.hub.last_stream_seq))
-        # Requests that came in meanwhile, in order (one may be another resume).
-        while self._held and not self.closing and self.slot is not None:
-            held = self._held.pop(0)
-            if isinstance(held, Resume):
-                self._task = self.loop.create_task(self._resume(held))
-                return
-            self._handle(held)
-        self._held.clear()
+            claims = await auth.verify(req.token)
+        except AuthError as exc:
+            self.send_error(ErrorCode.UNAUTHORIZED, f"refresh refused: {exc}", req.id)
+            return
+        if self.claims is not None and claims.sub != self.claims.sub:
+            self.send_error(ErrorCode.UNAUTHORIZED, "refresh refused: token is for another user", req.id)
+            return
+        if self.state is not State.OPEN:
+            return
+        self.claims = claims
+        self._arm_expiry()
+        self.send(reply("refreshed", req.id, exp=int(claims.exp)))
+
+    # -------------------------------------------------------- hub callbacks
+    def on_blocked(self) -> None:
+        if not self._writing and self.state is not State.CLOSED:
+            self._writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        if self.slot is None:
+            return
+        r = self.hub.flush_one(self.slot)
+        if self.state is State.CLOSED:
+            return
+        if r == 0:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+        elif r < 0:
+            self.abort("send failed")
+
+    def on_dead(self, why: str) -> None:
+        self.abort(why)
+
+    def on_slow(self) -> None:
+        """Over the queue limit: drop what was not begun, close with 1008."""
+        if self.slot is None or self.closing:
+            return
+        dropped = self.hub.discard_queued(self.slot)
+        self._log("slow", logging.WARNING, "slow client closed", dropped_bytes=dropped,
+                  limit=self.cfg.ws_client_queue_bytes)
+        self.close(CloseCode.POLICY_VIOLATION, "client too slow")
+
+    def on_drained(self) -> None:
+        if self.state is State.DRAINING:
+            self.finish_close()
 
     # ---------------------------------------------------------------- closing
-    def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake: queued data first, then our close frame."""
-        if self.closing or self.closed:
-            return
-        self.closing = True
-        self.server.metrics.closed.labels(str(int(code))).inc()
-        if self.slot is None:
-            self.abort(reason)
-            return
-        self.hub.publish_pending()  # messages accepted before the close go out before it
-        self.hub.core.set_nodata(self.slot)
-        if self.protocol.state is State.OPEN:
-            self.protocol.send_close(int(code), reason)
-        self._pump()
+    def _enter_draining(self) -> None:
+        self.state = State.DRAINING
+        if self.slot is not None:
+            self.hub.stop_data(self.slot)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._timer is None:
             self._timer = self.loop.call_later(CLOSE_TIMEOUT, self.abort, "close timeout")
 
+    def close(self, code: int, reason: str = "", *, stop_reading: bool = False) -> None:
+        """Start the closing handshake: queued data first, then our close frame.
+
+        ``stop_reading``: ignore anything more the client sends (a flooder) and
+        drop the connection once our close frame is written."""
+        if self.state is State.DRAINING or self.state is State.CLOSED:
+            return
+        self.closed_code = int(code)
+        self.host.metrics.closed.labels(str(int(code))).inc()
+        if self.slot is None:
+            self.abort(reason)
+            return
+        self._enter_draining()
+        if self.protocol.state is WsState.OPEN:
+            self.protocol.send_close(int(code), reason)
+        self._pump()
+        if stop_reading and self.state is not State.CLOSED:
+            self._reading = False
+            self.loop.remove_reader(self.fd)
+            self.hub.watch_drain(self.slot)
+
     def finish_close(self) -> None:
-        """Everything queued was written and the close handshake is done."""
-        if self.closed:
+        """Everything queued was written: end the TCP connection."""
+        if self.state is State.CLOSED:
             return
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -343,22 +587,27 @@ class Session:
 
     def abort(self, why: str | None) -> None:
         """Drop the connection now."""
-        if self.closed:
+        if self.state is State.CLOSED:
             return
-        self.closed = True
-        self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self.state = State.CLOSED
+        for handle in (self._timer, self._expiry):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._expiry = None
+        if self._auth_task is not None and not self._auth_task.done():
+            self._auth_task.cancel()
         self.loop.remove_reader(self.fd)
-        self.hub.detach(self)
-        self.slot = None
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+        if self.slot is not None:
+            self.hub.detach(self.slot)
+            self.slot = None
+        self._held.clear()
         try:
             self.sock.close()
         except OSError:
             pass
-        self.server.forget(self)
+        self.host.closed(self)
         if why:
             event(logging.DEBUG, "client dropped", client=self.id, peer=self.peer, reason=why)

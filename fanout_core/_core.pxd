@@ -5,6 +5,12 @@ cimport cython
 
 cdef enum:
     MAX_WBITS_SLOTS = 16      # index by negotiated server window bits (9..15)
+    HEAD_MAX = 48             # data frame header + stored-block header + {"seq":N,
+
+cdef extern from "sys/uio.h" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
 
 
 cdef struct Msg:
@@ -100,11 +106,14 @@ cdef class Core:
     cdef readonly uint64_t compressions
     cdef readonly int clients_active
 
-    cdef int _deliver(self, int slot, Msg *m) except -1
+    cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
     cdef int _queue_data(self, Client *c, uint64_t seq, Msg *m) except -1
     cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL
     cdef int _grow_segs(self, Client *c) except -1
     cdef void _clear_queue(self, Client *c) noexcept
+    cdef int _gather(self, Client *c, iovec *iov, unsigned char (*scratch)[HEAD_MAX], Py_ssize_t *want) noexcept
+    cdef void _advance(self, Client *c, Py_ssize_t n) noexcept
+    cdef void _drained(self, Client *c) noexcept
     cdef int _send_some(self, int slot) noexcept
     cdef void _release(self, int slot) noexcept
     cdef Client *_check(self, int slot) except NULL

@@ -27,11 +27,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStri
 import heapq
 import zlib
 
-cdef extern from "sys/uio.h" nogil:
-    cdef struct iovec:
-        void *iov_base
-        size_t iov_len
-
 cdef extern from "sys/socket.h" nogil:
     cdef struct msghdr:
         void *msg_name
@@ -56,7 +51,6 @@ cdef enum:
     KEEP_BUF = 8192           # drained arenas above this are freed (idle memory)
     KEEP_SEGS = 256
     LEN_MASK = 0x7FFFFFFF
-    HEAD_MAX = 48             # data frame header + stored-block header + {"seq":N,
     HEAD_SLOTS = 256          # IOV_BATCH / 2: one head per data frame in a sendmsg
     IOV_BATCH = 512           # iovecs per sendmsg (Linux allows 1024)
     BATCH = 64                # messages matched together by publish_batch
@@ -585,21 +579,26 @@ cdef class Core:
             start += BATCH
         return count
 
-    def deliver(self, int slot, bytes tail, int priority=2):
-        """Queue one data message for one client (resume history). Returns 1 if
-        queued, 0 if the client takes no data or throttling dropped it."""
+    def deliver(self, int slot, bytes tail, int priority=2, bint catchup=False):
+        """Queue one data message for one client (resume/snapshot history).
+        Returns 1 if queued, 0 if the client takes no data or throttling
+        dropped it.
+
+        ``catchup``: the message is history the caller paces by the client's
+        socket (it only adds more once the queue drained below its mark), so
+        it is never dropped by throttling and never counts as slowness."""
         self._check(slot)
         cdef Msg *m = msg_new(tail, priority)
         try:
-            return self._deliver(slot, m)
+            return self._deliver(slot, m, catchup)
         finally:
             msg_decref(m)
 
-    cdef int _deliver(self, int slot, Msg *m) except -1:
+    cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
         cdef Client *c = &self.clients[slot]
         if c.nodata or not c.active:
             return 0
-        if c.level and m.priority < PRIORITY_CRITICAL:
+        if c.level and m.priority < PRIORITY_CRITICAL and not catchup:
             # Throttled: low priority goes first, the rest is sampled down to
             # the level's percent; critical always passes. A dropped message
             # takes no seq, so the client sees no false gap.
@@ -623,7 +622,9 @@ cdef class Core:
         m.refcnt += 1
         self._queue_data(c, c.seq, m)
         self.deliveries += 1
-        if c.queued > self.queue_limit:
+        if catchup:
+            pass
+        elif c.queued > self.queue_limit:
             c.strikes += 1
             if c.strikes >= self.slow_strikes:
                 c.nodata = 1
@@ -730,7 +731,7 @@ cdef class Core:
             self.dirty[self.ndirty] = slot
             self.ndirty += 1
 
-    def enqueue_raw(self, int slot, data, bint frame=True):
+    def enqueue_raw(self, int slot, data):
         """Queue bytes as they are: a websockets control frame (pong, close), or
         the HTTP handshake response. Each call is one unit that truncate() keeps
         whole."""
@@ -814,6 +815,69 @@ cdef class Core:
         return sent, missing
 
     # ------------------------------------------------------------------ flush
+    cdef int _gather(self, Client *c, iovec *iov, unsigned char (*scratch)[HEAD_MAX],
+                     Py_ssize_t *want) noexcept:
+        """Describe the next batch of queued bytes as iovecs (at most IOV_BATCH,
+        one scratch head per data frame); returns the iovec count and sets
+        ``want`` to their byte total. The same gather serves the socket write
+        and :meth:`take_dirty`, so tests see the bytes that really go out."""
+        cdef int i = c.shead, k = 0, h = 0
+        cdef Py_ssize_t skip = c.sdone, hl, total = 0
+        cdef Seg *sg
+        while i < c.nseg and k < IOV_BATCH - 1 and h < HEAD_SLOTS:
+            sg = &c.segs[i]
+            if sg.m == NULL:
+                iov[k].iov_base = <void *>(c.arena + seg_off(sg) + skip)
+                iov[k].iov_len = seg_len(c, sg) - skip
+                k += 1
+            else:
+                hl = write_head(c, sg, scratch[h])
+                if skip < hl:
+                    iov[k].iov_base = <void *>(scratch[h] + skip)
+                    iov[k].iov_len = hl - skip
+                    k += 1
+                    skip = 0
+                else:
+                    skip -= hl
+                h += 1
+                iov[k].iov_base = <void *>(body_ptr(c, sg.m) + skip)
+                iov[k].iov_len = body_len(c, sg.m) - skip
+                k += 1
+            total += seg_len(c, sg) - (c.sdone if i == c.shead else 0)
+            skip = 0
+            i += 1
+        want[0] = total
+        return k
+
+    cdef void _advance(self, Client *c, Py_ssize_t n) noexcept:
+        """Account ``n`` bytes as written: whole segments leave the queue."""
+        cdef Py_ssize_t rem
+        cdef Seg *sg
+        c.queued -= n
+        while n > 0:
+            sg = &c.segs[c.shead]
+            rem = seg_len(c, sg) - c.sdone
+            if n >= rem:
+                n -= rem
+                if sg.m != NULL:
+                    msg_decref(sg.m)
+                c.shead += 1
+                c.sdone = 0
+            else:
+                c.sdone += n
+                n = 0
+
+    cdef void _drained(self, Client *c) noexcept:
+        self._clear_queue(c)
+        if c.acap > KEEP_BUF:
+            free(c.arena)
+            c.arena = NULL
+            c.acap = 0
+        if c.segcap > KEEP_SEGS:
+            free(c.segs)
+            c.segs = NULL
+            c.segcap = 0
+
     cdef int _send_some(self, int slot) noexcept:
         """Write what is queued for one client with sendmsg(): 0 drained, 1 blocked, -1 dead."""
         cdef Client *c = &self.clients[slot]
@@ -821,38 +885,10 @@ cdef class Core:
         cdef unsigned char scratch[HEAD_SLOTS][HEAD_MAX]
         cdef msghdr mh
         cdef ssize_t n
-        cdef Py_ssize_t want, rem, skip, hl
-        cdef int i, k, h
-        cdef bint partial
-        cdef Seg *sg
+        cdef Py_ssize_t want
+        cdef int k
         while c.shead < c.nseg:
-            k = 0
-            h = 0
-            want = 0
-            i = c.shead
-            skip = c.sdone
-            while i < c.nseg and k < IOV_BATCH - 1 and h < HEAD_SLOTS:
-                sg = &c.segs[i]
-                if sg.m == NULL:
-                    iov[k].iov_base = <void *>(c.arena + seg_off(sg) + skip)
-                    iov[k].iov_len = seg_len(c, sg) - skip
-                    k += 1
-                else:
-                    hl = write_head(c, sg, scratch[h])
-                    if skip < hl:
-                        iov[k].iov_base = <void *>(scratch[h] + skip)
-                        iov[k].iov_len = hl - skip
-                        k += 1
-                        skip = 0
-                    else:
-                        skip -= hl
-                    h += 1
-                    iov[k].iov_base = <void *>(body_ptr(c, sg.m) + skip)
-                    iov[k].iov_len = body_len(c, sg.m) - skip
-                    k += 1
-                want += seg_len(c, sg) - (c.sdone if i == c.shead else 0)
-                skip = 0
-                i += 1
+            k = self._gather(c, iov, scratch, &want)
             memset(&mh, 0, sizeof(mh))
             mh.msg_iov = iov
             mh.msg_iovlen = k
@@ -868,34 +904,13 @@ cdef class Core:
                 c.nodata = 1
                 return -1
             self.bytes_sent += n
-            c.queued -= n
-            partial = n < want
-            while n > 0:
-                sg = &c.segs[c.shead]
-                rem = seg_len(c, sg) - c.sdone
-                if n >= rem:
-                    n -= rem
-                    if sg.m != NULL:
-                        msg_decref(sg.m)
-                    c.shead += 1
-                    c.sdone = 0
-                else:
-                    c.sdone += n
-                    n = 0
-            if partial:
+            self._advance(c, n)
+            if n < want:
                 # The kernel took less than offered: its buffer is full.
                 c.blocked = 1
                 self.send_blocked += 1
                 return 1
-        self._clear_queue(c)
-        if c.acap > KEEP_BUF:
-            free(c.arena)
-            c.arena = NULL
-            c.acap = 0
-        if c.segcap > KEEP_SEGS:
-            free(c.segs)
-            c.segs = NULL
-            c.segcap = 0
+        self._drained(c)
         return 0
 
     def flush(self):
@@ -938,30 +953,28 @@ cdef class Core:
 
     def take_dirty(self):
         """For tests: pop the queued bytes of every dirty client without a
-        socket: ``{slot: bytes}``."""
-        cdef int i, j, slot
+        socket: ``{slot: bytes}``. Uses the flush's own gather and accounting,
+        batch by batch, as if every ``sendmsg()`` took everything offered."""
+        cdef int i, j, k, slot
         cdef Client *c
-        cdef Seg *sg
-        cdef unsigned char head[HEAD_MAX]
-        cdef Py_ssize_t hl
+        cdef iovec iov[IOV_BATCH]
+        cdef unsigned char scratch[HEAD_SLOTS][HEAD_MAX]
+        cdef Py_ssize_t want
         out = {}
         for i in range(self.ndirty):
             slot = self.dirty[i]
             c = &self.clients[slot]
             c.dirty = 0
-            if not c.active or c.shead == c.nseg:
+            if not c.active or c.blocked or c.shead == c.nseg:
                 continue
             parts = []
-            for j in range(c.shead, c.nseg):
-                sg = &c.segs[j]
-                if sg.m == NULL:
-                    parts.append(PyBytes_FromStringAndSize(c.arena + seg_off(sg), seg_len(c, sg)))
-                else:
-                    hl = write_head(c, sg, head)
-                    parts.append(PyBytes_FromStringAndSize(<char *>head, hl))
-                    parts.append(PyBytes_FromStringAndSize(body_ptr(c, sg.m), body_len(c, sg.m)))
-            out[slot] = b"".join(parts)[c.sdone:]
-            self._clear_queue(c)
+            while c.shead < c.nseg:
+                k = self._gather(c, iov, scratch, &want)
+                for j in range(k):
+                    parts.append(PyBytes_FromStringAndSize(<char *>iov[j].iov_base, iov[j].iov_len))
+                self._advance(c, want)
+            out[slot] = b"".join(parts)
+            self._drained(c)
         self.ndirty = 0
         return out
 

@@ -137,6 +137,10 @@ class LogMark:
     def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT) -> dict[str, Any]:
         return self.node.wait_log(lambda d: id(d) not in self._old and pred(d), timeout)
 
+    def new(self) -> list[dict[str, Any]]:
+        """The log lines written since the mark, so far."""
+        return [d for d in list(self.node.lines) if id(d) not in self._old]
+
 
 class RawClient:
     """A WebSocket client on a plain socket: it does only what the test tells it.

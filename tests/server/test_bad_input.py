@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.server.support import LogMark, RawClient, connect, sentinel
+from tests.server.support import LogMark, RawClient, connect, sentinel, wait_metric
 
 BAD_REQUESTS = [
     # (frame, words the error message must contain)
@@ -182,9 +182,12 @@ async def test_invalid_channels_are_refused_one_by_one_and_the_rest_accepted(sha
         got = await sentinel(shared_node, c)
         assert [m["data"] for m in got] == ["a", "b"]
     assert shared_node.metric("fanout_client_errors_total", 'code="invalid_channel"') == before + len(INVALID)
-    line = mark.wait(lambda d: d.get("msg") == "client error" and d.get("code") == "invalid_channel"
-                     and d.get("channel") == "odin.>.x")
-    assert "last" in line["error"]
+    # One log line per client and reason per 10 s: the first refusal is
+    # logged, the others are counted as suppressed (no log amplification).
+    line = mark.wait(lambda d: d.get("msg") == "client error" and d.get("code") == "invalid_channel")
+    assert line["channel"] == INVALID[0]
+    assert not [d for d in mark.new() if d.get("msg") == "client error" and d.get("channel") == "odin.>.x"]
+    assert shared_node.metric("fanout_log_suppressed_total", 'reason="invalid_channel"') >= len(INVALID) - 1
 
 
 async def test_invalid_channel_in_unsubscribe_and_resume(shared_node):
@@ -247,16 +250,28 @@ async def test_frame_limit_is_configurable(node_factory):
 
 
 # -------------------------------------------------------------- protocol errors
-async def test_invalid_utf8_text_is_a_bad_request(shared_node):
-    # The node answers bad_request (not JSON) and keeps the connection, rather
-    # than failing it with 1007 as RFC 6455 would: the client's next frame works.
+@pytest.mark.parametrize("bad", [b"\xff", b"\xed\xa0\x80", b"\xc0\xaf"],
+                         ids=["invalid-byte", "encoded-surrogate", "overlong"])
+async def test_invalid_utf8_text_closes_with_1007(shared_node, bad):
+    # RFC 6455 8.1: a text frame that is not UTF-8 fails the connection with 1007.
+    before = shared_node.metric("fanout_connections_closed_total", 'code="1007"')
     raw = await RawClient.connect(shared_node.ws_port)
     try:
-        raw.send_frame(0x1, b'{"type":"heartbeat","x":"\xff"}')
-        r = await raw.read_json()
-        assert r["type"] == "error" and r["code"] == "bad_request"
-        raw.send_text({"type": "heartbeat"})
-        assert (await raw.read_json())["type"] == "heartbeat_ack"
+        raw.send_frame(0x1, b'{"type":"heartbeat","x":"' + bad + b'"}')
+        code, _ = await raw.read_until_close()
+        assert code == 1007
+    finally:
+        raw.close()
+    assert shared_node.metric("fanout_connections_closed_total", 'code="1007"') == before + 1
+
+
+async def test_invalid_utf8_across_fragments_closes_with_1007(shared_node):
+    raw = await RawClient.connect(shared_node.ws_port)
+    try:
+        raw.send_frame(0x1, b'{"type":"heartbeat","x":"\xed', fin=False)
+        raw.send_frame(0x0, b'\xa0\x80"}')
+        code, _ = await raw.read_until_close()
+        assert code == 1007
     finally:
         raw.close()
 
@@ -428,3 +443,96 @@ async def test_many_bad_clients_at_once(shared_node):
             await c.heartbeat()
 
     await asyncio.gather(*(bad() for _ in range(5)), *(good(i) for i in range(5)))
+
+
+# ----------------------------------------------------- hostile-input review
+async def test_binary_message_split_into_fragments_is_never_executed(shared_node):
+    # The first fragment is empty and the continuation carries a whole request.
+    raw = await RawClient.connect(shared_node.ws_port)
+    try:
+        raw.send_frame(0x2, b"", fin=False)
+        raw.send_frame(0x0, b'{"type":"heartbeat","id":"bin"}')
+        r = await raw.read_json()
+        assert r["type"] == "error" and r["code"] == "bad_request" and "binary" in r["message"]
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("kind", ["pong", "continuation"])
+async def test_pong_and_continuation_floods_are_rate_limited(node_factory, kind):
+    node = node_factory(WS_CONTROL_RATE="0.1", WS_CONTROL_BURST=5, WS_CONTROL_STRIKES=3)
+    raw = await RawClient.connect(node.ws_port)
+    try:
+        if kind == "continuation":
+            raw.send_frame(0x1, b'{"type":', fin=False)
+        for _ in range(300):
+            if kind == "pong":
+                raw.send_frame(0xA, b"x")
+            else:
+                raw.send_frame(0x0, b" ", fin=False)
+        code, _ = await raw.read_until_close()
+        assert code == 1008
+    finally:
+        raw.close()
+    # One log line for the close, not one per frame after it.
+    node.wait_log(lambda d: d.get("msg") == "client flooding: closed")
+    assert sum(1 for d in list(node.lines) if d.get("msg") == "client flooding: closed") == 1
+    assert node.metric("fanout_connections_closed_total", 'code="1008"') == 1
+
+
+async def test_a_client_that_never_reads_its_replies_is_closed_as_slow(node_factory):
+    # Each request yields ~1,000 error replies; a client that never reads them
+    # must not grow the node without bound: it is slow like any other.
+    node = node_factory(WS_CLIENT_QUEUE_BYTES=65536, WS_CONTROL_BURST=100, WS_CONTROL_RATE=1000)
+    raw = await RawClient.connect(node.ws_port, rcvbuf=4096)
+    try:
+        bad = {"type": "subscribe", "channels": [f"bad..{i}" for i in range(1000)]}
+        for _ in range(40):
+            raw.send_text(bad)
+        await raw.writer.drain()
+        await wait_metric(node, "fanout_connections_closed_total", 'code="1008"', lambda v: v >= 1, timeout=10)
+        node.wait_log(lambda d: d.get("msg") == "slow client closed")
+    finally:
+        raw.close()
+    async with connect(node) as c:   # the node is fine
+        await c.heartbeat()
+
+
+async def test_wrong_websocket_version_names_the_supported_one(shared_node):
+    raw = await RawClient.open(shared_node.ws_port)
+    try:
+        raw.writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await raw.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].split(" ")[1] == "426"
+        assert "sec-websocket-version: 13" in [ln.lower() for ln in lines]
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe", "resume"])
+async def test_lone_surrogate_in_a_channel_is_an_invalid_channel(shared_node, kind):
+    raw = await RawClient.connect(shared_node.ws_port)
+    try:
+        extra = ',"after":0' if kind == "resume" else ""
+        raw.send_text('{"type":"%s","channels":["odin.token.\\ud800"]%s}' % (kind, extra))
+        r = await raw.read_json()
+        assert r["type"] == "error" and r["code"] == "invalid_channel"
+        r = await raw.read_json()
+        assert r["type"] == {"subscribe": "subscribed", "unsubscribe": "unsubscribed", "resume": "resumed"}[kind]
+        assert r["channels"] == []
+        raw.send_text({"type": "heartbeat"})
+        assert (await raw.read_json())["type"] == "heartbeat_ack"
+    finally:
+        raw.close()
+
+
+async def test_deeply_nested_json_is_a_bad_request(shared_node):
+    async with connect(shared_node) as c:
+        r = await c.request("[" * 1000 + "]" * 1000)
+        assert r["type"] == "error" and r["code"] == "bad_request"
+        r = await c.request('{"type":"heartbeat","x":' + "[" * 1000 + "]" * 1000 + "}")
+        assert r["type"] == "error" and r["code"] == "bad_request"
+        await c.heartbeat()
