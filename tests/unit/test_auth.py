@@ -43,10 +43,11 @@ def claims(**over: Any) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def hs_raw(header: dict[str, Any], payload_text: str, secret: bytes | str = SECRET, alg=hashlib.sha256) -> str:
-    """A token built by hand, for payloads PyJWT would not encode (NaN exp) and forged keys."""
+def hs_raw(header: dict[str, Any] | str, payload_text: str, secret: bytes | str = SECRET, alg=hashlib.sha256) -> str:
+    """A token built by hand, for headers and payloads PyJWT would not encode (NaN exp) and forged keys."""
     key = secret.encode() if isinstance(secret, str) else secret
-    signing_input = f"{b64(json.dumps(header).encode())}.{b64(payload_text.encode())}"
+    head = header if isinstance(header, str) else json.dumps(header)
+    signing_input = f"{b64(head.encode())}.{b64(payload_text.encode())}"
     return f"{signing_input}.{b64(hmac.new(key, signing_input.encode(), alg).digest())}"
 
 
@@ -120,6 +121,10 @@ BAD_HS = {
     "header not an object": (f"{b64(b'[1]')}.{b64(json.dumps(claims()).encode())}.abc", "malformed token"),
     "payload not an object": (hs_raw({"alg": "HS256"}, "[1,2]"), "malformed token"),
     "payload not JSON": (hs_raw({"alg": "HS256"}, "{nope"), "malformed token"),
+    "deeply nested header": (hs_raw('{"alg":"HS256","x":' + "[" * 2000 + "]" * 2000 + "}", json.dumps(claims())),
+                             "malformed token"),
+    "deeply nested payload": (hs_raw({"alg": "HS256"}, '{"sub":"u","exp":99999999999,"x":' + "[" * 2500 + "]" * 2500 + "}"),
+                              "malformed token"),
     "exp NaN": (hs_raw({"alg": "HS256"}, '{"sub":"u","exp":NaN}'), "malformed token"),
     "exp Infinity": (hs_raw({"alg": "HS256"}, '{"sub":"u","exp":Infinity}'), "malformed token"),
     "exp 1e400": (hs_raw({"alg": "HS256"}, '{"sub":"u","exp":1e400}'), "malformed token"),
