@@ -21,12 +21,21 @@ import typer
 
 from .config import FIELDS, Config, ConfigError, load
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: plain click help. Rich markup would read every flag's
+# "[env X; default Y]" as a style tag and print nothing of it.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="fanout: WebSocket fan-out node. Settings come from env vars; every one has a mirroring flag.")
 
 
 def _flag(env: str) -> str:
     return "--" + env.lower().replace("_", "-")
+
+
+def _default_text(value: Any) -> str:
+    """A default as one would write it in the env var (as the README's table shows it)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "(empty)" if value == "" else str(value)
 
 
 def _with_config_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,7 +45,7 @@ def _with_config_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     own = [p for p in own if p.name != "overrides"]
     extra = [
         inspect.Parameter(f"cfg_{env.lower()}", inspect.Parameter.KEYWORD_ONLY,
-                          default=typer.Option(None, _flag(env), help=f"{f.metadata['help']} [env {env}; default {f.default!r}]",
+                          default=typer.Option(None, _flag(env), help=f"{f.metadata['help']} [env {env}; default {_default_text(f.default)}]",
                                                show_default=False),
                           annotation=Optional[str])  # noqa: UP045 - typer reads this at run time
         for env, f in FIELDS.items()

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from fanout.config import FIELDS
 from tests.helpers.node import NodeProcess
 from tests.server.support import connect
 
@@ -46,6 +47,19 @@ def test_config_prints_the_effective_config_as_json():
     assert cfg["WS_AUTH_SECRET"] == "***"         # secrets are masked
     assert cfg["HEALTH_PORT"] == 0 and cfg["WS_REPLAY_BUFFER"] == 100   # defaults and env
     assert "hush" not in r.stdout
+
+
+# ------------------------------------------------------------------- help
+def test_serve_help_shows_every_flags_env_var_and_default():
+    r = fanout("serve", "--help", env={"COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    flat = " ".join(r.stdout.split())   # help text wraps at any width
+    missing = [env for env in FIELDS if f"[env {env}; default " not in flat]
+    assert not missing, f"--help lacks the env var of {missing}"
+    for shown in ("--ws-port <str> WebSocket port (paths /ws and /) [env WS_PORT; default 3004]",
+                  "[env WS_COMPRESSION; default true]", "[env NATS_URL; default (empty)]",
+                  "[env WS_THROTTLE_PERCENTS; default 100,75,50,25]"):
+        assert shown in flat, shown
 
 
 # ------------------------------------------------------- bad configuration
