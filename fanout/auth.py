@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthError", "AuthUnavailable", "Claims", "Authenticator", "MAX_TOKEN_CHARS",
-    "config_problem", "load_public_key", "sign", "verify",
+    "config_problem", "load_public_key", "sign",
 ]
 
 #: Longest token accepted. A handshake header line is limited to 8 KiB anyway.
@@ -520,20 +520,7 @@ def config_problem(cfg: Config) -> str | None:
     return None
 
 
-# ------------------------------------------------------------ compatibility
-def verify(token: str | None, secret: str) -> Claims:
-    """HS256/384/512 check against ``secret`` with no leeway, ``aud`` or ``iss``.
-
-    Kept for fanout/session.py until it uses :class:`Authenticator`; new code
-    should use that (it honours every WS_AUTH_* setting).
-    """
-    header = _header(token)
-    assert token is not None
-    if header["alg"] not in HMAC_ALGORITHMS:
-        raise AuthError("token algorithm not accepted")
-    return _decode(token, _Key(secret, HMAC_ALGORITHMS), audience=None, issuer=None, leeway=0.0)
-
-
+# ------------------------------------------------------------------ minting
 def sign(claims: Mapping[str, Any], key: Any, *, algorithm: str = "HS256",
          headers: dict[str, Any] | None = None) -> str:
     """Make a token (tests, examples, ``fanout token``): ``key`` is the HMAC secret or a private key."""
