@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +39,7 @@ from urllib.parse import urlencode
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from tests.clients.jsenv import PKG, chromium_setup, js_setup, node_bin
 
@@ -542,3 +544,242 @@ async def test_silent_connection_is_replaced_after_missed_heartbeat(js):
         await c.wait(lambda e: len(c.of("connected")) == 2)
         assert c.of("disconnected")[0]["code"] == 4000 and c.of("disconnected")[0]["reason"] == "heartbeat timeout"
         assert (await c.cmd("heartbeat"))["ts"] == 7
+
+
+# ------------------------------------------------ the package's 1.1 client API
+async def test_channels_are_reference_counted_across_subscriptions(node, js):
+    c = await js(node.ws_url)
+    a = await c.cmd("subscribe", channels=[CH])
+    b = await c.cmd("subscribe", channels=[CH, TRENDING])
+    await c.cmd("unsubscribe", sub=a["sub"])        # b still holds CH: the node must keep sending it
+    assert (await c.cmd("state"))["channels"] == [CH, TRENDING]
+    await publish(node, 2)
+    await c.wait(lambda e: len(c.of("sub_message")) >= 2)
+    assert {e["sub"] for e in c.of("sub_message")} == {b["sub"]}
+    await c.cmd("unsubscribe", sub=b["sub"])
+    await c.cmd("heartbeat")                        # the unsubscribe went out before this round trip
+    assert (await c.cmd("state"))["channels"] == []
+    await publish(node, 1, start=2, channel=TRENDING)
+    await publish(node, 1, start=3)
+    await c.cmd("heartbeat")
+    assert data_i(c.of("message")) == [0, 1]
+
+
+async def test_async_iteration_of_a_subscription(node, js):
+    c = await js(node.ws_url)
+    s = await c.cmd("subscribe", channels=[CH])
+    it = asyncio.create_task(c.cmd("iterate", sub=s["sub"], n=3))
+    seqs = await publish(node, 3)
+    assert (await it)["stream_seqs"] == seqs
+    assert (await c.cmd("state"))["channels"] == []     # leaving the loop unsubscribed
+
+
+async def test_disconnect_during_pending_subscribe_rejects_nothing(node, proxy, js):
+    c = await js(proxy.url())
+    proxy.blocked = True
+    proxy.kill()
+    await c.wait(lambda e: e["ev"] == "disconnected")
+    s = await c.cmd("subscribe", channels=[TRENDING], nowait=True)
+    await c.cmd("disconnect")
+    r = await c.cmd("ready", sub=s["sub"])
+    assert r["channels"] == [] and r["errors"] == ["closed"]
+    assert (await c.cmd("state"))["state"] == "disconnected"
+    # the fixture's teardown asserts that no unhandled rejection was reported
+
+
+async def test_node_restart_gives_reset(node_factory, js):
+    first = node_factory()
+    p = await TcpProxy(first.ws_port).start()
+    try:
+        c = await js(p.url())
+        s = await c.cmd("subscribe", channels=[CH])
+        await publish(first, 2)
+        await c.messages(2)
+        first.stop()                    # SIGTERM: close 1001, the client retries with backoff
+        second = node_factory()
+        p.upstream_port = second.ws_port
+        ev = await c.wait(lambda e: e["ev"] == "reset", timeout=15)
+        assert ev["channels"] == [CH] and ev["reason"] == "epoch_changed"
+        assert (await c.wait(lambda e: e["ev"] == "sub_reset"))["sub"] == s["sub"]
+        assert c.of("disconnected")[0]["code"] == 1001
+        await publish(second, 1, start=2)
+        assert data_i(await c.messages(3)) == [0, 1, 2]
+    finally:
+        await p.close()
+
+
+async def test_offline_pauses_reconnects_until_online(node, proxy, js):
+    c = await js(proxy.url())
+    await c.cmd("subscribe", channels=[CH])
+    await c.cmd("offline")
+    proxy.kill()
+    ev = await c.wait(lambda e: e["ev"] == "disconnected")
+    assert ev["reconnecting"] is True and ev["delay"] is None      # no timer: waits for `online`
+    await asyncio.sleep(0.3)        # an observation window (absence cannot be awaited): min backoff is 50 ms
+    assert len(c.of("connected")) == 1
+    await c.cmd("online")
+    await c.wait(lambda e: len(c.of("connected")) == 2)
+    assert [e["complete"] for e in c.of("resumed")] == [True]
+
+
+class Scripted:
+    """A scripted WebSocket server for what today's node does not send (1.1 notices) or to close on cue."""
+
+    def __init__(self, on_frame) -> None:
+        self.on_frame = on_frame
+        self.connections: list[ServerConnection] = []
+        self.paths: list[str] = []
+        self.frames: list[dict[str, Any]] = []
+        self.opened = asyncio.Event()
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections.append(ws)
+        self.paths.append(ws.request.path if ws.request else "")
+        self.opened.set()
+        try:
+            async for raw in ws:
+                req = json.loads(raw)
+                self.frames.append(req)
+                if req["type"] == "resume":
+                    await ws.send(json.dumps({"type": "resumed", "id": req["id"], "channels": req["channels"],
+                                              "epoch": "e-1", "complete": True, "stream_seq": 0}))
+                await self.on_frame(self, ws, req)
+        except ConnectionClosed:
+            pass
+
+    @staticmethod
+    async def subscribed(ws: ServerConnection, req: dict[str, Any], **extra: Any) -> None:
+        await ws.send(json.dumps({"type": "subscribed", "id": req["id"], "channels": req["channels"],
+                                  "epoch": "e-1", "stream_seq": 0, **extra}))
+
+
+def _jwt(exp: float) -> str:
+    import base64
+    body = base64.urlsafe_b64encode(json.dumps({"sub": "u", "exp": int(exp)}).encode()).decode().rstrip("=")
+    return f"e30.{body}.sig"
+
+
+async def test_4001_stops_retrying_until_a_new_token(js):
+    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
+        if req["type"] == "subscribe":
+            await Scripted.subscribed(ws, req)
+            if len(srv.connections) == 1:
+                await ws.close(4001, "token expired")
+
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", token="old")
+        await c.cmd("subscribe", channels=[CH])
+        ev = await c.wait(lambda e: e["ev"] == "disconnected")
+        assert ev["code"] == 4001 and ev["reconnecting"] is False
+        assert any(e["code"] == "token_expired" for e in c.of("error"))
+        await asyncio.sleep(0.3)        # an observation window: with 50 ms backoff it would have retried
+        assert len(srv.connections) == 1
+        await c.cmd("set_token", token="new")
+        await c.wait(lambda e: len(c.of("connected")) == 2)
+        assert srv.paths[0].endswith("auth=old") and srv.paths[1].endswith("auth=new")
+
+
+async def test_4001_with_get_token_reconnects_with_the_new_one(js):
+    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
+        if req["type"] == "subscribe":
+            await Scripted.subscribed(ws, req)
+            if len(srv.connections) == 1:
+                await ws.close(4001, "token expired")
+
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", tokens="t1,t2")
+        await c.cmd("subscribe", channels=[CH])
+        await c.wait(lambda e: len(c.of("connected")) == 2)
+        assert [p.rsplit("=", 1)[1] for p in srv.paths] == ["t1", "t2"]
+        assert [f["type"] for f in srv.frames] == ["subscribe", "resume"]
+
+
+async def test_reconnect_hint_waits_after_ms(js):
+    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
+        if req["type"] == "subscribe":
+            await Scripted.subscribed(ws, req)
+            if len(srv.connections) == 1:
+                await ws.send(json.dumps({"type": "reconnect", "reason": "drain", "after_ms": 400}))
+                await ws.close(1001, "draining")
+
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", reconnect_max=50)
+        await c.cmd("subscribe", channels=[CH])
+        hint = await c.wait(lambda e: e["ev"] == "reconnect")
+        assert hint["after_ms"] == 400
+        ev = await c.wait(lambda e: e["ev"] == "disconnected")
+        assert ev["code"] == 1001 and 250 <= ev["delay"] <= 400, ev      # not the 50 ms backoff cap
+        closed = asyncio.get_running_loop().time()
+        await c.wait(lambda e: len(c.of("connected")) == 2)
+        assert asyncio.get_running_loop().time() - closed >= 0.2
+
+
+async def test_throttle_update_with_dropped(js):
+    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
+        if req["type"] == "subscribe":
+            await Scripted.subscribed(ws, req)
+            await ws.send(json.dumps({"type": "throttle_update", "level": 2, "rate_percent": 50, "dropped": 412,
+                                      "message": "Your connection is slow. Receiving 50% of updates."}))
+
+    async with serve(Scripted(on_frame).handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws")
+        await c.cmd("subscribe", channels=[CH])
+        ev = await c.wait(lambda e: e["ev"] == "throttle_update")
+        assert (ev["level"], ev["rate_percent"], ev["dropped"]) == (2, 50, 412)
+        assert (await c.cmd("state"))["throttle"]["dropped"] == 412
+
+
+async def test_snapshot_messages_go_to_who_asked(js):
+    """A 1.1 node sends the newest message per subject before `subscribed` (scripted here)."""
+    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
+        if req["type"] == "subscribe":
+            if req.get("snapshot"):
+                await ws.send(json.dumps({"seq": 1, "type": "message", "channel": TRENDING, "stream_seq": 7,
+                                          "ts": 1, "data": {"i": 7}}))
+            await Scripted.subscribed(ws, req, **({"snapshot": 1} if req.get("snapshot") else {}))
+
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws")
+        await c.cmd("subscribe", channels=[CH])
+        s = await c.cmd("subscribe", channels=[TRENDING], snapshot=True)
+        snap = await c.wait(lambda e: e["ev"] == "sub_snapshot")
+        assert snap["sub"] == s["sub"] and snap["count"] == 1
+        msg = c.of("sub_message")[0]
+        assert msg["sub"] == s["sub"] and msg["snapshot"] is True and msg["data"] == {"i": 7}
+        assert srv.frames[1]["snapshot"] is True and "snapshot" not in srv.frames[0]
+        # A second subscriber of a held channel gets it from the client's cache, not from the node.
+        s2 = await c.cmd("subscribe", channels=[TRENDING], snapshot=True)
+        got = await c.wait(lambda e: e["ev"] == "sub_message" and e["sub"] == s2["sub"])
+        assert got["snapshot"] is True and got["stream_seq"] == 7
+        assert len([f for f in srv.frames if f["type"] == "subscribe"]) == 2
+
+
+async def test_snapshot_on_todays_node_falls_back_to_live(node, js):
+    c = await js(node.ws_url)
+    s = await c.cmd("subscribe", channels=[TRENDING], snapshot=True)
+    assert s["channels"] == [TRENDING]
+    ev = await c.wait(lambda e: e["ev"] == "sub_snapshot")
+    assert ev["count"] is None              # the node ignored `snapshot`: say so, deliver live
+    seqs = await publish(node, 1, channel=TRENDING)
+    got = await c.wait(lambda e: e["ev"] == "sub_message")
+    assert got["stream_seq"] == seqs[0] and got["snapshot"] is False
+
+
+async def test_refresh_before_exp(js):
+    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
+        if req["type"] == "refresh":
+            await ws.send(json.dumps({"type": "refreshed", "id": req["id"], "exp": 4_000_000_000}))
+
+    srv = Scripted(on_frame)
+    first, second = _jwt(time.time() + 3), _jwt(4_000_000_000)
+    async with serve(srv.handler, "127.0.0.1", 0) as server:
+        c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", tokens=f"{first},{second}",
+                     refresh_before=1500)
+        ev = await c.wait(lambda e: e["ev"] == "refreshed", timeout=10)
+        assert ev["exp"] == 4_000_000_000
+        assert [f["token"] for f in srv.frames if f["type"] == "refresh"] == [second]
+        assert len(srv.connections) == 1
