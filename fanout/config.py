@@ -90,14 +90,15 @@ class Config:
     ws_shutdown_timeout: float = _setting("WS_SHUTDOWN_TIMEOUT", 10.0, "seconds to flush and close clients on SIGTERM", lo=0, hi=3600, kind="duration")
     ws_throttle_percents: str = _setting("WS_THROTTLE_PERCENTS", "100,75,50,25", "delivery percent per throttle level 0..3")
     # --- NATS / JetStream (set NATS_URL to use it; embedded bus otherwise) -----
-    nats_url: str = _setting("NATS_URL", "", "NATS server URL(s), comma-separated; empty = embedded mode")
-    nats_creds_file: str = _setting("NATS_CREDS_FILE", "", "NATS credentials file")
+    nats_url: str = _setting("NATS_URL", "", "NATS server URL(s), comma-separated (nats://, tls://, ws://, wss://); empty = embedded mode")
+    nats_creds_file: str = _setting("NATS_CREDS_FILE", "", "NATS credentials file (.creds: user JWT + nkey seed; read again on every reconnect)")
     nats_user: str = _setting("NATS_USER", "", "NATS user")
     nats_password: str = _setting("NATS_PASSWORD", "", "NATS password")
     nats_token: str = _setting("NATS_TOKEN", "", "NATS token")
     nats_tls_ca: str = _setting("NATS_TLS_CA", "", "CA file for TLS to NATS")
     nats_tls_cert: str = _setting("NATS_TLS_CERT", "", "client certificate for TLS to NATS")
     nats_tls_key: str = _setting("NATS_TLS_KEY", "", "client key for TLS to NATS")
+    js_domain: str = _setting("JS_DOMAIN", "", "JetStream domain (leafnode/hub set-ups); empty = the account's own")
     js_stream_name: str = _setting("JS_STREAM_NAME", "ODIN_TOKENS", "JetStream stream")
     js_stream_subjects: str = _setting("JS_STREAM_SUBJECTS", "odin.token.>,odin.global.>", "subjects the stream (and the embedded bus) accept")
     js_stream_max_age: float = _setting("JS_STREAM_MAX_AGE", 30.0, "stream retention", lo=0.001, hi=10 * 365 * 86400, kind="duration")
@@ -110,7 +111,7 @@ class Config:
     js_consumer_inactive: float = _setting("JS_CONSUMER_INACTIVE", 300.0, "NATS removes a gone node's consumer after this", lo=1, hi=30 * 86400, kind="duration")
     js_fetch_batch: int = _setting("JS_FETCH_BATCH", 256, "messages per pull", lo=1, hi=10000)
     ws_max_nats_rate: float = _setting("WS_MAX_NATS_RATE", 0.0, "messages/s consumed from NATS (0 = unlimited)", lo=0, hi=1e9)
-    node_id: str = _setting("FANOUT_NODE_ID", "", "this node's id (default: the hostname)")
+    node_id: str = _setting("FANOUT_NODE_ID", "", "this node's id, naming its durable consumer (default: hostname-WS_PORT; with WS_PORT=0 hostname-p<pid>)")
     # --- logging -------------------------------------------------------------
     log_level: str = _setting("LOG_LEVEL", "info", "log level", choices=("debug", "info", "warning", "error"))
 
@@ -128,7 +129,19 @@ class Config:
 
     @property
     def node_name(self) -> str:
-        return self.node_id or socket.gethostname()
+        """``FANOUT_NODE_ID``, else ``<hostname>-<WS_PORT>``: unique per process on one host.
+
+        Two nodes on one host cannot listen on one WebSocket port, so the
+        port tells them apart (a shared durable consumer would split the
+        stream between them). With ``WS_PORT=0`` the port is not known when
+        the consumer is named, so the pid stands in: ``<hostname>-p<pid>``.
+        That id changes at every restart, so the old durable lingers until
+        ``JS_CONSUMER_INACTIVE``; set ``FANOUT_NODE_ID`` for a stable one.
+        """
+        if self.node_id:
+            return self.node_id
+        host = socket.gethostname()
+        return f"{host}-{self.ws_port}" if self.ws_port else f"{host}-p{os.getpid()}"
 
     def as_env(self) -> dict[str, str]:
         """The effective settings by env var name (secrets masked)."""
@@ -202,6 +215,41 @@ def _check_subjects(cfg: Config) -> str | None:
         return "needs at least one subject pattern"
     bad = [s for s in subs if not valid_pattern(s)]
     return f"invalid subject pattern(s): {', '.join(bad)}" if bad else None
+
+
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+@_check("NATS_URL")
+def _check_nats_url(cfg: Config) -> str | None:
+    from urllib.parse import urlsplit
+
+    if not cfg.nats_url:
+        return None
+    urls = [u.strip() for u in cfg.nats_url.split(",")]
+    if not all(urls):
+        return f"empty URL in the comma-separated list {cfg.nats_url!r}"
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            return f"bad URL {url!r}: {exc}"
+        if parts.scheme not in _NATS_SCHEMES:
+            return f"bad URL {url!r}: scheme must be one of {', '.join(s + '://' for s in _NATS_SCHEMES)}"
+        if not parts.hostname:
+            return f"bad URL {url!r}: no host"
+    return None
+
+
+@_check("JS_DOMAIN")
+def _check_domain(cfg: Config) -> str | None:
+    from .subjects import valid_subject
+
+    # The domain becomes a subject token ($JS.<domain>.API...).
+    if cfg.js_domain and ("." in cfg.js_domain or not valid_subject(cfg.js_domain)):
+        return f"invalid domain {cfg.js_domain!r}: letters, digits, _ and - only"
+    return None
 
 
 @_check("WS_AUTH_SECRET")

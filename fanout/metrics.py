@@ -67,6 +67,7 @@ class Metrics:
         self.replays = Counter("fanout_replays_total", "Replay requests", ["result"], registry=r)
         self.resumes = Counter("fanout_resumes_total", "Resume requests", ["complete"], registry=r)
         self.publish_rejected = Counter("fanout_publish_rejected_total", "Publishes refused", ["reason"], registry=r)
+        self.ingest_rejected = Counter("fanout_ingest_rejected_total", "Broker messages acked but not delivered (e.g. bad_subject)", ["reason"], registry=r)
         self.duplicates = Counter("fanout_duplicates_dropped_total", "Messages dropped as already dispatched (stream_seq)", registry=r)
         self.dispatch_seconds = Histogram("fanout_dispatch_seconds", "Time to match and enqueue one message for all its clients",
                                           buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1), registry=r)

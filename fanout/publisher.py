@@ -37,30 +37,28 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
-from .brokers.base import PRIORITIES
+from .brokers.base import PRIORITIES, PRIORITY_HEADER, PRIORITY_NAMES, parse_priority
 from .config import Config
 from .subjects import subject_error
 
 log = logging.getLogger("fanout.publisher")
 
-__all__ = ["Publisher", "publish", "publish_acked", "build_headers", "priority_name", "tls_context", "split_servers"]
+__all__ = ["Publisher", "publish", "publish_acked", "build_headers", "priority_name", "tls_context", "split_servers",
+           "connect_options", "config_connect_options"]
 
-_NAMES = {v: k for k, v in PRIORITIES.items()}
-
-PRIORITY_HEADER = "Fanout-Priority"
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
 def priority_name(priority: str | int) -> str:
-    """``"high"`` from ``"HIGH"``, ``"high"`` or ``2``; ValueError on anything else."""
-    if isinstance(priority, bool):
+    """``"high"`` from ``"HIGH"``, ``"high"`` or ``2``; ValueError on anything else.
+
+    Stricter than :func:`fanout.brokers.base.parse_priority` (the one parser,
+    used here) in one way: a publisher must name a priority, so None and ""
+    are refused rather than taken as the default.
+    """
+    if priority is None or priority == "":
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {priority!r}")
-    if isinstance(priority, int):
-        if priority in _NAMES:
-            return _NAMES[priority]
-    elif isinstance(priority, str) and priority.strip().lower() in PRIORITIES:
-        return priority.strip().lower()
-    raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {priority!r}")
+    return PRIORITY_NAMES[parse_priority(priority)]
 
 
 def build_headers(priority: str | int, msg_id: str | None) -> dict[str, str]:
@@ -91,6 +89,38 @@ def tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext |
     return ctx
 
 
+def connect_options(*, name: str, user: str | None = None, password: str | None = None, token: str | None = None,
+                    creds_file: str | None = None, tls: ssl.SSLContext | None = None,
+                    reconnect_time_wait: float = 1.0, **extra: Any) -> dict[str, Any]:
+    """The one builder of :func:`nats.connect` options (the node's broker and :class:`Publisher`).
+
+    Reconnects forever. ``creds_file`` is passed as a path (nats-py's
+    ``user_credentials``): nats-py reads the file again on every connect and
+    reconnect, so a rotated creds file is used from the next reconnect on.
+    ``extra`` (callbacks, timeouts) is merged last and wins.
+    """
+    opts: dict[str, Any] = {"name": name, "allow_reconnect": True, "max_reconnect_attempts": -1,
+                            "reconnect_time_wait": reconnect_time_wait}
+    if user:
+        opts["user"] = user
+        opts["password"] = password or ""
+    if token:
+        opts["token"] = token
+    if creds_file:
+        opts["user_credentials"] = creds_file
+    if tls is not None:
+        opts["tls"] = tls
+    opts.update(extra)
+    return opts
+
+
+def config_connect_options(cfg: Config, *, name: str, **extra: Any) -> dict[str, Any]:
+    """:func:`connect_options` from the node's settings (NATS_USER/PASSWORD/TOKEN/CREDS_FILE, NATS_TLS_*)."""
+    return connect_options(name=name, user=cfg.nats_user or None, password=cfg.nats_password or None,
+                           token=cfg.nats_token or None, creds_file=cfg.nats_creds_file or None,
+                           tls=tls_context(cfg.nats_tls_ca, cfg.nats_tls_cert, cfg.nats_tls_key), **extra)
+
+
 async def _close_quietly(nc: NATS) -> None:
     try:
         await nc.close()
@@ -110,38 +140,33 @@ class Publisher:
     ``stream`` (optional) makes JetStream refuse a message that would not
     land in that stream (``Nats-Expected-Stream``). ``timeout`` bounds the
     wait for each ack, retries included; the default outlasts a stream
-    leader election (4 to 9 s in NATS). Extra keyword arguments go to :func:`nats.connect`.
+    leader election (4 to 9 s in NATS). ``domain`` is the JetStream domain
+    (``JS_DOMAIN``; nats-py's ``nc.jetstream(domain=...)``). Extra keyword
+    arguments go to :func:`nats.connect`.
     """
 
     def __init__(self, servers: str | list[str] = "nats://127.0.0.1:4222", *, stream: str | None = None,
                  user: str | None = None, password: str | None = None, token: str | None = None,
                  creds_file: str | None = None, tls: ssl.SSLContext | None = None, timeout: float = 10.0,
-                 name: str = "fanout-publisher", connect_wait: float = 10.0, **connect_opts: Any) -> None:
+                 name: str = "fanout-publisher", connect_wait: float = 10.0, domain: str | None = None,
+                 **connect_opts: Any) -> None:
         self.servers = split_servers(servers)
         self.stream = stream
         self.timeout = timeout
         self.connect_wait = connect_wait
-        opts: dict[str, Any] = {"name": name, "reconnect_time_wait": 1, "max_reconnect_attempts": -1,
-                                **connect_opts}
-        if user:
-            opts["user"] = user
-            opts["password"] = password or ""
-        if token:
-            opts["token"] = token
-        if creds_file:
-            opts["user_credentials"] = creds_file
-        if tls is not None:
-            opts["tls"] = tls
-        self._opts = opts
+        self.domain = domain or None
+        self._opts = connect_options(name=name, user=user, password=password, token=token, creds_file=creds_file,
+                                     tls=tls, **connect_opts)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, **kwargs: Any) -> Publisher:
-        """A publisher for the node's NATS settings (NATS_URL, credentials, TLS, JS_STREAM_NAME)."""
+        """A publisher for the node's NATS settings (NATS_URL, credentials, TLS, JS_STREAM_NAME, JS_DOMAIN)."""
         if not cfg.nats_url:
             raise ValueError("NATS_URL is not set")
         kwargs.setdefault("stream", cfg.js_stream_name)
+        kwargs.setdefault("domain", cfg.js_domain or None)
         return cls(cfg.nats_url, user=cfg.nats_user or None, password=cfg.nats_password or None,
                    token=cfg.nats_token or None, creds_file=cfg.nats_creds_file or None,
                    tls=tls_context(cfg.nats_tls_ca, cfg.nats_tls_cert, cfg.nats_tls_key), **kwargs)
@@ -176,7 +201,7 @@ class Publisher:
             await _close_quietly(nc)
             raise
         self._nc = nc
-        self._js = nc.jetstream(timeout=self.timeout)
+        self._js = nc.jetstream(timeout=self.timeout, domain=self.domain)
         return self
 
     async def close(self) -> None:

@@ -12,23 +12,62 @@ import abc
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Message", "Sink", "Broker", "PRIORITIES", "parse_priority", "History"]
+__all__ = ["Message", "Sink", "Broker", "PRIORITIES", "PRIORITY_NAMES", "DEFAULT_PRIORITY", "parse_priority",
+           "header_priority", "History"]
 
 #: ``Fanout-Priority`` header values; throttled clients lose lower ones first.
 PRIORITIES = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 DEFAULT_PRIORITY = PRIORITIES["high"]
+PRIORITY_HEADER = "Fanout-Priority"
+
+# Header values as publishers send them, so the ingest hot path is one dict
+# lookup. Only str/None keys: an int key would also answer True (hash(True) == 1).
+_KNOWN: dict[str | None, int] = {None: DEFAULT_PRIORITY, "": DEFAULT_PRIORITY}
+for _name, _num in PRIORITIES.items():
+    _KNOWN[_name] = _KNOWN[_name.upper()] = _KNOWN[_name.capitalize()] = _num
 
 
-def parse_priority(value: str | bytes | None) -> int:
-    """Priority number from a header value; raises ValueError on an unknown one."""
-    if value is None or value == "" or value == b"":
-        return DEFAULT_PRIORITY
+def parse_priority(value: str | bytes | int | None) -> int:
+    """The one priority parser: a number from a header value, a name or a number.
+
+    ``None`` and ``""`` mean the default (``high``); names are case- and
+    space-insensitive; ints 0..3 pass (bool does not). Raises ValueError on
+    anything else, with a message that starts with "priority".
+    """
+    if isinstance(value, str) or value is None:
+        known = _KNOWN.get(value)
+        if known is not None:
+            return known
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
+        if not value:
+            return DEFAULT_PRIORITY
+    if isinstance(value, str):
+        num = PRIORITIES.get(value.strip().lower())
+        if num is not None:
+            return num
+    elif isinstance(value, int) and not isinstance(value, bool) and value in PRIORITY_NAMES:
+        return value
+    raise ValueError(f"priority ({PRIORITY_HEADER}) must be one of {', '.join(PRIORITIES)}; got {value!r}")
+
+
+def header_priority(headers: dict[str, str] | None) -> int:
+    """Priority of a received message from its headers; an unknown value counts as the default.
+
+    Lenient on purpose: a message already stored in the stream is delivered
+    rather than dropped for a header its publisher got wrong.
+    """
+    if not headers:
+        return DEFAULT_PRIORITY
+    value = headers.get(PRIORITY_HEADER)
+    known = _KNOWN.get(value)
+    if known is not None:
+        return known
     try:
-        return PRIORITIES[value.strip().lower()]
-    except KeyError:
-        raise ValueError(f"Fanout-Priority must be one of {', '.join(PRIORITIES)}; got {value!r}") from None
+        return parse_priority(value)
+    except ValueError:
+        return DEFAULT_PRIORITY
 
 
 @dataclass(slots=True)
@@ -63,10 +102,6 @@ class Sink(Protocol):
     def set_epoch(self, epoch: str) -> None:
         """The stream incarnation changed (or is first known)."""
 
-    @property
-    def last_stream_seq(self) -> int:
-        """Highest ``stream_seq`` dispatched so far (0 if none)."""
-
 
 class Broker(abc.ABC):
     """One source of messages for the hub."""
@@ -78,11 +113,6 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def ready(self) -> bool:
         """True while messages can flow (NATS connected; always for embedded)."""
-
-    @property
-    @abc.abstractmethod
-    def epoch(self) -> str:
-        """The stream incarnation; changes when the stream is recreated."""
 
     @abc.abstractmethod
     async def start(self, sink: Sink) -> None:

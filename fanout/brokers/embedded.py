@@ -32,10 +32,6 @@ class EmbeddedBroker(Broker):
     def ready(self) -> bool:
         return self._sink is not None
 
-    @property
-    def epoch(self) -> str:
-        return ""  # the hub's own start-up epoch stands
-
     async def start(self, sink: Sink) -> None:
         self._sink = sink
 

