@@ -36,9 +36,11 @@ against ``WS_AUTH_ISSUER`` when it is set. ``channels``, when present, is a list
 of valid subject patterns bounding what the client may subscribe to.
 
 Limits: a token longer than :data:`MAX_TOKEN_CHARS` or with anything but
-unpadded base64url segments is refused before it is parsed. Signatures are
-checked on the event loop (RSA-2048 and Ed25519 take tens of microseconds);
-only the JWKS download runs in a thread.
+unpadded base64url segments is refused before it is parsed. Tokens are
+checked on the event loop: about 0.2 ms each for HS256, RS256 (2048) or EdDSA
+as measured on a busy 2-core machine, mostly PyJWT's own Python code, so a
+storm of 10,000 reconnects costs about 2 s of CPU. Only the JWKS download
+runs in a thread.
 """
 
 from __future__ import annotations
