@@ -112,6 +112,16 @@ def publish(
     cfg = _load({})
     if cfg.nats_url and not url:
         from .publisher import Publisher
+        from .subjects import matches_any, subject_error
+
+        # Checked here, so the answer names the setting rather than being a
+        # JetStream "no responders" after the publish timeout.
+        problem = subject_error(subject, wildcards=False)
+        if problem is None and not matches_any(cfg.stream_subjects, subject):
+            problem = f"not in the stream's subjects (JS_STREAM_SUBJECTS={cfg.js_stream_subjects})"
+        if problem:
+            typer.echo(f"fanout: cannot publish to {subject!r}: {problem}", err=True)
+            raise typer.Exit(2)
 
         async def go() -> int:
             async with Publisher.from_config(cfg) as pub:
