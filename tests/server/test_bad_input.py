@@ -517,7 +517,7 @@ async def test_lone_surrogate_in_a_channel_is_an_invalid_channel(shared_node, ki
     raw = await RawClient.connect(shared_node.ws_port)
     try:
         extra = ',"after":0' if kind == "resume" else ""
-        raw.send_text('{"type":"%s","channels":["odin.token.\\ud800"]%s}' % (kind, extra))
+        raw.send_text('{"type":"' + kind + '","channels":["odin.token.\\ud800"]' + extra + "}")
         r = await raw.read_json()
         assert r["type"] == "error" and r["code"] == "invalid_channel"
         r = await raw.read_json()
