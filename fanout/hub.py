@@ -50,7 +50,6 @@ from .subjects import matches_any
 __all__ = ["Hub", "Peer", "Resumed"]
 
 PING_FRAME = b"\x89\x00"
-REPLAY_CHUNK = 32        # ring entries queued per replay step
 FETCH_ROUNDS = 8         # history fetches one resume may make before it gives up chasing the stream
 
 
@@ -137,6 +136,8 @@ class Hub:
         self._catchups: dict[int, _CatchUp] = {}
         self._high = max(1, cfg.ws_client_queue_bytes // 2)   # catch-up fills the queue up to here
         self.subscription_count = 0
+        self._from_memory = metrics.catchup_messages.labels("memory")
+        self._from_stream = metrics.catchup_messages.labels("stream")
 
     # -------------------------------------------------------------- lifecycle
     def bind(self, loop: asyncio.AbstractEventLoop, broker: Broker | None) -> None:
@@ -418,11 +419,11 @@ class Hub:
             return
         if cu.is_replay:
             while cu.replay_next <= cu.replay_to and core.queued(slot) < self._high:
-                hi = min(cu.replay_to, cu.replay_next + REPLAY_CHUNK - 1)
-                _, missing = core.replay(slot, cu.replay_next, hi)
+                # One ring entry per step: a step never overshoots by more than one frame.
+                _, missing = core.replay(slot, cu.replay_next, cu.replay_next)
                 if missing is not None:
                     cu.missing = missing if cu.missing is None else (cu.missing[0], missing[1])
-                cu.replay_next = hi + 1
+                cu.replay_next += 1
             self.schedule_flush()
             if cu.replay_next > cu.replay_to:
                 self._finish(cu)
@@ -430,6 +431,7 @@ class Hub:
         while core.queued(slot) < self._high:
             if cu.pending:
                 self._deliver(cu, cu.pending.popleft())
+                self._from_stream.inc()
                 continue
             if cu.fetching:
                 return
@@ -445,11 +447,17 @@ class Hub:
                     return
                 cu.complete = False          # lost: deliver what memory still holds
                 cu.cursor = self.recent.dropped_upto
-            entries, scanned = self.recent.scan(cu.cursor, cu.patterns, 64)
+            entries, scanned = self.recent.scan(cu.cursor, cu.patterns, 16)
             if entries or scanned > cu.cursor:
+                n = 0
                 for e in entries:
+                    if core.queued(slot) >= self._high:
+                        break             # the cursor stays at the last one delivered
                     self._deliver(cu, e)
-                cu.cursor = max(cu.cursor, scanned)
+                    n += 1
+                else:
+                    cu.cursor = max(cu.cursor, scanned)
+                self._from_memory.inc(n)
                 continue
             # Caught up with everything dispatched: messages accepted this turn
             # go out through the core first (to those already subscribed), the
@@ -458,6 +466,7 @@ class Hub:
             entries, scanned = self.recent.scan(cu.cursor, cu.patterns, None)
             for e in entries:
                 self._deliver(cu, e)
+            self._from_memory.inc(len(entries))
             for ch in cu.patterns:
                 if core.subscribe(slot, ch):
                     self.subscription_count += 1

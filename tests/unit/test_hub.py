@@ -1,0 +1,322 @@
+"""The hub alone: a real Core, socketpairs as client sockets, a fake clock, and
+a recording Peer. Checks routing, what is reported back (blocked, dead, slow,
+drained) and the paced catch-up of resume and replay."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fanout.brokers.base import History, Message
+from fanout.hub import Hub, Resumed
+from fanout.metrics import Metrics
+from tests.helpers.inproc import FakeClock, drain_loop, make_cfg, pair
+
+CH = "odin.token.a.update"
+
+
+class RecPeer:
+    """A Peer that records what the hub tells it; reads its socket on demand."""
+
+    def __init__(self, rcvbuf: int | None = None) -> None:
+        self.server, self.client = pair(rcvbuf)
+        self.fd = self.server.fileno()
+        self.calls: list[str] = []
+
+    def on_blocked(self) -> None:
+        self.calls.append("blocked")
+
+    def on_dead(self, why: str) -> None:
+        self.calls.append("dead")
+
+    def on_slow(self) -> None:
+        self.calls.append("slow")
+
+    def on_drained(self) -> None:
+        self.calls.append("drained")
+
+    def read(self) -> bytes:
+        out = b""
+        while True:
+            try:
+                data = self.client.recv(1 << 20)
+            except BlockingIOError:
+                return out
+            if not data:
+                return out
+            out += data
+
+
+def frames(data: bytes) -> list[dict[str, Any]]:
+    """Unframe unmasked server text frames."""
+    out, i = [], 0
+    while i < len(data):
+        n = data[i + 1] & 0x7F
+        j = i + 2
+        if n == 126:
+            n, j = int.from_bytes(data[j:j + 2], "big"), j + 2
+        elif n == 127:
+            n, j = int.from_bytes(data[j:j + 8], "big"), j + 8
+        if j + n > len(data):
+            break                          # a frame still arriving
+        out.append(json.loads(data[j:j + n]))
+        i = j + n
+    return out
+
+
+class StreamBroker:
+    """History from a list: what a JetStream broker would answer (no network)."""
+
+    name = "stub"
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.calls: list[tuple[int, int]] = []
+
+    async def history(self, patterns: list[str], after: int, upto: int) -> History:
+        self.calls.append((after, upto))
+        return History([m for m in self.messages if after < m.stream_seq <= upto], True)
+
+
+@pytest.fixture
+async def hub() -> Hub:
+    import asyncio
+    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=8192), Metrics(), FakeClock())
+    h.bind(asyncio.get_running_loop(), None)
+    return h
+
+
+def msg(seq: int, subject: str = CH, size: int = 10) -> Message:
+    return Message(subject, json.dumps({"i": seq, "pad": "x" * size}).encode(), seq, 1, 2)
+
+
+async def test_dispatch_reaches_subscribers_in_one_flush(hub):
+    a, b = RecPeer(), RecPeer()
+    sa, sb = hub.attach(a, 0), hub.attach(b, 0)
+    assert hub.subscribe(sa, [CH]) == ([CH], [])
+    hub.subscribe(sb, ["odin.token.*.other"])
+    for i in range(1, 4):
+        hub.dispatch(msg(i))
+    await drain_loop()
+    got = frames(a.read())
+    assert [(f["seq"], f["stream_seq"]) for f in got] == [(1, 1), (2, 2), (3, 3)]
+    assert b.read() == b""
+    assert hub.core.send_calls == 1          # three frames, one sendmsg
+
+
+async def test_duplicates_are_dropped(hub):
+    p = RecPeer()
+    s = hub.attach(p, 0)
+    hub.subscribe(s, [CH])
+    assert hub.dispatch(msg(5)) == 1
+    assert hub.dispatch(msg(5)) == -1
+    assert hub.dispatch(msg(4)) == -1
+    await drain_loop()
+    assert len(frames(p.read())) == 1
+
+
+async def test_blocked_then_writable_then_drained():
+    import asyncio
+    hub = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=1 << 20), Metrics(), FakeClock())
+    hub.bind(asyncio.get_running_loop(), None)
+    p = RecPeer(rcvbuf=4096)
+    s = hub.attach(p, 0)
+    hub.subscribe(s, [CH])
+    for i in range(1, 40):
+        hub.dispatch(msg(i, size=1000))
+    await drain_loop()
+    assert p.calls == ["blocked"]
+    hub.watch_drain(s)
+    got: list[dict[str, Any]] = []
+    data = b""
+    for _ in range(200):
+        data += p.read()
+        if hub.flush_one(s) == 0:
+            break
+    data += p.read()
+    got = frames(data)
+    assert [f["seq"] for f in got] == list(range(1, 40))
+    assert p.calls[-1] == "drained"
+
+
+async def test_a_dead_socket_is_reported(hub):
+    p = RecPeer()
+    s = hub.attach(p, 0)
+    hub.subscribe(s, [CH])
+    p.client.close()
+    hub.dispatch(msg(1))
+    await drain_loop()
+    assert p.calls == ["dead"]
+
+
+async def test_a_client_over_its_limit_for_the_strikes_is_reported_slow(hub):
+    p = RecPeer(rcvbuf=4096)
+    s = hub.attach(p, 0)
+    hub.subscribe(s, [CH])
+    for i in range(1, 60):
+        hub.dispatch(msg(i, size=1000))
+        hub.publish_pending()
+    assert "slow" in p.calls
+
+
+async def test_replies_over_the_queue_limit_make_the_client_slow(hub):
+    p = RecPeer(rcvbuf=4096)
+    s = hub.attach(p, 0)
+    for _ in range(20):
+        hub.reply(s, b'{"type":"error","pad":"' + b"x" * 1000 + b'"}')
+    assert "slow" in p.calls
+
+
+async def test_subscription_limit_splits_accepted_and_refused():
+    import asyncio
+    h = Hub(make_cfg(WS_MAX_SUBSCRIPTIONS=2), Metrics(), FakeClock())
+    h.bind(asyncio.get_running_loop(), None)
+    s = h.attach(RecPeer(), 0)
+    assert h.subscribe(s, ["a.1", "a.2", "a.3"]) == (["a.1", "a.2"], ["a.3"])
+    assert h.subscribe(s, ["a.1", "a.4"]) == (["a.1"], ["a.4"])
+    assert h.subscription_count == 2
+    h.detach(s)
+    assert h.subscription_count == 0
+
+
+async def test_resume_is_paced_by_the_socket_and_live_follows_exactly(hub):
+    # 200 messages of ~1 KiB = 25x the 8 KiB queue limit.
+    for i in range(1, 201):
+        hub.dispatch(msg(i, size=1000))
+    hub.publish_pending()
+    p = RecPeer(rcvbuf=4096)
+    s = hub.attach(p, 0)
+    done: list[Resumed] = []
+    hub.resume(s, [CH], 0, None, done.append)
+    peak = hub.queued(s)
+    assert peak <= hub.cfg.ws_client_queue_bytes      # never filled past the limit
+    data = b""
+    live_sent = False
+    for _ in range(2000):
+        await drain_loop(1)
+        data += p.read()
+        hub.flush_one(s)
+        peak = max(peak, hub.queued(s))
+        if done:
+            break
+        if not live_sent and len(frames(data)) >= 100:
+            live_sent = True
+            hub.dispatch(msg(201, size=10))      # live while the catch-up runs
+            hub.dispatch(msg(202, size=10))
+    assert live_sent
+    assert done and done[0].complete is True and done[0].accepted == [CH]
+    assert peak <= hub.cfg.ws_client_queue_bytes
+    hub.dispatch(msg(203, size=10))
+    await drain_loop()
+    for _ in range(50):
+        data += p.read()
+        hub.flush_one(s)
+    got = frames(data)
+    assert [f["stream_seq"] for f in got] == list(range(1, 204))
+    assert [f["seq"] for f in got] == list(range(1, 204))
+    assert "slow" not in p.calls
+
+
+async def test_resume_reads_what_memory_lost_from_the_broker():
+    import asyncio
+    h = Hub(make_cfg(WS_HISTORY_SIZE=5), Metrics(), FakeClock())
+    broker = StreamBroker()
+    h.bind(asyncio.get_running_loop(), broker)  # type: ignore[arg-type]
+    for i in range(1, 21):
+        broker.messages.append(msg(i))
+        h.dispatch(msg(i))
+    h.publish_pending()
+    p = RecPeer()
+    s = h.attach(p, 0)
+    done: list[Resumed] = []
+    h.resume(s, [CH], 3, None, done.append)
+    for _ in range(20):
+        await drain_loop(1)
+        if done:
+            break
+    await drain_loop()
+    assert done and done[0].complete is True
+    assert broker.calls == [(3, 20)]
+    assert [f["stream_seq"] for f in frames(p.read())] == list(range(4, 21))
+
+
+async def test_resume_of_another_epoch_is_incomplete_and_sends_no_history(hub):
+    for i in range(1, 6):
+        hub.dispatch(msg(i))
+    hub.publish_pending()
+    p = RecPeer()
+    s = hub.attach(p, 0)
+    done: list[Resumed] = []
+    hub.resume(s, [CH], 2, "other-epoch", done.append)
+    assert done and done[0].complete is False
+    await drain_loop()
+    assert p.read() == b""
+    hub.dispatch(msg(6))
+    await drain_loop()
+    assert [f["stream_seq"] for f in frames(p.read())] == [6]
+
+
+async def test_resume_skips_what_a_live_subscription_already_sent(hub):
+    p = RecPeer()
+    s = hub.attach(p, 0)
+    hub.subscribe(s, ["odin.token.*.update"])
+    hub.dispatch(msg(1))
+    hub.dispatch(msg(2, subject="odin.token.a.trade"))
+    await drain_loop()
+    assert [f["stream_seq"] for f in frames(p.read())] == [1]
+    done: list[Resumed] = []
+    hub.resume(s, ["odin.token.a.>"], 0, None, done.append)
+    await drain_loop()
+    assert done[0].complete is True
+    assert [f["stream_seq"] for f in frames(p.read())] == [2]
+
+
+async def test_detach_during_a_catch_up_never_calls_back(hub):
+    for i in range(1, 101):
+        hub.dispatch(msg(i, size=1000))
+    hub.publish_pending()
+    p = RecPeer(rcvbuf=4096)
+    s = hub.attach(p, 0)
+    done: list[Resumed] = []
+    hub.resume(s, [CH], 0, None, done.append)
+    assert hub.catching_up(s)
+    hub.detach(s)
+    assert not hub.catching_up(s)
+    await drain_loop()
+    assert done == []
+
+
+async def test_replay_is_paced_and_reports_what_left_the_ring():
+    import asyncio
+    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=8192, WS_REPLAY_BUFFER=50), Metrics(), FakeClock())
+    h.bind(asyncio.get_running_loop(), None)
+    p = RecPeer(rcvbuf=4096)
+    s = h.attach(p, 0)
+    h.subscribe(s, [CH])
+    data = b""
+    for i in range(1, 81):
+        h.dispatch(msg(i, size=500))
+        h.publish_pending()
+        await drain_loop(1)
+        data += p.read()
+        h.flush_one(s)
+    data += p.read()
+    assert len(frames(data)) == 80
+    missing: list[Any] = []
+    h.replay(s, 20, 80, missing.append)
+    data = b""
+    for _ in range(2000):
+        await drain_loop(1)
+        data += p.read()
+        h.flush_one(s)
+        assert h.queued(s) <= h.cfg.ws_client_queue_bytes
+        if missing:
+            break
+    for _ in range(20):
+        data += p.read()
+        h.flush_one(s)
+    assert missing == [(20, 30)]
+    assert [f["seq"] for f in frames(data)] == list(range(31, 81))
+
