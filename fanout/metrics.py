@@ -66,6 +66,9 @@ class Metrics:
         self.subscriptions = Gauge("fanout_subscriptions", "Client subscriptions (pattern, client pairs)", registry=r)
         self.replays = Counter("fanout_replays_total", "Replay requests", ["result"], registry=r)
         self.resumes = Counter("fanout_resumes_total", "Resume requests", ["complete"], registry=r)
+        self.catchup_messages = Counter("fanout_catchup_messages_total",
+                                        "History messages delivered by resume, by where they came from",
+                                        ["source"], registry=r)
         self.publish_rejected = Counter("fanout_publish_rejected_total", "Publishes refused", ["reason"], registry=r)
         self.ingest_rejected = Counter("fanout_ingest_rejected_total", "Broker messages acked but not delivered (e.g. bad_subject)", ["reason"], registry=r)
         self.duplicates = Counter("fanout_duplicates_dropped_total", "Messages dropped as already dispatched (stream_seq)", registry=r)
