@@ -1,10 +1,15 @@
 // Bundle src/main.tsx into dist/app.js with esbuild; `--serve` also serves this folder
 // on http://127.0.0.1:8080 (PORT) and rebuilds on change.
 //
-// preserveSymlinks: @fanout/client is a file: dependency (a symlink to clients/js), and
-// its `react` import must resolve to this app's react, not clients/js's dev copy: two
-// Reacts in one page break hooks.
+// alias: @fanout/client is a file: dependency (a symlink to clients/js, which has its own
+// dev copy of react in its node_modules); its `react` import must resolve to this app's
+// react: two Reacts in one page break hooks. (An app that installs the npm tarball has one.)
+import { createRequire } from 'node:module';
+import { dirname } from 'node:path';
 import * as esbuild from 'esbuild';
+
+const here = createRequire(import.meta.url);
+const react = dirname(here.resolve('react/package.json'));
 
 const options = {
   entryPoints: ['src/main.tsx'],
@@ -14,7 +19,7 @@ const options = {
   outfile: 'dist/app.js',
   minify: true,
   sourcemap: true,
-  preserveSymlinks: true,
+  alias: { react },
   define: { 'process.env.NODE_ENV': '"production"' },
   logLevel: 'info',
 };
