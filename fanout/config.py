@@ -87,6 +87,7 @@ class Config:
     ws_flush_interval: float = _setting("WS_FLUSH_INTERVAL", 0.0, "extra delay before flushing queued frames, to put more frames in one syscall (0 = next loop turn)", lo=0, hi=1.0, kind="duration")
     ws_history_size: int = _setting("WS_HISTORY_SIZE", 10000, "recent messages kept in memory for resume", lo=0, hi=10_000_000)
     ws_brake_cpu_percent: float = _setting("WS_BRAKE_CPU_PERCENT", 0.0, "emergency brake: refuse new connections (503) while process CPU stays above this percent of one core for 3 s (0 = off; the plan used 75)", lo=0, hi=100)
+    ws_drain_seconds: float = _setting("WS_DRAIN_SECONDS", 10.0, "rolling drain window on SIGTERM or POST /drain: clients get a reconnect hint and 1001 spread over it (0 = all at once)", lo=0, hi=3600, kind="duration")
     ws_shutdown_timeout: float = _setting("WS_SHUTDOWN_TIMEOUT", 10.0, "seconds to flush and close clients on SIGTERM", lo=0, hi=3600, kind="duration")
     ws_throttle_percents: str = _setting("WS_THROTTLE_PERCENTS", "100,75,50,25", "delivery percent per throttle level 0..3")
     # --- NATS / JetStream (set NATS_URL to use it; embedded bus otherwise) -----

@@ -66,6 +66,7 @@ class Metrics:
         self.subscriptions = Gauge("fanout_subscriptions", "Client subscriptions (pattern, client pairs)", registry=r)
         self.replays = Counter("fanout_replays_total", "Replay requests", ["result"], registry=r)
         self.resumes = Counter("fanout_resumes_total", "Resume requests", ["complete"], registry=r)
+        self.drain_hints = Counter("fanout_drain_reconnect_hints_total", "reconnect hints sent to clients by a drain", registry=r)
         self.catchup_messages = Counter("fanout_catchup_messages_total",
                                         "History messages delivered by resume, by where they came from",
                                         ["source"], registry=r)

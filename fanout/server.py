@@ -19,6 +19,7 @@ import asyncio
 import errno
 import json
 import logging
+import random
 import signal
 import socket
 import time
@@ -37,6 +38,7 @@ from .log import bind_counter, event
 from .metrics import CONTENT_TYPE, Metrics
 from .ops_http import HttpRequest, HttpResponse
 from .ops_http import serve as serve_http
+from .protocol import reply
 from .ratelimit import TokenBucket
 from .session import Refusal, Session, State
 from .subjects import matches_any, subject_error
@@ -87,6 +89,9 @@ class Server:
         self._empty = asyncio.Event()
         self._empty.set()
         self.draining = False
+        self._stopping = False
+        self._publishing = True          # until the drain window ends
+        self._drained = asyncio.Event()
         self.braking = False
         self._hot_for = 0.0
         self.started = time.time()
@@ -238,18 +243,58 @@ class Server:
             event(logging.INFO, "emergency brake off", cpu_percent=cpu)
         self.metrics.braking.set(1 if self.braking else 0)
 
-    async def shutdown(self) -> None:
-        """Drain: refuse new work, flush what is queued, close clients with 1001."""
+    async def drain(self) -> None:
+        """Rolling drain (SIGTERM or ``POST /drain``): refuse new work at once, then
+        hand every client a ``reconnect`` hint and close it (1001) at its turn.
+
+        ``/ready`` turns 503 and the listener closes immediately, so the load
+        balancer stops sending new clients. Client ``i`` of ``n`` (in random
+        order) is told ``after_ms`` = its turn and closed then; turns are spread
+        from ``min(3 s, 30 %)`` of ``WS_DRAIN_SECONDS`` (time for the balancer's
+        health check to take the node out) to its end, so reconnects reach the
+        other nodes as a trickle, not a burst. Publishing continues to the
+        clients still connected. Returns at the end of the window (at once
+        when nobody is connected, or with a window of 0)."""
         if self.draining:
+            await self._drained.wait()
             return
         self.draining = True
         self.metrics.ready.set(0)
-        deadline = time.monotonic() + self.cfg.ws_shutdown_timeout
-        event(logging.INFO, "shutting down", connections=len(self.sessions), timeout=self.cfg.ws_shutdown_timeout)
+        window = self.cfg.ws_drain_seconds
+        event(logging.INFO, "shutting down" if self._stopping else "draining",
+              connections=len(self.sessions), drain_seconds=window, timeout=self.cfg.ws_shutdown_timeout)
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
+        clients = [s for s in self.sessions if s.state is State.OPEN]
+        random.shuffle(clients)
+        first = min(3.0, 0.3 * window)
+        n = len(clients)
+        for i, s in enumerate(clients):
+            at = first + (window - first) * i / n if window > 0 else 0.0
+            s.send(reply("reconnect", None, reason="drain", after_ms=int(at * 1000)))
+            if at <= 0:
+                s.close(CloseCode.GOING_AWAY, "server draining")
+            else:
+                self.loop.call_later(at, s.close, CloseCode.GOING_AWAY, "server draining")
+        self.metrics.drain_hints.inc(n)
+        if window > 0 and n:
+            try:
+                await asyncio.wait_for(self._empty.wait(), window + 0.05)
+            except TimeoutError:
+                pass
+        self._drained.set()
+
+    async def shutdown(self) -> None:
+        """Drain (see :meth:`drain`), stop the broker, flush, close what is left
+        with 1001, and stop within WS_DRAIN_SECONDS + WS_SHUTDOWN_TIMEOUT."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.drain()
+        self._publishing = False
+        deadline = time.monotonic() + self.cfg.ws_shutdown_timeout
         try:
             await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
         except Exception as exc:
@@ -291,6 +336,12 @@ class Server:
             return _json(503, {"ready": False, "reason": why}, {"Retry-After": "5"})
         if path == "/metrics":
             return HttpResponse(200, self.metrics.render(), CONTENT_TYPE)
+        if path == "/drain":
+            if req.method != "POST":
+                return _json(405, {"error": "use POST"}, {"Allow": "POST"})
+            if not self.draining:
+                self._tasks.append(self.loop.create_task(self.drain()))
+            return _json(202, {"draining": True, "drain_seconds": self.cfg.ws_drain_seconds})
         if path.startswith("/publish/"):
             if req.method != "POST":
                 return _json(405, {"error": "use POST"}, {"Allow": "POST"})
@@ -315,7 +366,7 @@ class Server:
             return self._publish_refused(400, "bad_priority", str(exc))
         if len(req.body) > MAX_PUBLISH_BYTES:
             return self._publish_refused(413, "too_large", f"payload over {MAX_PUBLISH_BYTES} bytes")
-        if self.draining or not self.broker.ready:
+        if not self._publishing or not self.broker.ready:
             return self._publish_refused(503, "not_ready", "node is not accepting publishes", {"Retry-After": "5"})
         if self._publish_bucket is not None and not self._publish_bucket.take():
             return self._publish_refused(429, "rate_limited", f"over WS_MAX_BROADCAST_RATE={self.cfg.ws_max_broadcast_rate:g}/s",

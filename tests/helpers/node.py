@@ -25,6 +25,8 @@ class NodeProcess:
     def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.env = {**os.environ, "WS_HOST": "127.0.0.1", "HEALTH_HOST": "127.0.0.1",
                     "WS_PORT": "0", "HEALTH_PORT": "0", "LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
+                    # Tests stop nodes at once; the drain window is tested where it is set.
+                    "WS_DRAIN_SECONDS": "0",
                     **(env or {})}
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None

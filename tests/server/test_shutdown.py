@@ -19,6 +19,18 @@ from tests.server.support import RawClient, connect
 SUBJECT = "odin.token.bye.update"
 
 
+def split(frames: list) -> tuple[list[dict], list[dict]]:
+    """Data messages, and the other frames (the drain's ``reconnect`` hint), of a closed connection."""
+    objs = [json.loads(f if isinstance(f, (str, bytes)) else f[1]) for f in frames]
+    return [m for m in objs if m["type"] == "message"], [m for m in objs if m["type"] != "message"]
+
+
+def assert_hint_last(frames: list) -> None:
+    """The drain (WS_DRAIN_SECONDS=0 here) sends ``reconnect`` after the data, before 1001."""
+    last = json.loads(frames[-1] if isinstance(frames[-1], (str, bytes)) else frames[-1][1])
+    assert last == {"type": "reconnect", "reason": "drain", "after_ms": 0}
+
+
 def _kernel_send_buffer_max() -> int:
     try:
         with open("/proc/sys/net/ipv4/tcp_wmem") as f:
@@ -45,7 +57,8 @@ async def test_queued_messages_are_delivered_before_1001_and_exit_0(node_factory
         code = await stopping
         elapsed = time.monotonic() - t0
     for close_code, frames in results:
-        got = [json.loads(f) for f in frames]
+        got, _ = split(frames)
+        assert_hint_last(frames)
         assert [m["stream_seq"] for m in got] == seqs
         assert [m["seq"] for m in got] == list(range(1, n + 1))
         assert all(m["data"]["pad"] == payload for m in got)
@@ -68,7 +81,8 @@ async def test_just_published_messages_are_delivered_before_1001(node_factory, s
         seqs = [node.publish(SUBJECT, {"i": i}) for i in range(50)]
         node.proc.send_signal(sig)
         for close_code, frames in await asyncio.gather(a.closed(), b.closed()):
-            assert [json.loads(f)["stream_seq"] for f in frames] == seqs
+            assert [m["stream_seq"] for m in split(frames)[0]] == seqs
+            assert_hint_last(frames)
             assert close_code == 1001
     assert await asyncio.to_thread(node.proc.wait, 5) == 0
 
@@ -95,9 +109,12 @@ async def test_drain_refuses_new_work_and_ends_within_the_timeout(node_factory):
                 async with connect(node):
                     pass
             code, frames = await polite.closed()
-            assert code == 1001 and [json.loads(f)["data"] for f in frames] == ["last"]
+            assert code == 1001 and [m["data"] for m in split(frames)[0]] == ["last"]
+            assert_hint_last(frames)
         code, frames = await stubborn.read_until_close()
-        assert code == 1001 and [json.loads(p)["data"] for op, p in frames if op == 0x1] == ["last"]
+        texts = [f for f in frames if f[0] == 0x1]
+        assert code == 1001 and [m["data"] for m in split(texts)[0]] == ["last"]
+        assert_hint_last(texts)
         # We never answer: the node gives up at WS_SHUTDOWN_TIMEOUT and exits 0.
         exit_code = await asyncio.to_thread(node.proc.wait, 10)
         elapsed = time.monotonic() - t0
