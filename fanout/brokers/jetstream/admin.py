@@ -22,6 +22,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
@@ -125,8 +126,13 @@ class Denials:
         return m.group(2)
 
     def since(self, t0: float, prefix: str = "") -> list[str]:
-        """Subjects denied since ``t0`` (monotonic) that start with ``prefix``."""
-        return [s for s, (_, t) in self._seen.items() if t >= t0 and s.startswith(prefix)]
+        """Subjects denied since ``t0`` (monotonic) that start with ``prefix``, lower-cased.
+
+        Lower-cased because nats-py lower-cases the server's error text
+        (and with it the subject); compare against ``.lower()`` forms.
+        """
+        prefix = prefix.lower()
+        return [s.lower() for s, (_, t) in self._seen.items() if t >= t0 and s.lower().startswith(prefix)]
 
     def clear(self) -> None:
         self._seen.clear()
@@ -291,7 +297,15 @@ class Admin:
                 await js.delete_consumer(self.stream, self.consumer)
                 ci = None
             elif abs((c.inactive_threshold or 0.0) - self.cfg.js_consumer_inactive) > 1e-3:
-                ci = await js.add_consumer(self.stream, c.evolve(inactive_threshold=self.cfg.js_consumer_inactive))
+                try:
+                    ci = await js.add_consumer(self.stream,
+                                               c.evolve(inactive_threshold=self.cfg.js_consumer_inactive))
+                except nats.errors.TimeoutError:
+                    # A user that may not create/update consumers (the durable
+                    # was made outside the node, docs/managed-nats.md): use it
+                    # as it is rather than refuse to start over a cleanup timer.
+                    log.warning("cannot update the durable's inactive_threshold (JS_CONSUMER_INACTIVE): "
+                                "using it as it is", extra={"fields": {"consumer": self.consumer}})
         if ci is None:
             try:
                 ci = await js.add_consumer(self.stream, self.wanted_consumer(start_after))

@@ -507,19 +507,24 @@ class JetStreamBroker(Broker):
         denied = self._denials.since(t0 - 0.05, f"{self._prefix}.{what}")
         if not denied:
             return TimeoutError(f"JetStream API ({self._prefix}.{what}*) did not answer within {JS_API_TIMEOUT}s")
-        subject = denied[0]
-        rest = subject[len(self._prefix) + 1:]
-        grant = f"allow publish to {subject}"
-        if rest.startswith(("STREAM.CREATE.", "STREAM.UPDATE.")):
+        # The error text comes lower-cased: name the subject as this node sent it.
+        rest = denied[0][len(self._prefix) + 1:]
+        p, st, co = self._prefix, self.stream, self.consumer
+        if rest.startswith(("stream.create.", "stream.update.")):
+            subject = f"{p}.STREAM.{rest.split('.')[1].upper()}.{st}"
             msg = (f"the node manages the stream (JS_STREAM_MANAGE=true, the default) but the NATS user may not "
                    f"publish to {subject}: set JS_STREAM_MANAGE=false to use the stream as it is "
-                   f"(created outside the node), or {grant}")
-        elif rest.startswith(("CONSUMER.CREATE.", "CONSUMER.DURABLE.CREATE.")):
-            msg = (f"the NATS user may not create the durable consumer {self.consumer} (publish to {subject} "
-                   f"denied): {grant}, or create that durable outside the node (see docs/managed-nats.md); "
+                   f"(created outside the node), or allow publish to {subject}")
+        elif rest.startswith(("consumer.create.", "consumer.durable.create.")):
+            subject = (f"{p}.CONSUMER.DURABLE.CREATE.{st}.{co}" if rest.startswith("consumer.durable")
+                       else f"{p}.CONSUMER.CREATE.{st}.{co}")
+            msg = (f"the NATS user may not create the durable consumer {co} (publish to {subject} "
+                   f"denied): allow it, or create that durable outside the node (see docs/managed-nats.md); "
                    "its name is JS_CONSUMER_NAME-FANOUT_NODE_ID")
         else:
-            msg = f"the NATS user may not call the JetStream API: publish to {subject} denied; {grant}"
+            subject = denied[0].upper() if denied[0].startswith("$js.") else denied[0]
+            msg = (f"the NATS user may not call the JetStream API: publish to {subject} (as NATS reports it, "
+                   f"upper-cased) denied; allow it (see docs/managed-nats.md)")
         return PermissionDenied(msg)
 
     # ------------------------------------------------------- history / reads
