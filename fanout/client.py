@@ -1,4 +1,4 @@
-"""An asyncio client for a fanout node (PROTOCOL.md, version 1), on ``websockets``.
+"""An asyncio client for a fanout node (PROTOCOL.md, version 1.1), on ``websockets``.
 
 ::
 
@@ -36,9 +36,26 @@ What it does for you
   seconds; a connection that delivers nothing at all for ``heartbeat_timeout``
   after one is considered dead and replaced (unless the client itself is the
   slow side: see backpressure).
-* ``throttle_update`` notices go to ``on_throttle(info)`` and
-  :attr:`Client.throttle`; server ``error`` frames not tied to a request go to
-  ``on_error(info)``.
+* ``throttle_update`` notices (``level``, ``rate_percent``, ``dropped``,
+  ``message``) go to ``on_throttle(info)`` and :attr:`Client.throttle`; server
+  ``error`` frames not tied to a request go to ``on_error(info)``.
+* **Reference counts.** Each :meth:`Client.subscribe` of a channel counts;
+  only the first one is sent to the node and :meth:`Client.unsubscribe` only
+  tells the node when the last holder lets go (same as the JS client).
+* **Snapshots** (1.1). ``subscribe(channels, snapshot=True)`` asks the node for
+  the newest message of each matching subject before live ones; they are
+  delivered with ``"snapshot": True`` (exempt from the ``stream_seq`` dedupe:
+  they are older state by design). A node before 1.1 ignores it and the reply
+  carries no ``snapshot`` count.
+* **Tokens.** ``token`` may be a callable (sync or async): it is called at
+  every connect, and, when the token is a JWT with ``exp``, again
+  ``refresh_before`` seconds before it expires to send ``refresh`` on the
+  open connection (``on_refreshed(exp)``), so the node does not close it with
+  4001. A 4001 close with a callable token reconnects at once with a fresh one;
+  with a fixed token it is fatal (:class:`AuthError`).
+* **Drain hint.** A ``reconnect`` frame (``after_ms``) during a node's drain
+  makes the next reconnect wait exactly that long instead of the backoff
+  (``on_drain(info)``).
 
 Callbacks run in the task that iterates the client, in order with the data
 messages: ``on_resumed`` with ``complete: False`` runs after the last message
@@ -70,6 +87,7 @@ Limits
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import itertools
 import json
@@ -84,7 +102,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 __all__ = [
-    "Client", "Tracker", "FanoutError", "AuthError", "ServerError", "SubscribeError", "ConnectionLost",
+    "Client", "Tracker", "token_exp", "covers", "FanoutError", "AuthError", "ServerError", "SubscribeError", "ConnectionLost",
     "ClientClosed",
 ]
 
@@ -138,6 +156,30 @@ class ConnectionLost(FanoutError):
 
 class ClientClosed(FanoutError):
     """The client was closed."""
+
+
+def token_exp(token: str | None) -> float | None:
+    """The ``exp`` of a JWT, read without verifying it (the node verifies); None when absent."""
+    try:
+        part = (token or "").split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (IndexError, ValueError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+def covers(pattern: str, subject: str) -> bool:
+    """True when NATS ``subject`` matches ``pattern`` (``*`` one token, ``>`` one or more at the end)."""
+    if pattern == subject:
+        return True
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return i == len(p) - 1 and len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
 
 
 # --------------------------------------------------- ordering (Sans-I/O)
@@ -228,6 +270,9 @@ class Tracker:
         ss = msg.get("stream_seq")
         if not isinstance(ss, int):
             return True
+        if msg.get("snapshot"):     # older state by design: not a duplicate
+            self.position = max(self.position, ss)
+            return True
         if ss <= self.position:
             self.duplicates += 1
             return False
@@ -245,6 +290,7 @@ class _Pending:
     span: tuple[int, int] | None = None                             # a replay's seq range
     auto: bool = False                                              # a gap replay the client sent itself
     internal: bool = False                                          # the client's own resume/re-subscribe
+    snapshot: list[str] | None = None                               # a subscribe's channels, when it asked for one
 
 
 @dataclass(slots=True)
@@ -280,6 +326,8 @@ class Client:
         on_error: Callback | None = None,
         on_connect: Callback | None = None,
         on_disconnect: Callback | None = None,
+        on_refreshed: Callback | None = None,
+        on_drain: Callback | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         heartbeat_interval: float = 20.0,
@@ -288,6 +336,7 @@ class Client:
         max_queue: int = 1024,
         max_held: int = 10000,
         open_timeout: float = 10.0,
+        refresh_before: float = 30.0,
         **connect_kwargs: Any,
     ) -> None:
         self.url = url
@@ -298,6 +347,9 @@ class Client:
         self.on_error = on_error
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
+        self.on_refreshed = on_refreshed
+        self.on_drain = on_drain
+        self.refresh_before = refresh_before
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.heartbeat_interval = heartbeat_interval
@@ -314,6 +366,9 @@ class Client:
         #: Completed reconnects.
         self.reconnects = 0
         self._channels: dict[str, None] = {}        # confirmed subscriptions, in order
+        self._refs: dict[str, int] = {}             # subscribe() calls holding each channel
+        self._current_token: str | None = None
+        self._hint_delay: float | None = None      # a drain's after_ms, for the next reconnect
         self._unpositioned: dict[str, int] = {}     # channel -> seen_hi when its subscribe was confirmed
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_queue)
         self._pending: dict[int, _Pending] = {}
@@ -425,25 +480,48 @@ class Client:
             log.exception("fanout client: on_%s callback failed", ev.name)
 
     # -------------------------------------------------------------- requests
-    async def subscribe(self, channels: Iterable[str]) -> list[str]:
+    async def subscribe(self, channels: Iterable[str], *, snapshot: bool = False) -> list[str]:
         """Subscribe to channels (patterns); returns the accepted ones.
 
-        Raises :exc:`SubscribeError` when some were refused (the accepted ones
-        stay subscribed). Waits for a connection while reconnecting; a request
-        cut off by a reconnect is sent again on the next connection (3 tries).
+        Reference-counted: a channel already held is not sent again (and gets
+        no node snapshot: its messages already flow). Raises
+        :exc:`SubscribeError` when some were refused (the accepted ones stay
+        subscribed). Waits for a connection while reconnecting; a request cut
+        off by a reconnect is sent again on the next connection (3 tries).
         """
         chans = list(dict.fromkeys(channels))
         if not chans:
             return []
-        reply, errors = await self._retrying({"type": "subscribe", "channels": chans}, "subscribed")
+        held = [c for c in chans if c in self._channels]
+        new = [c for c in chans if c not in self._channels]
+        for c in held:
+            self._refs[c] = self._refs.get(c, 0) + 1
+        if not new:
+            return held
+        obj: dict[str, Any] = {"type": "subscribe", "channels": new}
+        if snapshot:
+            obj["snapshot"] = True
+        reply, errors = await self._retrying(obj, "subscribed")
         accepted = list(reply.get("channels") or [])
+        for c in accepted:
+            self._refs[c] = self._refs.get(c, 0) + 1
         if errors:
-            raise SubscribeError(errors, accepted)
-        return accepted
+            raise SubscribeError(errors, held + accepted)
+        return held + accepted
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
-        """Unsubscribe; messages already in flight may still arrive."""
-        chans = list(dict.fromkeys(channels))
+        """Release channels: the node is told only for those no other subscribe() holds.
+
+        Messages already in flight may still arrive.
+        """
+        chans = []
+        for ch in dict.fromkeys(channels):
+            n = self._refs.get(ch, 0) - 1
+            if n > 0:
+                self._refs[ch] = n
+                continue
+            self._refs.pop(ch, None)
+            chans.append(ch)
         for ch in chans:
             self._channels.pop(ch, None)
             self._unpositioned.pop(ch, None)
@@ -500,7 +578,8 @@ class Client:
         """Send one request and wait for its reply; the returned record holds the reply and errors."""
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        pending = _Pending(reply, fut, span=span, internal=internal)
+        pending = _Pending(reply, fut, span=span, internal=internal,
+                           snapshot=list(obj["channels"]) if obj.get("snapshot") else None)
         self._pending[rid] = pending
         try:
             try:
@@ -535,6 +614,7 @@ class Client:
         kwargs: dict[str, Any] = {"open_timeout": self.open_timeout, "ping_interval": None,
                                   "max_size": DEFAULT_MAX_SIZE, **self.connect_kwargs}
         token = await self._token()
+        self._current_token = token
         if token:
             kwargs["additional_headers"] = {**dict(kwargs.get("additional_headers") or {}),
                                             "Authorization": f"Bearer {token}"}
@@ -549,12 +629,16 @@ class Client:
             raise
 
     def _delay(self, attempt: int) -> float:
-        """Jitter over an exponential cap: uniform in [min/2, min * 2**attempt] (at most ``reconnect_max``),
-        so a node restart's clients come back spread out; a 503's Retry-After is a floor."""
+        """Full jitter: uniform in [0, min(reconnect_max, reconnect_min * 2**attempt)], so a node restart's
+        clients come back spread out; a 503's Retry-After is a floor; a drain's hint replaces it."""
+        hint, self._hint_delay = self._hint_delay, None
+        if hint is not None:
+            self._retry_after = 0.0
+            return hint
         cap = min(self.reconnect_max, self.reconnect_min * (2 ** min(attempt, 30)))
-        delay = random.uniform(self.reconnect_min / 2, cap)
+        delay = random.uniform(0, cap)
         floor, self._retry_after = self._retry_after, 0.0
-        return max(delay, floor + random.uniform(0, self.reconnect_min))
+        return max(delay, floor + random.uniform(0, self.reconnect_min)) if floor else delay
 
     async def _run(self, ws: ClientConnection | None) -> None:
         """Connection manager: serve a connection, then reconnect with backoff, until closed or fatal."""
@@ -582,7 +666,14 @@ class Client:
                 log.exception("fanout client: connection handler failed")
                 await self._put(_Event("disconnect", (exc,)))
             first = False
+            expired = ws.close_code == 4001
             ws = None
+            if expired:
+                if self.token is None or isinstance(self.token, str):
+                    self._end(AuthError("closed with 4001: the token expired (give a callable token to refresh it)"))
+                    return
+                attempt = 0
+                continue        # reconnect at once: _open() fetches a fresh token
             if not self._closing:
                 await asyncio.sleep(self._delay(attempt))
                 attempt += 1
@@ -595,6 +686,7 @@ class Client:
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(ws))
         heart = loop.create_task(self._heartbeat(ws))
+        refresher = loop.create_task(self._refresh_loop(ws))
         restored = False
         exc: BaseException | None = None
         try:
@@ -624,7 +716,8 @@ class Client:
             self._ws = None
             heart.cancel()
             reader.cancel()
-            await asyncio.gather(heart, reader, return_exceptions=True)
+            refresher.cancel()
+            await asyncio.gather(heart, reader, refresher, return_exceptions=True)
             self._fail_pending(ConnectionLost("connection lost"))
             if ws.transport is not None:
                 ws.transport.abort()
@@ -660,6 +753,34 @@ class Client:
         stale = [c for c in chans if c not in self._channels]   # unsubscribed while we resumed
         if stale:
             await self._request(ws, {"type": "unsubscribe", "channels": stale}, "unsubscribed", internal=True)
+
+    async def _refresh_loop(self, ws: ClientConnection) -> None:
+        """With a callable token: send ``refresh`` ``refresh_before`` s before each token's ``exp``."""
+        if not callable(self.token):
+            return
+        exp = token_exp(self._current_token)
+        while exp is not None:
+            await asyncio.sleep(max(1.0, exp - time.time() - self.refresh_before))
+            await self._ready.wait()
+            try:
+                new = await self._token()
+                if not new:
+                    return
+                p = await self._request(ws, {"type": "refresh", "token": new}, "refreshed")
+            except ServerError as exc:
+                log.warning("fanout client: refresh refused (%s)", exc)
+                await self._put(_Event("error", (exc.frame,)))
+                left = exp - time.time()
+                if left < 4:
+                    return
+                exp = time.time() + left / 2 + self.refresh_before    # try again halfway to the expiry
+                continue
+            except (FanoutError, TimeoutError):
+                return
+            self._current_token = new
+            got = p.future.result().get("exp")
+            exp = float(got) if isinstance(got, (int, float)) else token_exp(new)
+            await self._put(_Event("refreshed", (got,)))
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         while True:
@@ -733,6 +854,11 @@ class Client:
         elif kind == "throttle_update":
             self.throttle = msg
             await self._put(_Event("throttle", (msg,)))
+        elif kind == "reconnect":
+            after = msg.get("after_ms")
+            self._hint_delay = max(0.0, float(after) / 1000) if isinstance(after, (int, float)) else 0.0
+            log.info("fanout client: node drains, reconnecting in %.3fs", self._hint_delay)
+            await self._put(_Event("drain", (msg,)))
         if pending is not None and kind == pending.reply and not pending.future.done():
             pending.future.set_result(msg)
         return True
@@ -772,6 +898,8 @@ class Client:
             for p in self._pending.values():      # a copy asked for with replay()
                 if p.span is not None and not p.auto and p.span[0] <= seq <= p.span[1]:
                     p.messages.append(msg)
+        if self._snapshot_pending(msg):
+            msg["snapshot"] = True
         deliver, gap = tr.on_message(msg)
         if gap is not None:
             log.info("fanout client: seq gap %d..%d: replaying", *gap)
@@ -781,6 +909,19 @@ class Client:
             log.warning("fanout client: %d messages held behind a gap: reconnecting to resume", len(tr.held))
             return False
         return True
+
+    def _snapshot_pending(self, msg: dict[str, Any]) -> bool:
+        """A data message before the reply of a ``subscribe`` with ``snapshot`` on a matching channel."""
+        ch = msg.get("channel")
+        if not isinstance(ch, str):
+            return False
+        for p in self._pending.values():
+            if p.snapshot and any(covers(c, ch) for c in p.snapshot):
+                live = any(covers(c, ch) for c in self._channels)
+                ss = msg.get("stream_seq")
+                if not (live and isinstance(ss, int) and ss > self.tracker.position):
+                    return True
+        return False
 
     async def _send_replay(self, ws: ClientConnection, gap: tuple[int, int]) -> None:
         rid = next(self._ids)

@@ -382,3 +382,152 @@ async def test_token_callable_and_channel_refused_on_resume(node_factory):
         await publish(node, 1, start=2, channel="odin.global.trending")
         await publish(node, 1, start=3)
         assert [m["data"]["i"] for m in await take(client, 1)] == [3]
+
+
+# ------------------------------------------------------- 1.1 client semantics
+async def test_subscriptions_are_reference_counted(node):
+    async with Client(node.ws_url, **FAST) as client:
+        assert await client.subscribe([CH]) == [CH]
+        assert await client.subscribe([CH]) == [CH]        # held: not sent again
+        await client.unsubscribe([CH])                      # one holder left: the node keeps sending
+        assert client.channels == [CH]
+        await publish(node, 1)
+        assert [m["data"] for m in await take(client, 1)] == [{"i": 0}]
+        await client.unsubscribe([CH])
+        assert client.channels == []
+        await client.subscribe(["odin.global.trending"])
+        await publish(node, 1, start=1)
+        await publish(node, 1, start=2, channel="odin.global.trending")
+        assert [m["data"] for m in await take(client, 1)] == [{"i": 2}]     # CH is gone on the node
+
+
+async def test_snapshot_on_todays_node_is_ignored_then_live(node):
+    await publish(node, 1)
+    async with Client(node.ws_url, **FAST) as client:
+        assert await client.subscribe([CH], snapshot=True) == [CH]
+        seqs = await publish(node, 1, start=1)
+        got = await take(client, 1)
+        assert got[0]["stream_seq"] == seqs[0] and "snapshot" not in got[0]
+
+
+def _jwt(exp: float) -> str:
+    import base64
+    body = base64.urlsafe_b64encode(json.dumps({"sub": "u", "exp": int(exp)}).encode()).decode().rstrip("=")
+    return f"e30.{body}.sig"
+
+
+class Scripted:
+    """A scripted server for what today's node does not send (1.1 notices, snapshot, refresh)."""
+
+    def __init__(self, on_frame) -> None:
+        self.on_frame = on_frame
+        self.connections: list[ServerConnection] = []
+        self.frames: list[dict[str, Any]] = []
+        self.connected_at: list[float] = []
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections.append(ws)
+        self.connected_at.append(time.monotonic())
+        try:
+            async for raw in ws:
+                req = json.loads(raw)
+                self.frames.append(req)
+                if req["type"] in ("subscribe", "resume"):
+                    reply = {"type": "subscribed" if req["type"] == "subscribe" else "resumed", "id": req["id"],
+                             "channels": req["channels"], "epoch": "e-1", "stream_seq": 0, "complete": True}
+                    await self.on_frame(self, ws, req, reply)
+                    await ws.send(json.dumps(reply))
+                    await self.on_frame(self, ws, {**req, "type": "after_" + req["type"]}, None)
+                else:
+                    await self.on_frame(self, ws, req, None)
+        except Exception:       # the client went away
+            pass
+
+
+async def test_snapshot_messages_are_delivered_and_not_deduped():
+    async def on_frame(srv, ws, req, reply):
+        if req["type"] == "subscribe" and req.get("snapshot"):
+            await ws.send(json.dumps({"seq": 2, "type": "message", "channel": "odin.global.trending",
+                                      "stream_seq": 3, "ts": 1, "data": {"top": 1}}))
+            reply["snapshot"] = 1
+        elif req["type"] == "after_subscribe" and not req.get("snapshot"):
+            await ws.send(json.dumps({"seq": 1, "type": "message", "channel": CH, "stream_seq": 9, "ts": 1,
+                                      "data": {"i": 0}}))
+
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server, \
+            Client(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", **FAST) as client:
+        await client.subscribe([CH])
+        assert (await take(client, 1))[0]["stream_seq"] == 9
+        await client.subscribe(["odin.global.trending"], snapshot=True)
+        snap = (await take(client, 1))[0]
+        assert snap["snapshot"] is True and snap["stream_seq"] == 3      # older than 9, yet delivered
+        assert client.last_stream_seq == 9 and client.tracker.duplicates == 0
+        assert srv.frames[1]["snapshot"] is True
+
+
+async def test_token_provider_refreshes_before_exp():
+    async def on_frame(srv, ws, req, reply):
+        if req["type"] == "refresh":
+            await ws.send(json.dumps({"type": "refreshed", "id": req["id"], "exp": 4_000_000_000}))
+
+    tokens = [_jwt(time.time() + 2.5), _jwt(4_000_000_000)]
+    rec = Recorder()
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server, \
+            Client(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", token=lambda: tokens.pop(0),
+                   refresh_before=1.0, on_refreshed=rec._make("refreshed"), **FAST) as client:
+        await consume_until(client, lambda: rec.of("refreshed"), timeout=10)
+        assert rec.of("refreshed") == [4_000_000_000]
+        assert [f["token"] for f in srv.frames if f["type"] == "refresh"] == [_jwt(4_000_000_000)]
+        assert len(srv.connections) == 1
+
+
+async def test_drain_hint_sets_the_reconnect_delay():
+    async def on_frame(srv, ws, req, reply):
+        if req["type"] == "after_subscribe" and len(srv.connections) == 1:
+            await ws.send(json.dumps({"type": "reconnect", "reason": "drain", "after_ms": 400}))
+            await ws.close(1001, "draining")
+
+    rec = Recorder()
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server, \
+            Client(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", on_drain=rec._make("drain"),
+                   on_resumed=rec._make("resumed"), reconnect_min=0.01, reconnect_max=0.05,
+                   request_timeout=5.0) as client:
+        await client.subscribe([CH])
+        await consume_until(client, lambda: rec.of("resumed"), timeout=10)
+        assert rec.of("drain")[0]["after_ms"] == 400
+        assert srv.connected_at[1] - srv.connected_at[0] >= 0.4       # not the 50 ms backoff cap
+        assert [f["type"] for f in srv.frames] == ["subscribe", "resume"]
+
+
+async def test_4001_with_token_provider_reconnects_with_a_fresh_token():
+    async def on_frame(srv, ws, req, reply):
+        if req["type"] == "after_subscribe" and len(srv.connections) == 1:
+            await ws.close(4001, "token expired")
+
+    tokens = iter(["t1", "t2"])
+    rec = Recorder()
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server, \
+            Client(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", token=lambda: next(tokens),
+                   **rec.kw(), **FAST) as client:
+        await client.subscribe([CH])
+        await consume_until(client, lambda: rec.of("resumed"), timeout=10)
+        auths = [c.request.headers["Authorization"] for c in srv.connections if c.request]
+        assert auths == ["Bearer t1", "Bearer t2"]
+
+
+async def test_4001_with_a_fixed_token_is_fatal():
+    async def on_frame(srv, ws, req, reply):
+        if req["type"] == "after_subscribe":
+            await ws.close(4001, "token expired")
+
+    srv = Scripted(on_frame)
+    async with serve(srv.handler, "127.0.0.1", 0) as server, \
+            Client(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", token="fixed", **FAST) as client:
+        await client.subscribe([CH])
+        with pytest.raises(AuthError):
+            await take(client, 1)
+        assert len(srv.connections) == 1
