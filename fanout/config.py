@@ -86,7 +86,20 @@ class Config:
     ws_max_broadcast_rate: float = _setting("WS_MAX_BROADCAST_RATE", 0.0, "messages/s fanned out (0 = unlimited); excess publishes wait or get 429", lo=0, hi=1e9)
     ws_flush_interval: float = _setting("WS_FLUSH_INTERVAL", 0.0, "extra delay before flushing queued frames, to put more frames in one syscall (0 = next loop turn)", lo=0, hi=1.0, kind="duration")
     ws_history_size: int = _setting("WS_HISTORY_SIZE", 10000, "recent messages kept in memory for resume", lo=0, hi=10_000_000)
-    ws_brake_cpu_percent: float = _setting("WS_BRAKE_CPU_PERCENT", 0.0, "emergency brake: refuse new connections (503) while process CPU stays above this percent of one core for 3 s (0 = off; the plan used 75)", lo=0, hi=100)
+    # --- resource guard (fanout/guard.py) and admission ---------------------
+    ws_guard_interval: float = _setting("WS_GUARD_INTERVAL", 1.0, "seconds between resource guard samples (CPU, loop lag, memory)", lo=0.05, hi=60, kind="duration")
+    ws_cpu_reject_threshold: float = _setting("WS_CPU_REJECT_THRESHOLD", 75.0, "emergency brake: new handshakes get 503 and /ready 503 while process CPU (percent of the cores it may use) stays at or above this (0 = off)", lo=0, hi=100)
+    ws_cpu_resume_threshold: float = _setting("WS_CPU_RESUME_THRESHOLD", 65.0, "the CPU brake releases below this percent (hysteresis; below WS_CPU_REJECT_THRESHOLD)", lo=0, hi=100)
+    ws_cpu_throttle_threshold: float = _setting("WS_CPU_THROTTLE_THRESHOLD", 60.0, "at or above this CPU percent the node drops low-priority messages for everyone (throttle_update) (0 = off)", lo=0, hi=100)
+    ws_max_loop_lag_ms: float = _setting("WS_MAX_LOOP_LAG_MS", 250.0, "brake while the event loop runs timers this late (ms); NATS consumption slows from half of it (0 = off)", lo=0, hi=60000)
+    ws_memory_reject_percent: float = _setting("WS_MEMORY_REJECT_PERCENT", 75.0, "brake while memory use is at or above this percent of the limit (cgroup, WS_MEMORY_LIMIT_BYTES or RAM) (0 = off)", lo=0, hi=100)
+    ws_memory_shed_percent: float = _setting("WS_MEMORY_SHED_PERCENT", 90.0, "at or above this percent of the memory limit the clients with the most queued bytes are closed with 1013 (0 = off)", lo=0, hi=100)
+    ws_memory_limit_bytes: int = _setting("WS_MEMORY_LIMIT_BYTES", 0, "memory budget of this process (its RSS is measured against it); 0 = the cgroup limit, or RAM where there is none", lo=0, hi=2**50)
+    ws_max_pending_handshakes: int = _setting("WS_MAX_PENDING_HANDSHAKES", 1000, "connections still in their handshake (token checks included) beyond which new handshakes get 503", lo=1, hi=1_000_000)
+    ws_max_concurrent_catchups: int = _setting("WS_MAX_CONCURRENT_CATCHUPS", 32, "history fetches from the broker (resume) running at once; more wait", lo=1, hi=100000)
+    ws_catchup_wait: float = _setting("WS_CATCHUP_WAIT", 5.0, "seconds a resume waits for a history fetch slot; then it completes with complete:false", lo=0, hi=600, kind="duration")
+    ws_max_connections_per_user: int = _setting("WS_MAX_CONNECTIONS_PER_USER", 3, "connections one token sub may hold on this node (0 = no limit; without auth there is no user)", lo=0, hi=1_000_000)
+    ws_user_limit_policy: str = _setting("WS_USER_LIMIT_POLICY", "close_oldest", "over WS_MAX_CONNECTIONS_PER_USER: close_oldest (close 4002) or refuse_new (HTTP 429 + Retry-After)", choices=("close_oldest", "refuse_new"))
     ws_drain_seconds: float = _setting("WS_DRAIN_SECONDS", 10.0, "rolling drain window on SIGTERM or POST /drain: clients get a reconnect hint and 1001 spread over it (0 = all at once)", lo=0, hi=3600, kind="duration")
     ws_shutdown_timeout: float = _setting("WS_SHUTDOWN_TIMEOUT", 10.0, "seconds to flush and close clients on SIGTERM", lo=0, hi=3600, kind="duration")
     ws_throttle_percents: str = _setting("WS_THROTTLE_PERCENTS", "100,75,50,25", "delivery percent per throttle level 0..3")
@@ -204,6 +217,22 @@ def _check_throttle(cfg: Config) -> str | None:
         return "expected 4 comma-separated integers like 100,75,50,25"
     if len(p) != 4 or not all(0 < x <= 100 for x in p) or list(p) != sorted(p, reverse=True):
         return "expected 4 decreasing percents in 1..100 like 100,75,50,25"
+    return None
+
+
+@_check("WS_CPU_RESUME_THRESHOLD")
+def _check_guard(cfg: Config) -> str | None:
+    reject = cfg.ws_cpu_reject_threshold
+    if reject > 0 and cfg.ws_cpu_resume_threshold >= reject:
+        return (f"must be below WS_CPU_REJECT_THRESHOLD={reject:g} (hysteresis), "
+                f"got {cfg.ws_cpu_resume_threshold:g}")
+    if reject > 0 and cfg.ws_cpu_throttle_threshold > reject:
+        return (f"WS_CPU_THROTTLE_THRESHOLD: must not exceed WS_CPU_REJECT_THRESHOLD={reject:g} "
+                f"(throttling comes before the brake), got {cfg.ws_cpu_throttle_threshold:g}")
+    shed = cfg.ws_memory_shed_percent
+    if shed > 0 and cfg.ws_memory_reject_percent > shed:
+        return (f"WS_MEMORY_REJECT_PERCENT: must not exceed WS_MEMORY_SHED_PERCENT={shed:g} "
+                f"(refusing comes before shedding), got {cfg.ws_memory_reject_percent:g}")
     return None
 
 

@@ -138,6 +138,9 @@ class Hub:
         self.subscription_count = 0
         self._from_memory = metrics.catchup_messages.labels("memory")
         self._from_stream = metrics.catchup_messages.labels("stream")
+        # WS_MAX_CONCURRENT_CATCHUPS: history fetches from the broker at once (the plan's task limits).
+        self._fetch_slots = asyncio.Semaphore(cfg.ws_max_concurrent_catchups)
+        self.history_fetches = 0
 
     # -------------------------------------------------------------- lifecycle
     def bind(self, loop: asyncio.AbstractEventLoop, broker: Broker | None) -> None:
@@ -486,12 +489,29 @@ class Hub:
     async def _fetch(self, cu: _CatchUp) -> None:
         """History the memory no longer holds, from the broker, up to what was dispatched."""
         assert self.broker is not None
-        upto = self._last_stream_seq
+        slots = self._fetch_slots
+        hist: History
         try:
-            hist: History = await self.broker.history(cu.patterns, cu.cursor, upto)
-        except Exception as exc:
-            event(logging.WARNING, "history fetch failed", error=str(exc))
-            hist = History([], False)
+            if slots.locked():
+                await asyncio.wait_for(slots.acquire(), self.cfg.ws_catchup_wait)
+            else:
+                await slots.acquire()
+        except TimeoutError:
+            # WS_MAX_CONCURRENT_CATCHUPS fetches are running: give this one up; the
+            # resume delivers what memory holds and completes with complete:false.
+            self.metrics.catchup_wait_timeouts.inc()
+            upto, hist = self._last_stream_seq, History([], False)
+        else:
+            self.history_fetches += 1
+            upto = self._last_stream_seq
+            try:
+                hist = await self.broker.history(cu.patterns, cu.cursor, upto)
+            except Exception as exc:
+                event(logging.WARNING, "history fetch failed", error=str(exc))
+                hist = History([], False)
+            finally:
+                self.history_fetches -= 1
+                slots.release()
         cu.fetching = False
         if self._peers[cu.slot] is None or cu.finished:
             return

@@ -28,11 +28,12 @@ from typing import Any
 import psutil
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 
-from .auth import Authenticator
+from .auth import Authenticator, Claims
 from .brokers.base import Broker, parse_priority
 from .brokers.embedded import EmbeddedBroker
 from .codes import CloseCode
 from .config import Config
+from .guard import Guard
 from .hub import Hub
 from .log import bind_counter, event
 from .metrics import CONTENT_TYPE, Metrics
@@ -45,6 +46,7 @@ from .subjects import matches_any, subject_error
 
 __all__ = ["Server", "run"]
 
+SHED_MIN_BYTES = 65536     # a client with less queued is not worth closing for memory
 ACCEPT_BATCH = 512          # sockets accepted per readiness event, so accept storms don't starve I/O
 MAX_PUBLISH_BYTES = 1 << 20
 
@@ -92,8 +94,11 @@ class Server:
         self._stopping = False
         self._publishing = True          # until the drain window ends
         self._drained = asyncio.Event()
-        self.braking = False
-        self._hot_for = 0.0
+        #: CPU, loop lag and memory: the brake, load shedding, memory shedding (fanout/guard.py).
+        self.guard = Guard(cfg, self.metrics)
+        self._next_guard = 0.0
+        #: Per-user registry (token sub -> open sessions, oldest first) for WS_MAX_CONNECTIONS_PER_USER.
+        self.users: dict[str, list[Session]] = {}
         self.started = time.time()
         self._listener: socket.socket | None = None
         self._ops: asyncio.AbstractServer | None = None
@@ -135,12 +140,17 @@ class Server:
         self._listener = lsock
         self.ws_port = lsock.getsockname()[1]
         self.loop.add_reader(lsock.fileno(), self._accept)
+        self.guard.start(self.loop)
         self._tasks.append(self.loop.create_task(self._periodic()))
         # Right now, not at the first periodic tick: /metrics must agree with /ready.
         self.metrics.broker_ready.set(1 if self.broker.ready else 0)
         self.metrics.ready.set(1 if self.ready else 0)
         event(logging.INFO, "fanout listening", ws_port=self.ws_port, health_port=self.health_port,
               mode=self.broker.name, max_connections=self.cfg.ws_max_connections, epoch=self.hub.epoch)
+
+    @property
+    def braking(self) -> bool:
+        return self.guard.braking
 
     @property
     def ready(self) -> bool:
@@ -152,14 +162,60 @@ class Server:
             return (503, "draining", "Service Unavailable: node is shutting down\n", 5)
         if self.hub.full:
             return (503, "connection_limit", "Service Unavailable: connection limit reached\n", 5)
-        if self.braking:
-            return (503, "overload", "Service Unavailable: node is overloaded\n", 10)
+        brake = self.guard.refusal()
+        if brake is not None:
+            return brake
+        # The session asking is itself one of them.
+        if len(self.sessions) - self.open_count > self.cfg.ws_max_pending_handshakes:
+            return (503, "handshake_limit", "Service Unavailable: too many handshakes in progress\n",
+                    random.randint(1, 3))
+        return None
+
+    def admit_user(self, claims: Claims) -> Refusal | None:
+        """After the token check, before 101: WS_USER_LIMIT_POLICY=refuse_new refuses a user
+        already at WS_MAX_CONNECTIONS_PER_USER (HTTP 429). Per node: on N nodes behind a
+        load balancer a user may hold up to N times the limit."""
+        limit = self.cfg.ws_max_connections_per_user
+        if limit <= 0 or self.cfg.ws_user_limit_policy != "refuse_new":
+            return None
+        have = sum(1 for s in self.users.get(claims.sub, ()) if s.state is State.OPEN)
+        if have >= limit:
+            return (429, "user_limit", f"Too Many Requests: at most {limit} connections per user\n",
+                    random.randint(5, 15))
         return None
 
     def opened(self, session: Session) -> None:
         self.open_count += 1
         self.metrics.connections.set(self.open_count)
         self.metrics.ws_connections.set(self.open_count)
+        if session.claims is not None:
+            self._user_opened(session, session.claims.sub)
+
+    def _user_opened(self, session: Session, sub: str) -> None:
+        """Register the session under its user; close_oldest closes the oldest over the limit (4002)."""
+        mine = self.users.setdefault(sub, [])
+        mine.append(session)
+        self.metrics.users.set(len(self.users))
+        limit = self.cfg.ws_max_connections_per_user
+        if limit <= 0 or self.cfg.ws_user_limit_policy != "close_oldest":
+            return
+        live = [s for s in mine if s.state is State.OPEN]
+        for old in live[:max(0, len(live) - limit)]:
+            event(logging.INFO, "per-user limit: oldest connection replaced", user=sub, client=old.id,
+                  new_client=session.id, limit=limit)
+            old.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
+
+    def _user_closed(self, session: Session, sub: str) -> None:
+        mine = self.users.get(sub)
+        if mine is None:
+            return
+        try:
+            mine.remove(session)
+        except ValueError:
+            return
+        if not mine:
+            del self.users[sub]
+        self.metrics.users.set(len(self.users))
 
     def closed(self, session: Session) -> None:
         if session not in self.sessions:
@@ -167,6 +223,8 @@ class Server:
         self.sessions.discard(session)
         if session.was_open:
             self.open_count -= 1
+            if session.claims is not None:
+                self._user_closed(session, session.claims.sub)
             self.metrics.connections.set(self.open_count)
             self.metrics.ws_connections.set(self.open_count)
         if not self.sessions:
@@ -202,7 +260,7 @@ class Server:
         proc = psutil.Process()
         proc.cpu_percent(None)
         next_ping = time.monotonic() + cfg.ws_ping_interval
-        tick = min(1.0, cfg.ws_ping_interval, cfg.ws_idle_timeout / 2)
+        tick = min(1.0, cfg.ws_ping_interval, cfg.ws_idle_timeout / 2, cfg.ws_guard_interval)
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
@@ -213,7 +271,7 @@ class Server:
             self.hub.recent.expire(now)
             cpu = proc.cpu_percent(None)
             self.metrics.cpu_percent.set(cpu)
-            self._brake(cpu, tick)
+            self._guard_tick(now)
             self.metrics.memory_rss.set(proc.memory_info().rss)
             self.metrics.broker_ready.set(1 if self.broker.ready else 0)
             self.metrics.ready.set(1 if self.ready else 0)
@@ -227,21 +285,41 @@ class Server:
             s.close(CloseCode.GOING_AWAY, "idle timeout")
         return len(idle)
 
-    def _brake(self, cpu: float, tick: float) -> None:
-        """Emergency brake (WS_BRAKE_CPU_PERCENT): over the limit for 3 s refuses new
-        handshakes (503 + Retry-After) and turns /ready 503; released below 80% of it.
-        Established connections keep their service."""
-        limit = self.cfg.ws_brake_cpu_percent
-        if limit <= 0:
+    def _guard_tick(self, now: float) -> None:
+        """Every WS_GUARD_INTERVAL: sample, then apply what the guard decided (fanout/guard.py)."""
+        self.metrics.handshakes_pending.set(len(self.sessions) - self.open_count)
+        if now < self._next_guard:
             return
-        self._hot_for = self._hot_for + tick if cpu > limit else 0.0
-        if not self.braking and self._hot_for >= 3.0:
-            self.braking = True
-            event(logging.WARNING, "emergency brake on: refusing new connections", cpu_percent=cpu, limit=limit)
-        elif self.braking and cpu < 0.8 * limit:
-            self.braking = False
-            event(logging.INFO, "emergency brake off", cpu_percent=cpu)
-        self.metrics.braking.set(1 if self.braking else 0)
+        self._next_guard = now + self.cfg.ws_guard_interval
+        actions = self.guard.tick()
+        if actions.throttle is not None:
+            set_load_shed = getattr(self.hub, "set_load_shed", None)
+            if set_load_shed is not None:
+                set_load_shed(actions.throttle)
+        if actions.shed_bytes:
+            self.guard.note_shed(self._shed(actions.shed_bytes))
+        if actions.pause:
+            pause_for = getattr(self.broker, "pause_for", None)
+            if pause_for is not None:
+                pause_for(actions.pause)
+
+    def _shed(self, need: int) -> int:
+        """Close the open clients with the most queued bytes (1013) until their queues add up
+        to ``need``; their unsent frames are dropped first, so the memory goes now, not when
+        (if ever) they read. Clients with under SHED_MIN_BYTES queued are never shed."""
+        queued = sorted(((self.hub.queued(s.slot), s) for s in self.sessions
+                         if s.state is State.OPEN and s.slot is not None),
+                        key=lambda qs: qs[0], reverse=True)
+        freed = n = 0
+        for q, s in queued:
+            if freed >= need or q < SHED_MIN_BYTES or s.slot is None:
+                break
+            self.hub.discard_queued(s.slot)
+            event(logging.WARNING, "client shed at the memory limit", client=s.id, peer=s.peer, queued_bytes=q)
+            s.close(CloseCode.TRY_AGAIN_LATER, "server memory pressure")
+            freed += q
+            n += 1
+        return n
 
     async def drain(self) -> None:
         """Rolling drain (SIGTERM or ``POST /drain``): refuse new work at once, then
@@ -311,6 +389,7 @@ class Server:
             s.abort("shutdown timeout")
         for t in self._tasks:
             t.cancel()
+        self.guard.stop()
         if self._ops is not None:
             self._ops.close()
         if self.auth is not None:
@@ -328,12 +407,21 @@ class Server:
             return _json(200, {"status": "ok", "node": self.cfg.node_name, "uptime_s": round(time.time() - self.started, 1),
                                "connections": self.open_count,
                                "handshaking": len(self.sessions) - self.open_count, "epoch": self.hub.epoch,
-                               "last_stream_seq": self.hub.last_stream_seq, **self.broker.status()})
+                               "last_stream_seq": self.hub.last_stream_seq, **self.broker.status(),
+                               "guard": {**self.guard.status(),
+                                         "handshakes_pending": len(self.sessions) - self.open_count,
+                                         "max_pending_handshakes": self.cfg.ws_max_pending_handshakes,
+                                         "history_fetches": getattr(self.hub, "history_fetches", 0),
+                                         "max_concurrent_catchups": self.cfg.ws_max_concurrent_catchups,
+                                         "users": len(self.users)}})
         if path == "/ready":
             if self.ready:
                 return _json(200, {"ready": True})
             why = "draining" if self.draining else ("braking" if self.braking else f"{self.broker.name} not ready")
-            return _json(503, {"ready": False, "reason": why}, {"Retry-After": "5"})
+            body: dict[str, Any] = {"ready": False, "reason": why}
+            if self.braking and not self.draining:
+                body["braking"] = self.guard.reasons
+            return _json(503, body, {"Retry-After": "5"})
         if path == "/metrics":
             return HttpResponse(200, self.metrics.render(), CONTENT_TYPE)
         if path == "/drain":

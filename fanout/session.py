@@ -110,6 +110,10 @@ class SessionHost(Protocol):
     def admission(self) -> Refusal | None:
         """Why a new connection must be refused now (draining, full, overloaded), or None."""
 
+    def admit_user(self, claims: Claims) -> Refusal | None:
+        """After the token check, before 101: why this user may not connect now (the
+        per-user limit with refuse_new), or None."""
+
     def opened(self, session: Session) -> None:
         """The handshake succeeded."""
 
@@ -268,7 +272,9 @@ class Session:
             response = self._refuse(401, "unauthorized", f"Unauthorized: {exc}\n", None)
             response.headers["WWW-Authenticate"] = 'Bearer realm="fanout"'
         else:
-            response = self._accept(request)
+            # No await between this and _respond: the per-user count cannot change in between.
+            refusal = self.host.admit_user(self.claims)
+            response = self._refuse(*refusal) if refusal is not None else self._accept(request)
         if self.state is not State.HANDSHAKE:
             return
         self._respond(response)
@@ -290,7 +296,7 @@ class Session:
         metrics = self.host.metrics
         self.protocol.send_response(response)
         if response.status_code != 101:
-            if self.protocol.handshake_exc is not None and response.status_code not in (401, 404, 503):
+            if self.protocol.handshake_exc is not None and response.status_code not in (401, 404, 429, 503):
                 metrics.rejected.labels("bad_handshake").inc()
                 self._log("bad_handshake", logging.INFO, "handshake refused",
                           status=response.status_code, reason=str(self.protocol.handshake_exc))

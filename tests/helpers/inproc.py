@@ -85,6 +85,9 @@ class Host:
     def admission(self) -> Refusal | None:
         return self.refusal
 
+    def admit_user(self, claims: object) -> Refusal | None:
+        return None
+
     def opened(self, session: Session) -> None:
         self.opened_ids.append(session.id)
 

@@ -151,6 +151,10 @@ class JetStreamBroker(Broker):
         """The last stream sequence this broker dispatched (or skipped as deleted or invalid)."""
         return self._pull.last
 
+    def pause_for(self, seconds: float) -> None:
+        """Pause consumption (the resource guard, while the event loop lags); see PullConsumer.pause_for."""
+        self._pull.pause_for(seconds)
+
     def status(self) -> dict[str, object]:
         nc = self._nc
         return {

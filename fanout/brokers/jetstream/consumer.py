@@ -166,6 +166,7 @@ class PullConsumer:
         self._ack: Callable[..., Any] = self._no_ack
         # WS_MAX_NATS_RATE (0 = unlimited: no bucket at all on the hot path).
         self._bucket = TokenBucket(rate, max(1.0, rate / 10)) if rate > 0 else None
+        self._paused_until = 0.0   # monotonic; see pause_for
 
     # ------------------------------------------------------------ lifecycle
     async def subscribe(self, nc: NATS, sink: Sink) -> None:
@@ -210,9 +211,25 @@ class PullConsumer:
         self.pending += want
         await nc.publish(self.next_subject, req, reply=self._inbox)
 
+    def pause_for(self, seconds: float) -> None:
+        """Dispatch nothing more for ``seconds`` (the resource guard: the event loop lags).
+
+        Messages wait in this subscription's queue (at most the ~two batches
+        requested ahead) and in JetStream; nothing is dropped. While they wait
+        the queue is not empty, so the broker's watchdog leaves the requests be.
+        """
+        self._paused_until = max(self._paused_until, monotonic() + seconds)
+
+    async def _wait_paused(self) -> None:
+        while (left := self._paused_until - monotonic()) > 0:
+            await asyncio.sleep(left)
+        self._paused_until = 0.0
+
     async def on_msg(self, msg: Msg) -> None:
-        # One call per message, no loop turn unless a gap, the rate limit or a
-        # full output buffer makes it wait.
+        # One call per message, no loop turn unless a gap, the rate limit, a
+        # guard pause or a full output buffer makes it wait.
+        if self._paused_until:
+            await self._wait_paused()
         reply = msg.reply
         if not reply.startswith("$JS.ACK."):
             self.activity = monotonic()
