@@ -102,7 +102,16 @@ class Config:
     ws_user_limit_policy: str = _setting("WS_USER_LIMIT_POLICY", "close_oldest", "over WS_MAX_CONNECTIONS_PER_USER: close_oldest (close 4002) or refuse_new (HTTP 429 + Retry-After)", choices=("close_oldest", "refuse_new"))
     ws_drain_seconds: float = _setting("WS_DRAIN_SECONDS", 10.0, "rolling drain window on SIGTERM or POST /drain: clients get a reconnect hint and 1001 spread over it (0 = all at once)", lo=0, hi=3600, kind="duration")
     ws_shutdown_timeout: float = _setting("WS_SHUTDOWN_TIMEOUT", 10.0, "seconds to flush and close clients on SIGTERM", lo=0, hi=3600, kind="duration")
-    ws_throttle_percents: str = _setting("WS_THROTTLE_PERCENTS", "100,75,50,25", "delivery percent per throttle level 0..3")
+    ws_throttle_enabled: bool = _setting("WS_THROTTLE_ENABLED", True, "degrade slow clients step by step (throttle_update) before closing them; false = close with 1008 after WS_SLOW_CLIENT_STRIKES")
+    ws_throttle_light_percent: int = _setting("WS_THROTTLE_LIGHT_PERCENT", 75, "percent of non-critical messages a client at level 1 (light) gets", lo=1, hi=100)
+    ws_throttle_medium_percent: int = _setting("WS_THROTTLE_MEDIUM_PERCENT", 50, "percent at level 2 (medium)", lo=1, hi=100)
+    ws_throttle_heavy_percent: int = _setting("WS_THROTTLE_HEAVY_PERCENT", 25, "percent at level 3 (heavy)", lo=1, hi=100)
+    ws_throttle_recovery_seconds: float = _setting("WS_THROTTLE_RECOVERY_SECONDS", 30.0, "seconds a throttled client must keep up before it goes down one level", lo=0.1, hi=3600, kind="duration")
+    ws_throttle_max_level: int = _setting("WS_THROTTLE_MAX_LEVEL", 3, "heaviest level; a client still over its queue limit there is closed with 1008", lo=1, hi=3)
+    ws_priority_rules: str = _setting("WS_PRIORITY_RULES", "odin.token.*.metadata=low,odin.token.*.comment=medium,odin.token.*.update=high,odin.token.*.trade=critical", "subject pattern=priority rules for messages without a Fanout-Priority header (first match wins; default high)")
+    ws_conflate_channels: str = _setting("WS_CONFLATE_CHANNELS", "", "subject patterns whose messages are latest-value state: for a throttled client a newer one replaces the older still queued (comma-separated)")
+    ws_snapshot_max_subjects: int = _setting("WS_SNAPSHOT_MAX_SUBJECTS", 100000, "subjects whose newest message is kept for subscribe with snapshot:true (least recently updated evicted; 0 = off)", lo=0, hi=10_000_000)
+    ws_socket_sndbuf: int = _setting("WS_SOCKET_SNDBUF", 262144, "SO_SNDBUF per client socket, so a stalled reader cannot hide megabytes in the kernel (0 = kernel autotuning)", lo=0, hi=64 * 2**20)
     # --- NATS / JetStream (set NATS_URL to use it; embedded bus otherwise) -----
     nats_url: str = _setting("NATS_URL", "", "NATS server URL(s), comma-separated (nats://, tls://, ws://, wss://); empty = embedded mode")
     nats_creds_file: str = _setting("NATS_CREDS_FILE", "", "NATS credentials file (.creds: user JWT + nkey seed; read again on every reconnect)")
@@ -138,8 +147,24 @@ class Config:
         return [s.strip() for s in self.js_stream_subjects.split(",") if s.strip()]
 
     @property
-    def throttle_percents(self) -> tuple[int, ...]:
-        return tuple(int(p) for p in self.ws_throttle_percents.split(","))
+    def throttle_percents(self) -> tuple[int, int, int, int]:
+        return (100, self.ws_throttle_light_percent, self.ws_throttle_medium_percent, self.ws_throttle_heavy_percent)
+
+    @property
+    def priority_rules(self) -> list[tuple[str, int]]:
+        """``(pattern, priority)`` in order; validated at load."""
+        from .brokers.base import parse_priority
+
+        out = []
+        for item in self.ws_priority_rules.split(","):
+            if item.strip():
+                pattern, _, prio = item.partition("=")
+                out.append((pattern.strip(), parse_priority(prio.strip())))
+        return out
+
+    @property
+    def conflate_patterns(self) -> list[str]:
+        return [s.strip() for s in self.ws_conflate_channels.split(",") if s.strip()]
 
     @property
     def node_name(self) -> str:
@@ -209,15 +234,38 @@ def _check(env: str) -> Callable[[Callable[[Config], str | None]], Callable[[Con
     return deco
 
 
-@_check("WS_THROTTLE_PERCENTS")
+@_check("WS_THROTTLE_LIGHT_PERCENT")
 def _check_throttle(cfg: Config) -> str | None:
-    try:
-        p = cfg.throttle_percents
-    except ValueError:
-        return "expected 4 comma-separated integers like 100,75,50,25"
-    if len(p) != 4 or not all(0 < x <= 100 for x in p) or list(p) != sorted(p, reverse=True):
-        return "expected 4 decreasing percents in 1..100 like 100,75,50,25"
+    p = cfg.throttle_percents
+    if list(p) != sorted(p, reverse=True):
+        return ("must be >= WS_THROTTLE_MEDIUM_PERCENT >= WS_THROTTLE_HEAVY_PERCENT (lighter levels deliver more), "
+                f"got {p[1]}, {p[2]}, {p[3]}")
     return None
+
+
+@_check("WS_PRIORITY_RULES")
+def _check_priority_rules(cfg: Config) -> str | None:
+    from .subjects import valid_pattern
+
+    for item in cfg.ws_priority_rules.split(","):
+        if not item.strip():
+            continue
+        pattern, eq, prio = item.partition("=")
+        if not eq or not valid_pattern(pattern.strip()):
+            return f"expected pattern=priority items like odin.token.*.update=high, got {item.strip()!r}"
+    try:
+        cfg.priority_rules  # noqa: B018 - parsing is the check
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@_check("WS_CONFLATE_CHANNELS")
+def _check_conflate(cfg: Config) -> str | None:
+    from .subjects import valid_pattern
+
+    bad = [p for p in cfg.conflate_patterns if not valid_pattern(p)]
+    return f"invalid subject pattern(s): {', '.join(bad)}" if bad else None
 
 
 @_check("WS_CPU_RESUME_THRESHOLD")

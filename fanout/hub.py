@@ -39,17 +39,31 @@ from typing import Protocol
 
 from fanout_core import Core
 
-from .brokers.base import Broker, History, Message
+from .brokers.base import DEFAULT_PRIORITY, Broker, History, Message
 from .config import Config
 from .log import event
-from .memstream import Entry, MemoryStream
+from .memstream import Entry, LatestStore, MemoryStream
 from .metrics import Metrics
-from .protocol import message_tail
-from .subjects import matches_any
+from .protocol import message_tail, reply
+from .subjects import matches, matches_any
 
 __all__ = ["Hub", "Peer", "Resumed"]
 
+#: throttle_update texts when load shedding starts (True) and ends (False).
+LOAD_MESSAGES = {
+    True: "The server is under heavy load: low-priority updates are paused.",
+    False: "Server load is back to normal: all updates resumed.",
+}
+
 PING_FRAME = b"\x89\x00"
+
+#: throttle_update texts per level (the deployment plan's).
+THROTTLE_MESSAGES = (
+    "Connection quality restored. Receiving all updates.",
+    "Your connection is slightly slow. Receiving {pct}% of updates.",
+    "Your connection is slow. Receiving {pct}% of updates. Consider refreshing.",
+    "Your connection is very slow. Receiving {pct}% of updates. Please reconnect.",
+)
 FETCH_ROUNDS = 8         # history fetches one resume may make before it gives up chasing the stream
 
 
@@ -88,6 +102,8 @@ class _CatchUp:
     slot: int
     on_done: Callable[[_CatchUp], None]
     finished: bool = False
+    kind: str = "resume"             # "resume", "snapshot" or "replay"
+    delivered: int = 0               # pending (broker or snapshot) entries delivered
     # resume
     patterns: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
@@ -117,9 +133,13 @@ class Hub:
             replay_size=cfg.ws_replay_buffer,
             queue_limit=cfg.ws_client_queue_bytes,
             slow_strikes=cfg.ws_slow_client_strikes,
-            throttle_percents=cfg.throttle_percents,  # type: ignore[arg-type]  # validated: 4 values
+            throttle_percents=cfg.throttle_percents,
+            throttle=cfg.ws_throttle_enabled,
+            max_level=cfg.ws_throttle_max_level,
+            conflate=cfg.conflate_patterns,
         )
         metrics.attach_core(self.core.stats)
+        metrics.attach_client_lag(self.core.drops, self.core.lag_histogram)
         self._peers: list[Peer | None] = [None] * cfg.ws_max_connections
         self.recent = MemoryStream(cfg.ws_history_size, cfg.js_stream_max_age, clock)
         self.broker: Broker | None = None
@@ -136,7 +156,14 @@ class Hub:
         self._catchups: dict[int, _CatchUp] = {}
         self._high = max(1, cfg.ws_client_queue_bytes // 2)   # catch-up fills the queue up to here
         self.subscription_count = 0
+        self._rules = cfg.priority_rules
+        self._rule_cache: dict[str, int] = {}
+        self._raises_seen = 0
+        self._throttled: dict[int, float] = {}     # slot -> when it last fell behind (or changed level)
+        self._level_counts = [0, 0, 0, 0]
+        self.latest = LatestStore(cfg.ws_snapshot_max_subjects)
         self._from_memory = metrics.catchup_messages.labels("memory")
+        self._from_snapshot = metrics.catchup_messages.labels("snapshot")
         self._from_stream = metrics.catchup_messages.labels("stream")
         # WS_MAX_CONCURRENT_CATCHUPS: history fetches from the broker at once (the plan's task limits).
         self._fetch_slots = asyncio.Semaphore(cfg.ws_max_concurrent_catchups)
@@ -173,6 +200,11 @@ class Hub:
         self.publish_pending()
         self.subscription_count -= len(self.core.subscriptions(slot))
         self.metrics.subscriptions.set(self.subscription_count)
+        level = int(self.core.level(slot))
+        if level:
+            self._level_counts[level] -= 1
+            self._set_level_gauges()
+        self._throttled.pop(slot, None)
         self.core.remove_client(slot)
         self._peers[slot] = None
         self._watch.discard(slot)
@@ -197,6 +229,7 @@ class Hub:
         event(logging.WARNING, "stream epoch changed", old=old, new=epoch)
         self._last_stream_seq = 0
         self.recent.reset()
+        self.latest.clear()
 
     def dispatch(self, msg: Message) -> int:
         """Accept one message for fan-out (in stream order); 1, or -1 for a duplicate.
@@ -210,13 +243,31 @@ class Hub:
             self.metrics.duplicates.inc()
             return -1
         self._last_stream_seq = msg.stream_seq
-        tail = message_tail(msg.subject, msg.stream_seq, msg.ts_ms, msg.payload)
-        self._pending_subjects.append(msg.subject)
+        subject = msg.subject
+        prio = msg.priority if msg.priority >= 0 else self._rule_priority(subject)
+        tail = message_tail(subject, msg.stream_seq, msg.ts_ms, msg.payload)
+        self._pending_subjects.append(subject)
         self._pending_tails.append(tail)
-        self._pending_priorities.append(msg.priority)
-        self.recent.append(Entry(msg.stream_seq, msg.subject, tail, msg.priority, self.clock()))
+        self._pending_priorities.append(prio)
+        entry = Entry(msg.stream_seq, subject, tail, prio, self.clock())
+        self.recent.append(entry)
+        self.latest.put(entry)
         self.schedule_flush()
         return 1
+
+    def _rule_priority(self, subject: str) -> int:
+        """WS_PRIORITY_RULES for a message its publisher gave no priority (cached per subject)."""
+        p = self._rule_cache.get(subject)
+        if p is None:
+            p = DEFAULT_PRIORITY
+            for pattern, prio in self._rules:
+                if matches(pattern, subject):
+                    p = prio
+                    break
+            if len(self._rule_cache) >= 65536:
+                self._rule_cache.clear()
+            self._rule_cache[subject] = p
+        return p
 
     def publish_pending(self) -> None:
         if not self._pending_subjects:
@@ -226,12 +277,87 @@ class Hub:
         t0 = time.perf_counter()
         self.core.publish_batch(subjects, tails, prios)
         self.metrics.dispatch_seconds.observe((time.perf_counter() - t0) / len(subjects))
+        if self.core.level_raises != self._raises_seen:
+            self._raises_seen = self.core.level_raises
+            for slot in self.core.take_raised():
+                self._throttle_changed(slot, self.core.level(slot) - 1)
         if self.core.slow_marked != self._slow_seen:
             self._slow_seen = self.core.slow_marked
             for slot in self.core.take_slow():
                 peer = self._peers[slot]
                 if peer is not None:
                     peer.on_slow()
+
+    # ------------------------------------------------------------- throttling
+    def _throttle_changed(self, slot: int, old: int) -> None:
+        """The slot's level moved from ``old`` (one step): tell the client, in order
+        with its data and whatever its queue holds, and count it."""
+        if self._peers[slot] is None:
+            return
+        new = int(self.core.level(slot))
+        if new == old:
+            return
+        if new:
+            self._throttled[slot] = self.clock()
+        else:
+            self._throttled.pop(slot, None)
+        self.metrics.throttle_transitions.labels(str(old), str(new)).inc()
+        self._level_counts[old] -= 1
+        self._level_counts[new] += 1
+        self._set_level_gauges()
+        pct = self.cfg.throttle_percents[new]
+        notice = reply("throttle_update", None, level=new, rate_percent=pct,
+                       dropped=int(self.core.take_dropped(slot)), message=THROTTLE_MESSAGES[new].format(pct=pct))
+        self.core.send_text(slot, notice)   # past the queue limit on purpose: the client must learn it
+        self.schedule_flush()
+        event(logging.INFO if new < old else logging.WARNING, "client throttle level", slot=slot,
+              from_level=old, to_level=new, rate_percent=pct)
+
+    def _set_level_gauges(self) -> None:
+        self.metrics.throttled_light.set(self._level_counts[1])
+        self.metrics.throttled_medium.set(self._level_counts[2])
+        self.metrics.throttled_heavy.set(self._level_counts[3])
+
+    def throttle_tick(self, now: float) -> None:
+        """Periodic: a throttled client that kept up (queue under its limit) for
+        WS_THROTTLE_RECOVERY_SECONDS goes down one level; one over it restarts the wait."""
+        limit = self.cfg.ws_client_queue_bytes
+        recovery = self.cfg.ws_throttle_recovery_seconds
+        for slot, since in list(self._throttled.items()):
+            if self._peers[slot] is None:
+                self._throttled.pop(slot, None)
+                continue
+            if self.core.queued(slot) > limit:
+                self._throttled[slot] = now
+            elif now - since >= recovery:
+                old = int(self.core.level(slot))
+                self.publish_pending()        # what was throttled at the old level stays so
+                self.core.set_level(slot, old - 1)
+                self._throttle_changed(slot, old)
+
+    def set_load_shed(self, on: bool) -> None:
+        """Load shedding (the resource guard, WS_CPU_THROTTLE_THRESHOLD): ``low``
+        priority goes to nobody while on; every client is told with a
+        ``throttle_update`` (its own level, ``reason: "load"``)."""
+        if bool(self.core.shed_low) == on:
+            return
+        self.publish_pending()
+        self.core.shed_low = on
+        text = LOAD_MESSAGES[on]
+        for slot, peer in enumerate(self._peers):
+            if peer is None:
+                continue
+            level = int(self.core.level(slot))
+            self.core.send_text(slot, reply("throttle_update", None, level=level,
+                                            rate_percent=self.cfg.throttle_percents[level],
+                                            dropped=int(self.core.take_dropped(slot)), message=text,
+                                            reason="load"))
+        self.schedule_flush()
+        event(logging.WARNING if on else logging.INFO, "load shedding " + ("on" if on else "off"),
+              clients=self.open_count)
+
+    def throttle_level(self, slot: int) -> int:
+        return int(self.core.level(slot))
 
     # ------------------------------------------------------------------ flush
     def schedule_flush(self) -> None:
@@ -415,6 +541,27 @@ class Hub:
             cu.cursor = self._last_stream_seq
         self._start(cu)
 
+    def snapshot(self, slot: int, patterns: list[str],
+                 on_done: Callable[[list[str], list[str], int], None]) -> None:
+        """``subscribe`` with ``snapshot: true``: the newest retained message of
+        every subject matching ``patterns`` (oldest update first, each a data
+        message with its own seq), paced like any catch-up, then what was
+        dispatched meanwhile on them, then the subscription; then
+        ``on_done(accepted, over_limit, delivered)`` in that same step.
+        Subjects a live subscription of this connection already covers get no
+        snapshot (they are up to date)."""
+        self.publish_pending()
+        ok, over = self._split_limit(slot, patterns)
+
+        def done(cu: _CatchUp) -> None:
+            self.metrics.snapshots.labels("empty" if cu.delivered == 0 else "delivered").inc()
+            on_done(ok, over, cu.delivered)
+
+        cu = _CatchUp(slot, done, kind="snapshot", patterns=ok, already=list(self.core.subscriptions(slot)),
+                      cursor=self._last_stream_seq)
+        cu.pending.extend(self.latest.matching(ok) if ok else [])
+        self._start(cu)
+
     def _pump(self, cu: _CatchUp) -> None:
         """Put the next history into the slot's queue while it has room."""
         core, slot = self.core, cu.slot
@@ -433,8 +580,9 @@ class Hub:
             return
         while core.queued(slot) < self._high:
             if cu.pending:
-                self._deliver(cu, cu.pending.popleft())
-                self._from_stream.inc()
+                if self._deliver(cu, cu.pending.popleft()):
+                    cu.delivered += 1
+                    (self._from_snapshot if cu.kind == "snapshot" else self._from_stream).inc()
                 continue
             if cu.fetching:
                 return
@@ -479,12 +627,14 @@ class Hub:
             return
         self.schedule_flush()
 
-    def _deliver(self, cu: _CatchUp, e: Entry) -> None:
+    def _deliver(self, cu: _CatchUp, e: Entry) -> bool:
         # Skip what a live subscription of this connection already sent.
+        sent = False
         if not (cu.already and matches_any(cu.already, e.subject)):
-            self.core.deliver(cu.slot, e.tail, e.priority, True)
+            sent = bool(self.core.deliver(cu.slot, e.tail, e.priority, True))
         if e.stream_seq > cu.cursor:
             cu.cursor = e.stream_seq
+        return sent
 
     async def _fetch(self, cu: _CatchUp) -> None:
         """History the memory no longer holds, from the broker, up to what was dispatched."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .subjects import matches_any
+from .subjects import matches, matches_any
 
-__all__ = ["Entry", "MemoryStream"]
+__all__ = ["Entry", "MemoryStream", "LatestStore"]
 
 
 @dataclass(slots=True)
@@ -99,3 +99,51 @@ class MemoryStream:
                     break
             i += 1
         return out, scanned
+
+
+class LatestStore:
+    """The newest dispatched message of each subject, for ``subscribe`` with
+    ``snapshot: true`` (PROTOCOL.md 1.1).
+
+    Bounded by ``max_subjects`` (``WS_SNAPSHOT_MAX_SUBJECTS``): the subject
+    updated least recently is evicted first, so iteration order is oldest
+    update first, the order a snapshot is delivered in. A lookup by exact
+    subject is a dict hit; a wildcard pattern scans the subjects that start
+    with its literal prefix (``odin.token.`` for ``odin.token.*.update``).
+    """
+
+    def __init__(self, max_subjects: int) -> None:
+        self.max_subjects = max_subjects
+        self._d: OrderedDict[str, Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def put(self, e: Entry) -> None:
+        if self.max_subjects <= 0:
+            return
+        d = self._d
+        if e.subject in d:
+            d.move_to_end(e.subject)
+        d[e.subject] = e
+        if len(d) > self.max_subjects:
+            d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def matching(self, patterns: list[str]) -> list[Entry]:
+        """The newest entry of every subject matching any pattern, oldest update first."""
+        d = self._d
+        found: dict[str, Entry] = {}
+        for p in patterns:
+            if "*" not in p and ">" not in p:
+                e = d.get(p)
+                if e is not None:
+                    found[p] = e
+                continue
+            literal = p.split("*", 1)[0].split(">", 1)[0]
+            for subject, e in d.items():
+                if subject.startswith(literal) and subject not in found and matches(p, subject):
+                    found[subject] = e
+        return sorted(found.values(), key=lambda e: e.stream_seq)

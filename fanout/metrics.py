@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
@@ -24,6 +24,8 @@ _CORE = {
     "published": ("fanout_messages_published_total", "Messages matched and fanned out by the core", "counter"),
     "deliveries": ("fanout_deliveries_total", "Data frames queued for clients", "counter"),
     "throttled_drops": ("fanout_throttled_drops_total", "Messages not sent to throttled clients", "counter"),
+    "conflated_drops": ("fanout_conflated_drops_total", "Queued messages replaced by a newer one of their subject (conflated channels)", "counter"),
+    "level_raises": ("fanout_throttle_raises_total", "Throttle level raises made by the core (one step each)", "counter"),
     "bytes_queued": ("fanout_bytes_queued_total", "Bytes queued for clients", "counter"),
     "bytes_sent": ("fanout_bytes_sent_total", "Bytes written to client sockets", "counter"),
     "send_calls": ("fanout_send_syscalls_total", "send() calls made to client sockets", "counter"),
@@ -51,6 +53,37 @@ class CoreCollector:
             yield fam
 
 
+PRIORITY_LABELS = ("low", "medium", "high", "critical")
+QUEUED_BYTES_BOUNDS = (1024, 16384, 65536, 262144, 1048576, 4194304)
+LAG_SECONDS_BOUNDS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+
+
+class ClientLagCollector:
+    """Drops by priority and reason, and every client's lag (queued bytes, age
+    of its oldest queued frame) as gauge histograms: read from the core at
+    scrape time in one C pass over the slots."""
+
+    def __init__(self, drops: Callable[[], dict[tuple[str, int], int]],
+                 lag: Callable[[Any, Any], tuple[list[int], list[int], float, float]]) -> None:
+        self._drops = drops
+        self._lag = lag
+
+    def collect(self) -> Iterator[Any]:
+        fam = CounterMetricFamily("fanout_dropped", "Data messages a client did not get, by priority and reason",
+                                  labels=["priority", "reason"])
+        for (reason, prio), n in sorted(self._drops().items()):
+            fam.add_metric([PRIORITY_LABELS[prio], reason], n)
+        yield fam
+        qb, ab, qsum, asum = self._lag(QUEUED_BYTES_BOUNDS, LAG_SECONDS_BOUNDS)
+        for name, help_text, bounds, counts, total in (
+                ("fanout_client_queued_bytes", "Clients by bytes queued for them and not yet written", QUEUED_BYTES_BOUNDS, qb, qsum),
+                ("fanout_client_lag_seconds", "Clients by age of their oldest queued data frame (0: nothing queued)", LAG_SECONDS_BOUNDS, ab, asum)):
+            h = GaugeHistogramMetricFamily(name, help_text)
+            buckets = [(str(b), counts[i]) for i, b in enumerate(bounds)] + [("+Inf", counts[-1])]
+            h.add_metric([], buckets, gsum_value=total)
+            yield h
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -67,6 +100,7 @@ class Metrics:
         self.replays = Counter("fanout_replays_total", "Replay requests", ["result"], registry=r)
         self.resumes = Counter("fanout_resumes_total", "Resume requests", ["complete"], registry=r)
         self.drain_hints = Counter("fanout_drain_reconnect_hints_total", "reconnect hints sent to clients by a drain", registry=r)
+        self.snapshots = Counter("fanout_snapshots_total", "subscribe requests with snapshot:true, by outcome", ["result"], registry=r)
         self.catchup_messages = Counter("fanout_catchup_messages_total",
                                         "History messages delivered by resume, by where they came from",
                                         ["source"], registry=r)
@@ -109,6 +143,10 @@ class Metrics:
 
     def attach_core(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(CoreCollector(stats))
+
+    def attach_client_lag(self, drops: Callable[[], dict[tuple[str, int], int]],
+                          lag: Callable[[Any, Any], tuple[list[int], list[int], float, float]]) -> None:
+        self.registry.register(ClientLagCollector(drops, lag))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

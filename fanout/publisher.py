@@ -61,9 +61,10 @@ def priority_name(priority: str | int) -> str:
     return PRIORITY_NAMES[parse_priority(priority)]
 
 
-def build_headers(priority: str | int, msg_id: str | None) -> dict[str, str]:
-    """The NATS headers of one published message."""
-    headers = {PRIORITY_HEADER: priority_name(priority)}
+def build_headers(priority: str | int | None, msg_id: str | None) -> dict[str, str]:
+    """The NATS headers of one published message. No priority (None, or the
+    hub's UNSET -1) sends no ``Fanout-Priority``: the nodes' WS_PRIORITY_RULES decide."""
+    headers = {} if priority is None or priority == -1 else {PRIORITY_HEADER: priority_name(priority)}
     if msg_id:
         headers[MSG_ID_HEADER] = msg_id
     return headers

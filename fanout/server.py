@@ -29,7 +29,7 @@ import psutil
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 
 from .auth import Authenticator, Claims
-from .brokers.base import Broker, parse_priority
+from .brokers.base import UNSET_PRIORITY, Broker, parse_priority
 from .brokers.embedded import EmbeddedBroker
 from .codes import CloseCode
 from .config import Config
@@ -248,6 +248,10 @@ class Server:
                 raise
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.cfg.ws_socket_sndbuf:
+                # Bounded kernel buffering: a stalled reader shows up in our
+                # queue (and its throttle level) instead of in kernel memory.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.cfg.ws_socket_sndbuf)
             self.sessions.add(Session(self, conn, addr))
             self._empty.clear()
 
@@ -263,19 +267,29 @@ class Server:
         tick = min(1.0, cfg.ws_ping_interval, cfg.ws_idle_timeout / 2, cfg.ws_guard_interval)
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            if now >= next_ping:
-                next_ping = now + cfg.ws_ping_interval
-                self.hub.ping_all()
-            self._sweep_idle(now)
-            self.hub.recent.expire(now)
-            cpu = proc.cpu_percent(None)
-            self.metrics.cpu_percent.set(cpu)
-            self._guard_tick(now)
-            self.metrics.memory_rss.set(proc.memory_info().rss)
-            self.metrics.broker_ready.set(1 if self.broker.ready else 0)
-            self.metrics.ready.set(1 if self.ready else 0)
-            self.metrics.last_stream_seq.set(self.hub.last_stream_seq)
+            try:
+                next_ping = self._tick(proc, tick, next_ping)
+            except Exception:   # one bad tick must not end the periodic work for good
+                event(logging.ERROR, "periodic work failed", exc_info=True)
+
+    def _tick(self, proc: psutil.Process, tick: float, next_ping: float) -> float:
+        """One round of periodic work; returns when the next ping is due."""
+        cfg = self.cfg
+        now = time.monotonic()
+        if now >= next_ping:
+            next_ping = now + cfg.ws_ping_interval
+            self.hub.ping_all()
+        self._sweep_idle(now)
+        self.hub.throttle_tick(now)
+        self.hub.recent.expire(now)
+        cpu = proc.cpu_percent(None)
+        self.metrics.cpu_percent.set(cpu)
+        self._guard_tick(now)
+        self.metrics.memory_rss.set(proc.memory_info().rss)
+        self.metrics.broker_ready.set(1 if self.broker.ready else 0)
+        self.metrics.ready.set(1 if self.ready else 0)
+        self.metrics.last_stream_seq.set(self.hub.last_stream_seq)
+        return next_ping
 
     def _sweep_idle(self, now: float) -> int:
         """Close clients silent for longer than WS_IDLE_TIMEOUT (1001); returns how many."""
@@ -449,7 +463,8 @@ class Server:
             return self._publish_refused(400, "invalid_subject",
                                          f"{subject!r} is outside the stream subjects {self.cfg.js_stream_subjects}")
         try:
-            priority = parse_priority(req.headers.get("fanout-priority"))
+            header = req.headers.get("fanout-priority")
+            priority = parse_priority(header) if header else UNSET_PRIORITY
         except ValueError as exc:
             return self._publish_refused(400, "bad_priority", str(exc))
         if len(req.body) > MAX_PUBLISH_BYTES:

@@ -445,7 +445,17 @@ class Session:
         hub, slot = self.hub, self.slot
         if slot is None or self.state is not State.OPEN:
             return
-        if isinstance(req, Subscribe):
+        if isinstance(req, Subscribe) and req.snapshot:
+            self._busy = True
+
+            def snapshotted(accepted: list[str], over: list[str], n: int, r: Subscribe = req) -> None:
+                self._over_limit(over, r.id)
+                self.send(reply("subscribed", r.id, channels=accepted, epoch=self.hub.epoch,
+                                stream_seq=self.hub.last_stream_seq, snapshot=n))
+                self._next_request()
+
+            hub.snapshot(slot, self._admit(req.channels, req.id), snapshotted)
+        elif isinstance(req, Subscribe):
             accepted, over = hub.subscribe(slot, self._admit(req.channels, req.id))
             self._over_limit(over, req.id)
             # stream_seq: the position the subscription starts after, so a

@@ -16,6 +16,9 @@ cdef extern from "sys/uio.h" nogil:
 cdef struct Msg:
     Py_ssize_t refcnt         # publish call + one per ring entry holding it
     int priority              # 0 low .. 3 critical
+    uint32_t subject          # route id of its subject (0: none, e.g. catch-up history)
+    uint8_t conflate          # its subject is conflated: newest replaces older queued
+    double t                  # CLOCK_MONOTONIC seconds when it entered the core (queue age)
     char *tail                # shared JSON after the per-client prefix: "type":...}
     Py_ssize_t tail_len
     char *ztail[MAX_WBITS_SLOTS]      # tail deflated once per window size in use
@@ -48,7 +51,9 @@ cdef struct Client:
     uint8_t wbits             # permessage-deflate window bits; 0 = uncompressed
     uint8_t level             # throttle level 0..3
     int strikes               # consecutive messages enqueued over the byte limit
-    int credit                # throttle sampling accumulator (percent units)
+    int credit                # throttle sampling budget (percent units)
+    uint32_t dropped          # data messages not delivered since the last take_dropped()
+    Py_ssize_t mark           # queue size at the last level change: strikes count above it
     int segcap
     Py_ssize_t alen
     Py_ssize_t acap
@@ -66,6 +71,8 @@ cdef class _Pattern:
 
 
 cdef class _Route:
+    cdef uint32_t id
+    cdef bint conflate
     cdef list tokens
     cdef list patterns          # the _Pattern objects that match this subject
     cdef uint64_t *bits         # OR of their bitsets; NULL while no pattern matches
@@ -92,11 +99,20 @@ cdef class Core:
     cdef list _zc             # zlib compressor per window bits (Python objects)
     cdef int zlevel
     cdef int throttle_pct[4]
+    cdef readonly bint throttle_enabled
+    cdef public bint shed_low           # load shedding: low priority goes to nobody
+    cdef readonly int max_level
+    cdef list _conflate_tokens  # token lists of the conflated patterns
+    cdef uint32_t _route_ids
     cdef list _slow
+    cdef list _raised
     # counters (exported as metrics by the Python side)
     cdef readonly uint64_t published
     cdef readonly uint64_t deliveries
     cdef readonly uint64_t throttled_drops
+    cdef readonly uint64_t conflated_drops
+    cdef uint64_t drops_by[2][4]      # [throttled, conflated][priority]
+    cdef readonly uint64_t level_raises
     cdef readonly uint64_t bytes_queued
     cdef readonly uint64_t bytes_sent
     cdef readonly uint64_t send_calls
@@ -107,6 +123,8 @@ cdef class Core:
     cdef readonly int clients_active
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
+    cdef bint _sample(self, Client *c, int priority) noexcept
+    cdef bint _replace(self, Client *c, Msg *m) noexcept
     cdef int _queue_data(self, Client *c, uint64_t seq, Msg *m) except -1
     cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL
     cdef int _grow_segs(self, Client *c) except -1

@@ -43,6 +43,19 @@ cdef extern from "sys/socket.h" nogil:
 cdef extern from *:
     int __builtin_ctzll(unsigned long long) nogil
 
+cdef extern from "time.h" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *tp)
+    int CLOCK_MONOTONIC
+
+
+cdef inline double mono_now() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
 cdef enum:
     OP_TEXT = 0x81            # FIN + text
     OP_TEXT_DEFLATE = 0xC1    # FIN + RSV1 + text
@@ -55,6 +68,7 @@ cdef enum:
     IOV_BATCH = 512           # iovecs per sendmsg (Linux allows 1024)
     BATCH = 64                # messages matched together by publish_batch
     PRIORITY_CRITICAL = 3     # never dropped by throttling
+    CONFLATE_SCAN = 1024      # queued frames searched for an older version of a subject
 
 
 
@@ -81,8 +95,9 @@ cdef Msg *msg_new(bytes tail, int priority) except NULL:
         raise MemoryError()
     memcpy(m.tail, PyBytes_AS_STRING(tail), n)
     m.tail_len = n
-    m.priority = priority
+    m.priority = priority if 0 <= priority <= 3 else 2
     m.refcnt = 1
+    m.t = mono_now()
     return m
 
 
@@ -228,7 +243,8 @@ cdef class Core:
 
     def __cinit__(self, int capacity, int replay_size=100, Py_ssize_t queue_limit=262144,
                   int slow_strikes=3, int max_routes=65536, int compress_level=6,
-                  throttle_percents=(100, 75, 50, 25)):
+                  throttle_percents=(100, 75, 50, 25), bint throttle=False, int max_level=3,
+                  conflate=()):
         if capacity < 1 or replay_size < 1 or queue_limit < 1 or slow_strikes < 1:
             raise ValueError("capacity, replay_size, queue_limit and slow_strikes must be >= 1")
         self.capacity = capacity
@@ -258,6 +274,13 @@ cdef class Core:
             raise ValueError("throttle_percents needs 4 values")
         for i in range(4):
             self.throttle_pct[i] = int(pct[i])
+        if not 1 <= max_level <= 3:
+            raise ValueError("max_level must be 1..3")
+        self.throttle_enabled = throttle
+        self.max_level = max_level
+        self._conflate_tokens = [str(p).split(".") for p in conflate]
+        self._route_ids = 0
+        self._raised = []
 
     def __dealloc__(self):
         cdef int s
@@ -354,9 +377,67 @@ cdef class Core:
         cdef Client *c = self._check(slot)
         c.level = <uint8_t>level
         c.credit = 0
+        c.strikes = 0
+        c.mark = c.queued if level else 0
 
     def level(self, int slot):
         return self._check(slot).level
+
+    def take_raised(self):
+        """Slots whose throttle level the core raised (one step each) since the
+        last call, in order; a slot may appear more than once."""
+        out, self._raised = self._raised, []
+        return out
+
+    def take_dropped(self, int slot):
+        """Data messages this client did not get since the last call (throttled or conflated)."""
+        cdef Client *c = self._check(slot)
+        cdef uint32_t n = c.dropped
+        c.dropped = 0
+        return n
+
+    def drops(self):
+        """Drop counts: ``{("throttled"|"conflated", priority): n}``."""
+        out = {}
+        for i, reason in enumerate(("throttled", "conflated")):
+            for p in range(4):
+                out[(reason, p)] = self.drops_by[i][p]
+        return out
+
+    def lag_histogram(self, byte_bounds, age_bounds):
+        """Per-client lag, bucketed: how many clients have at most each bound of
+        queued bytes, and of age (seconds) of their oldest queued data frame
+        (cumulative counts, last = all clients), and the two sums. One pass in C
+        over the slots."""
+        cdef int nb = len(byte_bounds), na = len(age_bounds), s, i, j
+        cdef Client *c
+        cdef double now = mono_now(), age
+        cdef Seg *sg
+        qb = [0] * (nb + 1)
+        ab = [0] * (na + 1)
+        cdef double qsum = 0.0, asum = 0.0
+        cdef list bb = [float(x) for x in byte_bounds], gb = [float(x) for x in age_bounds]
+        for s in range(self._next_slot):
+            c = &self.clients[s]
+            if not c.active:
+                continue
+            age = 0.0
+            for j in range(c.shead, c.nseg):
+                sg = &c.segs[j]
+                if sg.m != NULL:
+                    age = now - sg.m.t
+                    break
+            qsum += c.queued
+            asum += age
+            for i in range(nb):
+                if c.queued <= bb[i]:
+                    qb[i] += 1
+            qb[nb] += 1
+            for i in range(na):
+                if age <= gb[i]:
+                    ab[i] += 1
+            ab[na] += 1
+        return qb, ab, qsum, asum
 
     def take_slow(self):
         """Slots that stayed over the queue limit for ``slow_strikes`` messages.
@@ -481,6 +562,13 @@ cdef class Core:
         r.tokens = subject.split(".")
         r.patterns = []
         r.bits = NULL
+        self._route_ids += 1
+        r.id = self._route_ids
+        r.conflate = False
+        for ptoks in self._conflate_tokens:
+            if _match(ptoks, r.tokens):
+                r.conflate = True
+                break
         self._routes[subject] = r
         p = self._patterns.get(subject)
         if p is not None and not p.wild:
@@ -519,6 +607,8 @@ cdef class Core:
         if r.bits == NULL:
             return 0
         cdef Msg *m = msg_new(tail, priority)
+        m.subject = r.id
+        m.conflate = r.conflate
         cdef int w, b, words = (self._next_slot + 63) >> 6
         cdef uint64_t word
         cdef int count = 0
@@ -560,6 +650,8 @@ cdef class Core:
                         continue
                     bits[k] = r.bits
                     msgs[k] = msg_new(tails[j], priorities[j])
+                    msgs[k].subject = r.id
+                    msgs[k].conflate = r.conflate
                     k += 1
                 for w in range(words):
                     word = 0
@@ -594,22 +686,80 @@ cdef class Core:
         finally:
             msg_decref(m)
 
+    cdef bint _sample(self, Client *c, int priority) noexcept:
+        """Throttled delivery: True if this non-critical message goes out.
+
+        Each non-critical message adds the level's percent to the client's
+        budget; one that goes out spends 100. ``high`` goes out whenever the
+        budget holds 100, ``medium`` only above 200 and ``low`` only above 300,
+        i.e. on what higher priorities leave unused. So the client gets the
+        level's percent of its non-critical messages (when there are enough),
+        and the lowest priorities are the ones dropped."""
+        cdef int pct = self.throttle_pct[c.level]
+        c.credit += pct
+        if c.credit > 400:
+            c.credit = 400          # no bursts after a quiet spell
+        if c.credit >= 100 + 100 * (2 - priority):
+            c.credit -= 100
+            return True
+        return False
+
+    cdef bint _replace(self, Client *c, Msg *m) noexcept:
+        """Conflation: put ``m`` in place of an older queued version of its
+        subject (not yet begun), keeping that frame's seq; True if done."""
+        cdef int i, stop = c.shead + (1 if c.sdone > 0 else 0)
+        cdef Seg *sg
+        cdef Msg *old
+        cdef Py_ssize_t before
+        cdef Py_ssize_t idx
+        if c.nseg - stop > CONFLATE_SCAN:
+            stop = c.nseg - CONFLATE_SCAN
+        i = c.nseg - 1
+        while i >= stop:
+            sg = &c.segs[i]
+            if sg.m != NULL and sg.m.subject == m.subject:
+                old = sg.m
+                before = seg_len(c, sg)
+                sg.m = m
+                m.refcnt += 1
+                c.queued += seg_len(c, sg) - before
+                idx = sg.v % self.replay_size
+                if c.ring != NULL and c.ring[idx] == old:
+                    c.ring[idx] = m          # replay gives what was sent for that seq
+                    m.refcnt += 1
+                    msg_decref(old)
+                msg_decref(old)
+                return True
+            i -= 1
+        return False
+
     cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
         cdef Client *c = &self.clients[slot]
         if c.nodata or not c.active:
             return 0
+        if self.shed_low and m.priority == 0 and not catchup:
+            c.dropped += 1
+            self.throttled_drops += 1
+            self.drops_by[0][0] += 1
+            return 0
         if c.level and m.priority < PRIORITY_CRITICAL and not catchup:
-            # Throttled: low priority goes first, the rest is sampled down to
-            # the level's percent; critical always passes. A dropped message
-            # takes no seq, so the client sees no false gap.
-            if m.priority == 0:
+            if m.conflate:
+                # Latest value per subject: never sampled away (it may be the
+                # newest), but it replaces an older version still queued.
+                if c.wbits and m.ztail[c.wbits] == NULL:
+                    self._compress(m, c.wbits)
+                if self._replace(c, m):
+                    c.dropped += 1
+                    self.conflated_drops += 1
+                    self.drops_by[1][m.priority] += 1
+                    self._mark_dirty(slot, c)
+                    return 1
+            elif not self._sample(c, m.priority):
+                # A dropped message takes no seq: the client sees no false gap.
+                c.dropped += 1
                 self.throttled_drops += 1
+                self.drops_by[0][m.priority] += 1
                 return 0
-            c.credit += self.throttle_pct[c.level]
-            if c.credit < 100:
-                self.throttled_drops += 1
-                return 0
-            c.credit -= 100
         if c.ring == NULL:
             c.ring = <Msg **>calloc(self.replay_size, sizeof(Msg *))
             if c.ring == NULL:
@@ -624,14 +774,27 @@ cdef class Core:
         self.deliveries += 1
         if catchup:
             pass
-        elif c.queued > self.queue_limit:
+        elif c.queued > self.queue_limit and c.queued > c.mark + self.queue_limit // 4:
+            # Over the limit, and (after a level change) a quarter of the limit
+            # past where the queue stood then: a client that drains after a
+            # step down in rate is left to drain, one that keeps falling
+            # behind goes on striking.
             c.strikes += 1
             if c.strikes >= self.slow_strikes:
-                c.nodata = 1
-                self._slow.append(slot)
-                self.slow_marked += 1
-        else:
+                c.strikes = 0
+                if self.throttle_enabled and c.level < self.max_level:
+                    c.level += 1
+                    c.credit = 0
+                    c.mark = c.queued
+                    self._raised.append(slot)
+                    self.level_raises += 1
+                else:
+                    c.nodata = 1
+                    self._slow.append(slot)
+                    self.slow_marked += 1
+        elif c.queued <= self.queue_limit:
             c.strikes = 0
+            c.mark = 0
         self._mark_dirty(slot, c)
         return 1
 
@@ -999,6 +1162,8 @@ cdef class Core:
             "published": self.published,
             "deliveries": self.deliveries,
             "throttled_drops": self.throttled_drops,
+            "conflated_drops": self.conflated_drops,
+            "level_raises": self.level_raises,
             "bytes_queued": self.bytes_queued,
             "bytes_sent": self.bytes_sent,
             "send_calls": self.send_calls,

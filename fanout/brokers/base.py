@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = ["Message", "Sink", "Broker", "PRIORITIES", "PRIORITY_NAMES", "DEFAULT_PRIORITY", "parse_priority",
-           "header_priority", "History"]
+           "header_priority", "History", "UNSET_PRIORITY"]
 
 #: ``Fanout-Priority`` header values; throttled clients lose lower ones first.
 PRIORITIES = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 DEFAULT_PRIORITY = PRIORITIES["high"]
+#: A message whose publisher set no priority: the hub's WS_PRIORITY_RULES decide (else high).
+UNSET_PRIORITY = -1
 PRIORITY_HEADER = "Fanout-Priority"
 
 # Header values as publishers send them, so the ingest hot path is one dict
@@ -53,14 +55,17 @@ def parse_priority(value: str | bytes | int | None) -> int:
 
 
 def header_priority(headers: dict[str, str] | None) -> int:
-    """Priority of a received message from its headers; an unknown value counts as the default.
+    """Priority of a received message from its headers; an unknown value counts as the default,
+    no header at all as :data:`UNSET_PRIORITY` (the subject rules decide).
 
     Lenient on purpose: a message already stored in the stream is delivered
     rather than dropped for a header its publisher got wrong.
     """
     if not headers:
-        return DEFAULT_PRIORITY
+        return UNSET_PRIORITY
     value = headers.get(PRIORITY_HEADER)
+    if not value:
+        return UNSET_PRIORITY
     known = _KNOWN.get(value)
     if known is not None:
         return known

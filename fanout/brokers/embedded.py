@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from ..config import Config
-from .base import DEFAULT_PRIORITY, Broker, History, Message, Sink
+from .base import UNSET_PRIORITY, Broker, History, Message, Sink
 
 __all__ = ["EmbeddedBroker", "NotRunning"]
 
@@ -38,11 +38,11 @@ class EmbeddedBroker(Broker):
     async def stop(self) -> None:
         self._sink = None
 
-    async def publish(self, subject: str, payload: bytes, priority: int = DEFAULT_PRIORITY,
+    async def publish(self, subject: str, payload: bytes, priority: int = UNSET_PRIORITY,
                       msg_id: str | None = None) -> int:
         return self.publish_now(subject, payload, priority)
 
-    def publish_now(self, subject: str, payload: bytes, priority: int = DEFAULT_PRIORITY) -> int:
+    def publish_now(self, subject: str, payload: bytes, priority: int = UNSET_PRIORITY) -> int:
         if self._sink is None:
             raise NotRunning("node is not accepting publishes")
         self._seq += 1

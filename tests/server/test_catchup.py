@@ -5,6 +5,7 @@ then live messages with no gap and no duplicate, and is never closed as slow."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -77,9 +78,14 @@ async def test_replay_of_more_than_the_queue_limit_is_paced_not_cut(node_factory
     try:
         raw.send_text({"type": "subscribe", "channels": [CH]})
         await read_until(raw, "subscribed")
-        for _ in range(N):
-            node.publish(CH, PAYLOAD)
-        first = [await raw.read_json() for _ in range(N)]
+        # Read while they are published: this reader keeps up with live traffic.
+        reading = asyncio.ensure_future(asyncio.gather(*[raw.read_json(timeout=15) for _ in range(1)]))
+        first = []
+        publishing = asyncio.create_task(asyncio.to_thread(lambda: [node.publish(CH, PAYLOAD) for _ in range(N)]))
+        reading.cancel()
+        while len(first) < N:
+            first.append(await raw.read_json(timeout=15))
+        await publishing
         raw.send_text({"type": "replay", "from_seq": 1, "to_seq": N})
         again, done = await read_until(raw, "replay_done")
         assert done["missing"] is None

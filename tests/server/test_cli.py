@@ -58,7 +58,7 @@ def test_serve_help_shows_every_flags_env_var_and_default():
     assert not missing, f"--help lacks the env var of {missing}"
     for shown in ("--ws-port <str> WebSocket port (paths /ws and /) [env WS_PORT; default 3004]",
                   "[env WS_COMPRESSION; default true]", "[env NATS_URL; default (empty)]",
-                  "[env WS_THROTTLE_PERCENTS; default 100,75,50,25]"):
+                  "[env WS_THROTTLE_LIGHT_PERCENT; default 75]"):
         assert shown in flat, shown
 
 
@@ -68,8 +68,10 @@ def test_serve_help_shows_every_flags_env_var_and_default():
     {"WS_PORT": "70000"},
     {"WS_MAX_CONNECTIONS": "0"},
     {"LOG_LEVEL": "loud"},
-    {"WS_THROTTLE_PERCENTS": "1,2"},
-    {"WS_THROTTLE_PERCENTS": "25,50,75,100"},
+    {"WS_THROTTLE_LIGHT_PERCENT": "0"},
+    {"WS_THROTTLE_LIGHT_PERCENT": "10"},
+    {"WS_PRIORITY_RULES": "odin.token.*.x=urgent"},
+    {"WS_CONFLATE_CHANNELS": "odin..x"},
     {"WS_IDLE_TIMEOUT": "soon"},
     {"WS_COMPRESSION": "maybe"},
     {"JS_STREAM_SUBJECTS": "odin..x"},

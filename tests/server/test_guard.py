@@ -125,7 +125,9 @@ async def test_cpu_brake_from_real_load_then_ready_again(node_factory):
             # Under load: new clients are refused, connected ones are served as before.
             await assert_braking(node, "cpu")
             await apublish(node, "odin.token.guard.cpu", "still served")
-            (m,) = await old.messages(1)
+            # Braking also sheds low priority for everyone, and says so first.
+            seen, m = await old.recv_until(lambda f: f["type"] == "message")
+            assert all(f["type"] == "throttle_update" and f["reason"] == "load" for f in seen), seen
             assert m["data"] == "still served"
             await old.heartbeat()
         finally:
@@ -210,7 +212,8 @@ async def test_memory_brake_then_shed_the_most_queued_client(node_factory):
         await assert_braking(node, "memory")
         # The reader is served while braking.
         node.publish("odin.token.small.x", "small")
-        (m,) = await reader.messages(1)
+        seen, m = await reader.recv_until(lambda f: f["type"] == "message")
+        assert all(f["type"] == "throttle_update" and f["reason"] == "load" for f in seen), seen
         assert m["data"] == "small"
         for _ in range(int(limit * 0.4 // len(big)) + 20):
             if any(d.get("msg") == "client shed at the memory limit" for d in mark.new()):

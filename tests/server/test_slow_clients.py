@@ -1,10 +1,13 @@
 """A client that stops reading is closed with 1008 once its queue stays over
-WS_CLIENT_QUEUE_BYTES; the others on the same subject get everything."""
+WS_CLIENT_QUEUE_BYTES (at once with WS_THROTTLE_ENABLED=false, after the
+heaviest throttle level otherwise); the others on the same subject get everything."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+
+import pytest
 
 from tests.server.support import RawClient, apublish, connect
 
@@ -13,8 +16,9 @@ BIG = "x" * 65536
 MAX_MESSAGES = 400    # 26 MB: more than any loopback send buffer (tcp_wmem max is 4 MB here)
 
 
-async def test_slow_client_is_closed_and_fast_client_gets_everything(node_factory):
-    node = node_factory(WS_CLIENT_QUEUE_BYTES=65536)
+@pytest.mark.parametrize("throttle", ["false", "true"])
+async def test_slow_client_is_closed_and_fast_client_gets_everything(node_factory, throttle):
+    node = node_factory(WS_CLIENT_QUEUE_BYTES=65536, WS_THROTTLE_ENABLED=throttle)
     slow = await RawClient.connect(node.ws_port, rcvbuf=4096)
     try:
         slow.send_text({"type": "subscribe", "channels": [SUBJECT]})
@@ -37,7 +41,7 @@ async def test_slow_client_is_closed_and_fast_client_gets_everything(node_factor
             # gapless prefix of the stream, then 1008.
             code, frames = await slow.read_until_close(timeout=20)
             assert code == 1008
-            seqs = [json.loads(p)["seq"] for op, p in frames if op == 0x1]
+            seqs = [m["seq"] for m in (json.loads(p) for op, p in frames if op == 0x1) if m["type"] == "message"]
             assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < sent
             # Meanwhile the fast client got every message.
             got, end = await reader
@@ -52,6 +56,9 @@ async def test_slow_client_is_closed_and_fast_client_gets_everything(node_factor
     assert line["limit"] == 65536
     assert node.metric("fanout_slow_clients_total") == 1
     assert node.metric("fanout_connections_closed_total", 'code="1008"') == 1
+    # Throttled first: one step at a time up to the heaviest, and only then closed.
+    steps = [node.metric("ws_throttle_transitions_total", f'from_level="{a}",to_level="{a + 1}"') for a in range(3)]
+    assert steps == ([1, 1, 1] if throttle == "true" else [0, 0, 0])
 
 
 N = 40
