@@ -1,0 +1,209 @@
+"""Degrade, don't disconnect (PROTOCOL.md 1.1 ``throttle_update``), against a
+real node in embedded mode with real slow readers: a 4 KiB receive buffer and a
+reader that reads at about half the stream's byte rate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+from tests.server.support import RawClient, connect
+
+CH = "odin.token.thr.update"
+PAD = "x" * 1000
+ENV = dict(WS_CLIENT_QUEUE_BYTES=16384, WS_SOCKET_SNDBUF=4096, WS_SLOW_CLIENT_STRIKES=3,
+           WS_THROTTLE_RECOVERY_SECONDS=1, WS_CONTROL_RATE=1000, WS_CONTROL_BURST=1000)
+PRIORITY = ["critical", "low", "low", "high", "high", "high", "medium", "high", "high", "high"]
+
+
+class PacedReader:
+    """Reads one frame at a time, at most ``rate`` payload bytes per second (0: as fast as it can)."""
+
+    def __init__(self, raw: RawClient, rate: float) -> None:
+        self.raw = raw
+        self.rate = rate
+        self.messages: list[dict[str, Any]] = []
+        self.notices: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        import struct
+        while True:
+            op, payload = await self.raw.read_frame(timeout=30)
+            if op == 0x8:
+                self.close_code = struct.unpack("!H", payload[:2])[0]
+                return
+            if op == 0x1:
+                m = json.loads(payload)
+                (self.messages if m["type"] == "message" else self.notices).append(m)
+            if self.rate:
+                await asyncio.sleep(len(payload) / self.rate)
+
+
+class Publisher:
+    """Publishes at a steady rate from a thread (the node's HTTP endpoint), recording what it published."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.published: list[tuple[int, str]] = []   # (stream_seq, priority)
+        self.rate = 150.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.i = 0
+        self.thread.start()
+
+    def _run(self) -> None:
+        t = time.monotonic()
+        while not self.stop.is_set() and self.i < 20_000:
+            prio = PRIORITY[self.i % len(PRIORITY)]
+            seq = self.node.publish(CH, {"i": self.i, "pad": PAD}, prio)
+            self.published.append((seq, prio))
+            self.i += 1
+            t += 1.0 / self.rate
+            delay = t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)    # pacing the load, not synchronisation
+            else:
+                t = time.monotonic()
+
+
+async def wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_half_speed_reader_is_throttled_step_by_step_recovers_and_is_never_closed(node_factory):
+    node = node_factory(**ENV)
+    raw = await RawClient.connect(node.ws_port, rcvbuf=4096)
+    async with connect(node, max_size=2**20) as fast:
+        await fast.subscribe(CH)
+        raw.send_text({"type": "subscribe", "channels": [CH]})
+        assert (await raw.read_json())["type"] == "subscribed"
+        fast_got: list[dict[str, Any]] = []
+        fast_reader = asyncio.create_task(_drain(fast, fast_got))
+        slow = PacedReader(raw, rate=75_000)       # ~half of 150 msg/s x 1 KiB
+        pub = Publisher(node)
+        try:
+            # Phase 1: it falls behind and is throttled, one level at a time.
+            await wait_for(lambda: any(n["level"] >= 2 for n in slow.notices), 15, "level 2")
+            assert slow.close_code is None
+            # Phase 2: it reads at full speed and comes back down to level 0.
+            slow.rate = 0
+            pub.rate = 40.0
+            await wait_for(lambda: slow.notices and slow.notices[-1]["level"] == 0, 15, "level 0")
+            restored_at = len(pub.published)
+            await wait_for(lambda: len(pub.published) >= restored_at + 40, 10, "more publishes")
+        finally:
+            pub.stop.set()
+            await asyncio.to_thread(pub.thread.join, 10)
+        last = pub.published[-1][0]
+        await wait_for(lambda: slow.messages and slow.messages[-1]["stream_seq"] == last, 10, "the last message")
+        await wait_for(lambda: fast_got and fast_got[-1]["stream_seq"] == last, 10, "the fast reader's last")
+        fast_reader.cancel()
+    raw.close()
+    levels = [n["level"] for n in slow.notices]
+    assert all(n["type"] == "throttle_update" for n in slow.notices)
+    assert all(abs(a - b) == 1 for a, b in zip([0] + levels, levels, strict=False)), levels   # one step at a time
+    assert max(levels) >= 2 and levels[-1] == 0
+    assert slow.notices[-1]["message"] == "Connection quality restored. Receiving all updates."
+    assert all(n["rate_percent"] == [100, 75, 50, 25][n["level"]] for n in slow.notices)
+    assert sum(n["dropped"] for n in slow.notices) > 0
+    got = [m["stream_seq"] for m in slow.messages]
+    assert [m["seq"] for m in slow.messages] == list(range(1, len(slow.messages) + 1))   # no seq gap
+    published = [s for s, _ in pub.published]
+    critical = {s for s, p in pub.published if p == "critical"}
+    assert critical <= set(got)                                  # every critical message arrived
+    assert len(got) < len(published)                             # it was throttled
+    # After the level-0 notice, every message arrived.
+    restored_seq = pub.published[restored_at][0]
+    assert [s for s in got if s >= restored_seq] == [s for s in published if s >= restored_seq]
+    # The fast reader on the same channel: everything, no notice.
+    assert [m["stream_seq"] for m in fast_got] == published
+    assert node.metric("fanout_connections_closed_total", 'code="1008"') == 0
+    assert node.metric("ws_throttle_transitions_total", 'from_level="0",to_level="1"') == 1
+    assert node.metric("fanout_dropped_total", 'priority="critical",reason="throttled"') == 0
+    assert node.metric("fanout_dropped_total", 'priority="low",reason="throttled"') > 0
+
+
+async def _drain(client: Any, into: list[dict[str, Any]]) -> None:
+    while True:
+        m = await client.recv(timeout=60)
+        assert m["type"] == "message", m            # a fast reader gets no throttle notice
+        into.append(m)
+
+
+async def test_a_reader_that_stops_is_closed_only_after_the_heaviest_level(node_factory):
+    node = node_factory(**ENV)
+    raw = await RawClient.connect(node.ws_port, rcvbuf=4096)
+    try:
+        raw.send_text({"type": "subscribe", "channels": [CH]})
+        assert (await raw.read_json())["type"] == "subscribed"
+        for i in range(3000):                                    # bounded
+            await asyncio.to_thread(node.publish, CH, {"i": i, "pad": PAD}, "high")
+            if node.metric("fanout_connections_closed_total", 'code="1008"') >= 1:
+                break
+        else:
+            raise AssertionError("a reader that stops was never closed")
+    finally:
+        raw.close()
+    steps = [node.metric("ws_throttle_transitions_total", f'from_level="{a}",to_level="{a + 1}"') for a in range(3)]
+    assert steps == [1, 1, 1]
+    assert node.metric("fanout_slow_clients_total") == 1
+
+
+async def test_conflated_slow_reader_ends_with_the_newest_version_of_every_subject(node_factory):
+    node = node_factory(**ENV, WS_CONFLATE_CHANNELS="odin.token.*.price")
+    subjects = [f"odin.token.t{i:02d}.price" for i in range(20)]
+    raw = await RawClient.connect(node.ws_port, rcvbuf=4096)
+    try:
+        raw.send_text({"type": "subscribe", "channels": ["odin.token.*.price", "odin.global.end"]})
+        assert (await raw.read_json())["type"] == "subscribed"
+        newest: dict[str, int] = {}
+        version = 0
+        # It does not read: the queue fills, it is throttled, then conflation
+        # holds one version per subject, so it is never closed.
+        for version in range(40):
+            for sub in subjects:
+                await asyncio.to_thread(node.publish, sub, {"v": version, "pad": PAD}, "high")
+                newest[sub] = version
+            if version >= 10 and node.metric("fanout_conflated_drops_total") > 100:
+                break
+        assert node.metric("fanout_conflated_drops_total") > 0
+        node.publish("odin.global.end", "end", "critical")
+        seen: dict[str, list[int]] = {s: [] for s in subjects}
+        for _ in range(100_000):
+            m = await raw.read_json(timeout=10)
+            if m["type"] == "message":
+                if m["channel"] == "odin.global.end":
+                    break
+                seen[m["channel"]].append(m["data"]["v"])
+    finally:
+        raw.close()
+    for sub in subjects:
+        assert seen[sub] and seen[sub][-1] == newest[sub], (sub, seen[sub][-5:])
+        assert seen[sub] == sorted(set(seen[sub]))               # versions only move forward
+    assert node.metric("fanout_connections_closed_total", 'code="1008"') == 0
+
+
+async def test_throttling_disabled_keeps_close_on_strikes(node_factory):
+    node = node_factory(**ENV, WS_THROTTLE_ENABLED="false")
+    raw = await RawClient.connect(node.ws_port, rcvbuf=4096)
+    try:
+        raw.send_text({"type": "subscribe", "channels": [CH]})
+        assert (await raw.read_json())["type"] == "subscribed"
+        for i in range(3000):
+            await asyncio.to_thread(node.publish, CH, {"i": i, "pad": PAD}, "high")
+            if node.metric("fanout_connections_closed_total", 'code="1008"') >= 1:
+                break
+        else:
+            raise AssertionError("not closed")
+    finally:
+        raw.close()
+    assert node.metric("ws_throttle_transitions_total", 'from_level="0",to_level="1"') == 0
