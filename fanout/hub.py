@@ -160,6 +160,7 @@ class Hub:
         self._rule_cache: dict[str, int] = {}
         self._raises_seen = 0
         self._throttled: dict[int, float] = {}     # slot -> when it last fell behind (or changed level)
+        self._levels: dict[int, int] = {}          # slot -> level its client was last told (0: absent)
         self._level_counts = [0, 0, 0, 0]
         self.latest = LatestStore(cfg.ws_snapshot_max_subjects)
         self._from_memory = metrics.catchup_messages.labels("memory")
@@ -200,11 +201,12 @@ class Hub:
         self.publish_pending()
         self.subscription_count -= len(self.core.subscriptions(slot))
         self.metrics.subscriptions.set(self.subscription_count)
-        level = int(self.core.level(slot))
+        level = self._levels.get(slot, 0)
         if level:
             self._level_counts[level] -= 1
             self._set_level_gauges()
         self._throttled.pop(slot, None)
+        self._levels.pop(slot, None)
         self.core.remove_client(slot)
         self._peers[slot] = None
         self._watch.discard(slot)
@@ -255,6 +257,20 @@ class Hub:
         self.schedule_flush()
         return 1
 
+    def seed_latest(self, messages: list[Message]) -> int:
+        """Seed :attr:`latest` (snapshots) with stored messages in stream order (a broker at start);
+        not fanned out, the dispatch floor untouched; never over a newer entry of the subject."""
+        n = 0
+        for m in messages:
+            have = self.latest.matching([m.subject])      # exact subject: one dict lookup
+            if have and have[0].stream_seq >= m.stream_seq:
+                continue
+            prio = m.priority if m.priority >= 0 else self._rule_priority(m.subject)
+            self.latest.put(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
+                                  prio, self.clock()))
+            n += 1
+        return n
+
     def _rule_priority(self, subject: str) -> int:
         """WS_PRIORITY_RULES for a message its publisher gave no priority (cached per subject)."""
         p = self._rule_cache.get(subject)
@@ -279,8 +295,9 @@ class Hub:
         self.metrics.dispatch_seconds.observe((time.perf_counter() - t0) / len(subjects))
         if self.core.level_raises != self._raises_seen:
             self._raises_seen = self.core.level_raises
-            for slot in self.core.take_raised():
-                self._throttle_changed(slot, self.core.level(slot) - 1)
+            for slot in self.core.take_raised():       # one entry per one-step raise, in order
+                old = self._levels.get(slot, 0)
+                self._throttle_changed(slot, old, old + 1)
         if self.core.slow_marked != self._slow_seen:
             self._slow_seen = self.core.slow_marked
             for slot in self.core.take_slow():
@@ -289,21 +306,22 @@ class Hub:
                     peer.on_slow()
 
     # ------------------------------------------------------------- throttling
-    def _throttle_changed(self, slot: int, old: int) -> None:
-        """The slot's level moved from ``old`` (one step): tell the client, in order
-        with its data and whatever its queue holds, and count it."""
+    def _throttle_changed(self, slot: int, old: int, new: int) -> None:
+        """The slot's level moved one step, ``old`` -> ``new``: tell the client, in
+        order with its data and whatever its queue holds, and count it."""
         if self._peers[slot] is None:
-            return
-        new = int(self.core.level(slot))
-        if new == old:
             return
         if new:
             self._throttled[slot] = self.clock()
+            self._levels[slot] = new
         else:
             self._throttled.pop(slot, None)
+            self._levels.pop(slot, None)
         self.metrics.throttle_transitions.labels(str(old), str(new)).inc()
-        self._level_counts[old] -= 1
-        self._level_counts[new] += 1
+        if old:
+            self._level_counts[old] -= 1
+        if new:
+            self._level_counts[new] += 1
         self._set_level_gauges()
         pct = self.cfg.throttle_percents[new]
         notice = reply("throttle_update", None, level=new, rate_percent=pct,
@@ -330,10 +348,13 @@ class Hub:
             if self.core.queued(slot) > limit:
                 self._throttled[slot] = now
             elif now - since >= recovery:
-                old = int(self.core.level(slot))
+                old = self._levels.get(slot, 0)
+                if old == 0:
+                    self._throttled.pop(slot, None)
+                    continue
                 self.publish_pending()        # what was throttled at the old level stays so
                 self.core.set_level(slot, old - 1)
-                self._throttle_changed(slot, old)
+                self._throttle_changed(slot, old, old - 1)
 
     def set_load_shed(self, on: bool) -> None:
         """Load shedding (the resource guard, WS_CPU_THROTTLE_THRESHOLD): ``low``

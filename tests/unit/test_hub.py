@@ -320,3 +320,38 @@ async def test_replay_is_paced_and_reports_what_left_the_ring():
     assert missing == [(20, 30)]
     assert [f["seq"] for f in frames(data)] == list(range(31, 81))
 
+
+
+async def test_throttle_raise_notice_then_recovery_on_the_fake_clock():
+    import asyncio
+    clock = FakeClock()
+    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=4096, WS_SLOW_CLIENT_STRIKES=2, WS_THROTTLE_RECOVERY_SECONDS=5),
+            Metrics(), clock)
+    h.bind(asyncio.get_running_loop(), None)
+    p = RecPeer(rcvbuf=4096)
+    s = h.attach(p, 0)
+    h.subscribe(s, [CH])
+    i = 0
+    while h.throttle_level(s) == 0 and i < 500:
+        i += 1
+        h.dispatch(msg(i, size=500))
+        h.publish_pending()
+    assert h.throttle_level(s) == 1
+    data = b""
+    for _ in range(500):                       # the reader catches up
+        await drain_loop(1)
+        data += p.read()
+        if h.flush_one(s) == 0 and h.queued(s) == 0:
+            break
+    notices = [f for f in frames(data + p.read()) if f.get("type") == "throttle_update"]
+    assert [(n["level"], n["rate_percent"]) for n in notices] == [(1, 75)]
+    assert notices[0]["message"] == "Your connection is slightly slow. Receiving 75% of updates."
+    h.throttle_tick(clock())                   # kept up, but not for long enough yet
+    assert h.throttle_level(s) == 1
+    clock.advance(5.0)
+    h.throttle_tick(clock())
+    assert h.throttle_level(s) == 0
+    await drain_loop()
+    back = [f for f in frames(p.read()) if f.get("type") == "throttle_update"]
+    assert [(n["level"], n["rate_percent"], n["dropped"]) for n in back] == [(0, 100, 0)]
+    assert "slow" not in p.calls
