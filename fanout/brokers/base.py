@@ -107,6 +107,15 @@ class Sink(Protocol):
     def set_epoch(self, epoch: str) -> None:
         """The stream incarnation changed (or is first known)."""
 
+    def seed_latest(self, messages: list[Message]) -> int:
+        """Seed the snapshot store (newest message per subject) with stored messages, in stream order.
+
+        For a broker that can read the stream's last message per subject at
+        start (JetStream). Nothing is fanned out and the dispatch order
+        (``stream_seq`` floor) is untouched; a message never replaces a newer
+        one of its subject. Returns how many were stored.
+        """
+
 
 class Broker(abc.ABC):
     """One source of messages for the hub."""

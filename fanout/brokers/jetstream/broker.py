@@ -57,7 +57,7 @@ log = logging.getLogger("fanout.jetstream")
 
 #: ``hook(event, **fields)``: connected(server), disconnected, reconnected(server),
 #: error(error, kind), auth_refused, acked(n), fetched(n), duplicate(n), rate_wait(seconds),
-#: epoch(epoch, previous), gap_filled(n), ready(ready), ingest_rejected(reason, n).
+#: epoch(epoch, previous), gap_filled(n), ready(ready), ingest_rejected(reason, n), snapshot_seeded(n).
 MetricsHook = Callable[..., None]
 
 WATCHDOG = 3 * PULL_HEARTBEAT   # silence after which outstanding requests count as lost
@@ -67,6 +67,7 @@ JS_API_TIMEOUT = 2.0       # seconds for a JetStream API call (they answer in ms
                            # leader election makes them time out, then setup retries)
 PUBLISH_TIMEOUT = 10.0     # seconds publish() waits for the ack, retries included (an election takes 4-9 s)
 LOG_REPEAT = 30.0          # seconds before the same connection error is logged again
+SEED_TIMEOUT = 10.0        # seconds the snapshot store's seeding may read (it runs beside consumption)
 
 #: Failures that are about configuration or the account, not the network.
 _CONFIG_FAILURES = (StreamConfigConflict, ConsumerInUse, PermissionDenied, LimitExceeded)
@@ -130,6 +131,8 @@ class JetStreamBroker(Broker):
         self._closed = asyncio.Event()
         self._first_outcome = asyncio.Event()
         self._ready_evt = asyncio.Event()
+        self._seed_task: asyncio.Task[None] | None = None
+        self._seeded_epoch = ""
 
     # ------------------------------------------------------------ properties
     @property
@@ -246,6 +249,9 @@ class JetStreamBroker(Broker):
             except (asyncio.CancelledError, Exception):
                 pass
         self._consuming = False
+        seed, self._seed_task = self._seed_task, None
+        if seed is not None and not seed.done():
+            seed.cancel()
         await self._pull.unsubscribe()
         nc, self._nc = self._nc, None
         self._reader.bind(None, None)
@@ -497,6 +503,7 @@ class JetStreamBroker(Broker):
             pull.last = floor.stream_seq
             pull.last_cseq = max(pull.last_cseq, floor.consumer_seq)
         assert self._nc is not None and self._sink is not None
+        start_after = pull.last
         await pull.subscribe(self._nc, self._sink)
         self._claimed = True
         self._consuming = True
@@ -504,7 +511,46 @@ class JetStreamBroker(Broker):
         self._ready_evt.set()
         self._emit("ready", ready=True)
         log.info("JetStream consuming", extra={"fields": {
-            "stream": self.stream, "consumer": self.consumer, "epoch": self._epoch, "after": pull.last}})
+            "stream": self.stream, "consumer": self.consumer, "epoch": self._epoch, "after": start_after}})
+        if self._seeded_epoch != self._epoch and self.cfg.ws_snapshot_max_subjects > 0:
+            # Once per stream incarnation, beside consumption (readiness does not wait for it).
+            self._seeded_epoch = self._epoch
+            self._seed_task = asyncio.create_task(self._seed(self._sink, start_after), name="jetstream-seed")
+
+    async def _seed(self, sink: Sink, upto: int) -> None:
+        """Seed the hub's snapshot store with the stream's newest message per subject up to ``upto``.
+
+        ``upto`` is where this consumer starts: everything after it reaches
+        the hub through :meth:`Sink.dispatch` anyway, so only older messages
+        are seeded (a seeded message newer than one the consumer has yet to
+        dispatch would make a snapshot go backwards). A new durable starts
+        at the stream's beginning (``upto`` 0): its own consumption fills the
+        store, nothing is seeded. Bounded by ``WS_SNAPSHOT_MAX_SUBJECTS``
+        (the newest subjects are kept) and ``SEED_TIMEOUT``; a failure is
+        logged and leaves the store to fill from live traffic.
+        """
+        seed_latest = getattr(sink, "seed_latest", None)
+        if seed_latest is None or upto <= 0:
+            return
+        t0 = monotonic()
+        try:
+            msgs, complete = await self._reader.last_per_subject(upto, self.cfg.ws_snapshot_max_subjects,
+                                                                 SEED_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._set_error("seed", f"JetStream snapshot seeding failed (snapshots fill from live traffic): "
+                                    f"{type(exc).__name__}: {exc}")
+            return
+        put = int(seed_latest(msgs))
+        if put:
+            self._emit("snapshot_seeded", n=put)   # fanout_broker_events_total{event="snapshot_seeded"}
+        log.log(logging.INFO if complete else logging.WARNING,
+                "JetStream snapshot store seeded" if complete else
+                f"JetStream snapshot store seeding stopped after {SEED_TIMEOUT:g}s: seeded what was read",
+                extra={"fields": {"stream": self.stream, "seeded": put, "read": len(msgs), "upto": upto,
+                                  "max_subjects": self.cfg.ws_snapshot_max_subjects, "complete": complete,
+                                  "seconds": round(monotonic() - t0, 3)}})
 
     def _denied(self, t0: float, what: str) -> Exception:
         """The error for a JetStream API call that timed out: a named permission if NATS denied one."""

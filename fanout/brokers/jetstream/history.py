@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections import deque
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
@@ -125,9 +126,6 @@ class HistoryReader:
             return await asyncio.wait_for(self._read_range_now(patterns, after, upto), HISTORY_TIMEOUT)
 
     async def _read_range_now(self, patterns: list[str] | None, after: int, upto: int) -> list[Message]:
-        nc, js = self._nc, self._js
-        if nc is None or js is None:
-            raise ConnectionError("NATS not connected")
         filters: list[str] = []
         server_side = True
         if patterns is not None:
@@ -135,9 +133,53 @@ class HistoryReader:
             if not filters:
                 return []
         out: list[Message] = []
+        ccfg = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
+        await self._drain(ccfg, filters if server_side else [], upto,
+                          None if patterns is None or server_side else filters, out, span=upto - after)
+        return out
+
+    async def last_per_subject(self, upto: int, limit: int, timeout: float) -> tuple[list[Message], bool]:
+        """The newest stored message of each subject, if it is at or below ``upto``, oldest first.
+
+        JetStream's own ``DeliverPolicy.LAST_PER_SUBJECT`` delivery over the
+        stream's subjects (the server picks the messages and sends them in
+        stream order), read until nothing is pending or ``upto`` is reached.
+        Only the newest ``limit`` are kept (memory stays bounded whatever the
+        stream holds); the read stops after ``timeout`` seconds and returns
+        what it has. Returns (messages, complete): complete is False when the
+        time ran out. A subject whose newest message is above ``upto`` is
+        left out (the caller's consumer delivers that one).
+        """
+        out: deque[Message] = deque(maxlen=max(1, limit))
+        if upto <= 0 or limit <= 0:
+            return [], True
+        ccfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+        complete = True
+        async with self._sem:
+            try:
+                await asyncio.wait_for(self._drain(ccfg, list(self._subjects()), upto, None, out, span=upto),
+                                       timeout)
+            except TimeoutError:
+                complete = False
+        return list(out), complete
+
+    async def _drain(self, ccfg: api.ConsumerConfig, filters: list[str], upto: int, local: list[str] | None,
+                     out: list[Message] | deque[Message], *, span: int) -> None:
+        """Read an ephemeral consumer (``ccfg`` plus the common settings) into ``out`` up to ``upto``.
+
+        ``filters`` go to the server (retried without them if NATS refuses
+        them, then ``local`` is applied here instead, or ``filters`` when
+        ``local`` is None); ``local`` are patterns applied here in any case.
+        ``span`` caps one pull request (no more can be wanted).
+        """
+        nc, js = self._nc, self._js
+        if nc is None or js is None:
+            raise ConnectionError("NATS not connected")
         done = asyncio.Event()
         state = {"want": 0}
         guard = self._guard
+        keep: list[str] | None = local
 
         async def on_msg(msg: Msg) -> None:
             if not msg.reply.startswith("$JS.ACK."):
@@ -152,7 +194,7 @@ class HistoryReader:
             _, seq, _, ts, left = fields
             state["want"] -= 1
             if seq <= upto and guard.ok(msg.subject, seq):
-                if patterns is None or server_side or matches_any(filters, msg.subject):
+                if keep is None or matches_any(keep, msg.subject):
                     out.append(Message(msg.subject, msg.data, seq, ts // 1_000_000, header_priority(msg.headers)))
             if seq >= upto or left == 0:
                 state["want"] = -1
@@ -161,16 +203,16 @@ class HistoryReader:
                 done.set()
 
         name = f"fanout-read-{uuid.uuid4().hex[:16]}"
-        ccfg = api.ConsumerConfig(
-            name=name, ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after + 1, inactive_threshold=HISTORY_TIMEOUT, mem_storage=True, num_replicas=1,
-            max_deliver=1,
-        )
-        if filters and server_side:
-            if len(filters) == 1:
-                ccfg.filter_subject = filters[0]
-            else:
-                ccfg.filter_subjects = filters
+        ccfg.name = name
+        ccfg.ack_policy = api.AckPolicy.NONE
+        ccfg.inactive_threshold = HISTORY_TIMEOUT
+        ccfg.mem_storage = True
+        ccfg.num_replicas = 1
+        ccfg.max_deliver = 1
+        if len(filters) == 1:
+            ccfg.filter_subject = filters[0]
+        elif filters:
+            ccfg.filter_subjects = filters
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
         created = False
@@ -178,19 +220,20 @@ class HistoryReader:
             try:
                 ci = await js.add_consumer(self.stream, ccfg)
             except APIError:
-                if not (filters and server_side):
+                if not filters:
                     raise
                 # NATS refused the filters (e.g. not within the stream's
                 # subjects): read everything and filter here.
                 ccfg.filter_subject = None
                 ccfg.filter_subjects = None
-                server_side = False
+                if keep is None:
+                    keep = filters
                 ci = await js.add_consumer(self.stream, ccfg)
             created = True
             left = ci.num_pending or 0
             subject = f"{self.prefix}.CONSUMER.MSG.NEXT.{self.stream}.{name}"
             while left > 0 and state["want"] >= 0:
-                n = min(left, HISTORY_CHUNK, max(1, upto - after))
+                n = min(left, HISTORY_CHUNK, max(1, span))
                 state["want"] = n
                 done.clear()
                 await nc.publish(subject, json.dumps({"batch": n, "no_wait": True}).encode(), reply=inbox)
@@ -206,4 +249,3 @@ class HistoryReader:
                     await js.delete_consumer(self.stream, name)
                 except Exception:  # it goes by itself after inactive_threshold
                     pass
-        return out
