@@ -54,8 +54,12 @@ What it does for you
   4001. A 4001 close with a callable token reconnects at once with a fresh one;
   with a fixed token it is fatal (:class:`AuthError`).
 * **Drain hint.** A ``reconnect`` frame (``after_ms``) during a node's drain
-  makes the next reconnect wait exactly that long instead of the backoff
-  (``on_drain(info)``).
+  makes the next reconnect happen ``after_ms`` after the hint arrived, instead
+  of the backoff (``on_drain(info)``). The node closes the connection (1001) at
+  about that time, so the reconnect follows the close at once: counted from
+  the close it would come ``after_ms`` late, i.e. spread over twice the drain
+  window, partly after the node is gone. If the node has not closed by
+  ``after_ms + heartbeat_timeout`` the client drops the connection itself.
 
 Callbacks run in the task that iterates the client, in order with the data
 messages: ``on_resumed`` with ``complete: False`` runs after the last message
@@ -368,7 +372,8 @@ class Client:
         self._channels: dict[str, None] = {}        # confirmed subscriptions, in order
         self._refs: dict[str, int] = {}             # subscribe() calls holding each channel
         self._current_token: str | None = None
-        self._hint_delay: float | None = None      # a drain's after_ms, for the next reconnect
+        self._hint_at: float | None = None          # monotonic time a drain hint asked to reconnect at
+        self._hint_timer: asyncio.TimerHandle | None = None    # drops the connection if the node never closes it
         self._unpositioned: dict[str, int] = {}     # channel -> seen_hi when its subscribe was confirmed
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(max_queue)
         self._pending: dict[int, _Pending] = {}
@@ -631,10 +636,10 @@ class Client:
     def _delay(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(reconnect_max, reconnect_min * 2**attempt)], so a node restart's
         clients come back spread out; a 503's Retry-After is a floor; a drain's hint replaces it."""
-        hint, self._hint_delay = self._hint_delay, None
+        hint, self._hint_at = self._hint_at, None
         if hint is not None:
             self._retry_after = 0.0
-            return hint
+            return max(0.0, hint - time.monotonic())
         cap = min(self.reconnect_max, self.reconnect_min * (2 ** min(attempt, 30)))
         delay = random.uniform(0, cap)
         floor, self._retry_after = self._retry_after, 0.0
@@ -714,6 +719,9 @@ class Client:
         finally:
             self._ready.clear()
             self._ws = None
+            if self._hint_timer is not None:
+                self._hint_timer.cancel()
+                self._hint_timer = None
             heart.cancel()
             reader.cancel()
             refresher.cancel()
@@ -856,8 +864,14 @@ class Client:
             await self._put(_Event("throttle", (msg,)))
         elif kind == "reconnect":
             after = msg.get("after_ms")
-            self._hint_delay = max(0.0, float(after) / 1000) if isinstance(after, (int, float)) else 0.0
-            log.info("fanout client: node drains, reconnecting in %.3fs", self._hint_delay)
+            delay = max(0.0, float(after) / 1000) if isinstance(after, (int, float)) else 0.0
+            # A deadline, not a delay: the wait counts from the hint, not from the close that follows it.
+            self._hint_at = time.monotonic() + delay
+            if self._hint_timer is not None:
+                self._hint_timer.cancel()
+            self._hint_timer = asyncio.get_running_loop().call_later(delay + self.heartbeat_timeout,
+                                                                     ws.transport.abort)
+            log.info("fanout client: node drains, reconnecting in %.3fs", delay)
             await self._put(_Event("drain", (msg,)))
         if pending is not None and kind == pending.reply and not pending.future.done():
             pending.future.set_result(msg)
