@@ -7,7 +7,7 @@ import time
 import pytest
 from nats.js import api
 
-from fanout.brokers.base import PRIORITIES
+from fanout.brokers.base import PRIORITIES, UNSET_PRIORITY
 from fanout.brokers.jetstream import JetStreamBroker, StreamConfigConflict, consumer_name
 
 from .support import HookRecorder, RecordingSink, nats_conn, running_broker, wait_until
@@ -109,7 +109,7 @@ async def test_consumes_everything_in_order_with_priorities(nats_server, make_cf
             assert m.subject == f"odin.token.t{i % 7}.update" and m.payload == b'{"i":%d}' % i
             assert m.priority == i % 4
             assert abs(m.ts_ms - time.time() * 1000) < 60_000
-        assert sink.messages[300].priority == PRIORITIES["high"]  # default
+        assert sink.messages[300].priority == UNSET_PRIORITY  # no header: the hub's WS_PRIORITY_RULES decide
         assert sink.messages[301].payload == b"via broker" and sink.messages[301].priority == 3
     assert hook.total("fetched") >= 302 and "connected" in hook.names() and "duplicate" in hook.names()
     assert ci.num_ack_pending == 0 or ci.ack_floor.stream_seq >= 290

@@ -38,7 +38,7 @@ def b64(raw: bytes) -> str:
 
 
 def claims(**over: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"sub": "user-1", "exp": int(time.time()) + 60}
+    out: dict[str, Any] = {"sub": "user-1", "exp": int(time.time()) + 3600}  # tokens are built at import: outlive a long run
     out.update(over)
     return {k: v for k, v in out.items() if v is not None}
 

@@ -355,3 +355,14 @@ async def test_throttle_raise_notice_then_recovery_on_the_fake_clock():
     back = [f for f in frames(p.read()) if f.get("type") == "throttle_update"]
     assert [(n["level"], n["rate_percent"], n["dropped"]) for n in back] == [(0, 100, 0)]
     assert "slow" not in p.calls
+
+
+async def test_priority_rules_apply_to_messages_without_a_priority(hub):
+    p = RecPeer()
+    s = hub.attach(p, 0)
+    hub.subscribe(s, ["odin.token.>"])
+    for i, sub in enumerate(["odin.token.a.metadata", "odin.token.a.comment", "odin.token.a.update",
+                             "odin.token.a.trade", "odin.token.a.other"], 1):
+        hub.dispatch(Message(sub, b"1", i, 1, -1))
+    hub.dispatch(Message("odin.token.b.metadata", b"1", 6, 1, 3))     # an explicit priority wins
+    assert [e.priority for e in hub.recent.since(0, [">"])] == [0, 1, 2, 3, 2, 3]
