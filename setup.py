@@ -17,7 +17,9 @@ extensions = [
     Extension(
         "fanout_core._core",
         ["fanout_core/_core.pyx"],
-        extra_compile_args=["-O3"],
+        # -pthread: the parallel flush's worker pool (plain pthreads, no OpenMP).
+        extra_compile_args=["-O3", "-pthread"],
+        extra_link_args=["-pthread"],
     ),
 ]
 

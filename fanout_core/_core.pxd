@@ -59,6 +59,32 @@ cdef struct Client:
     Py_ssize_t acap
     Py_ssize_t sdone          # bytes of segs[shead] already written
     int fd
+    uint32_t fepoch           # reach window this client was last flushed in (take_reach)
+
+
+cdef struct FlushAcc:
+    # One flush thread's counters, summed by the joining thread; padded to a
+    # cache line so threads do not share one.
+    uint64_t send_calls
+    uint64_t bytes_sent
+    uint64_t send_blocked
+    uint64_t pad[5]
+
+
+cdef enum:
+    MAX_FLUSH_THREADS = 64    # WS_FLUSH_THREADS upper bound (the auto default stops at 8)
+
+
+cdef struct FlushJob:
+    # One flush, as the threads see it: read-only but for ``next`` (an atomic
+    # cursor handing out chunks of ``work``), ``res[i]`` (written only by the
+    # thread that took work[i]) and ``acc[tid]`` (only by thread ``tid``).
+    Client *clients
+    int *work                 # distinct slots to send, built before the threads start
+    signed char *res          # per work item: 0 drained, 1 blocked, -1 dead
+    int n
+    int next
+    FlushAcc acc[MAX_FLUSH_THREADS]
 
 
 cdef class _Pattern:
@@ -121,6 +147,15 @@ cdef class Core:
     cdef readonly uint64_t slow_marked
     cdef readonly uint64_t compressions
     cdef readonly int clients_active
+    # parallel flush (see the module docstring for the concurrency argument)
+    cdef readonly int flush_threads     # threads per flush, the calling one included
+    cdef readonly int parallel_min      # fewer clients to send than this: one thread, GIL held
+    cdef void *_pool                    # fo_pool*: flush_threads - 1 parked pthreads, made lazily
+    cdef int *_work
+    cdef signed char *_res
+    cdef readonly bint flushing         # a flush runs (GIL released): every other entry point refuses
+    cdef uint32_t _fepoch
+    cdef readonly uint64_t reached      # distinct clients flushed since the last take_reach()
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
     cdef bint _sample(self, Client *c, int priority) noexcept
@@ -129,10 +164,8 @@ cdef class Core:
     cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL
     cdef int _grow_segs(self, Client *c) except -1
     cdef void _clear_queue(self, Client *c) noexcept
-    cdef int _gather(self, Client *c, iovec *iov, unsigned char (*scratch)[HEAD_MAX], Py_ssize_t *want) noexcept
-    cdef void _advance(self, Client *c, Py_ssize_t n) noexcept
-    cdef void _drained(self, Client *c) noexcept
-    cdef int _send_some(self, int slot) noexcept
+    cdef int _idle(self) except -1
+    cdef int _start_pool(self) noexcept
     cdef void _release(self, int slot) noexcept
     cdef Client *_check(self, int slot) except NULL
     cdef _Pattern _new_pattern(self, str text)

@@ -8,10 +8,42 @@ buffer), a ``seq`` counter and a ring of the last ``replay_size`` messages it
 was sent. Messages are stored once and shared by reference count between the
 rings that hold them, so replay rebuilds a frame byte for byte as first sent.
 
-The only I/O here is :meth:`Core.flush`: a non-blocking ``send()`` per client
-with queued bytes, so that every frame queued for a client during one event
-loop turn leaves in one syscall. It never blocks; a client whose socket is
+The only I/O here is :meth:`Core.flush`: a non-blocking ``sendmsg()`` per
+client with queued bytes, so that every frame queued for a client since the
+last flush leaves in one syscall. It never blocks; a client whose socket is
 full is reported back so the caller can wait for it to become writable.
+
+Parallel flush (``flush_threads`` > 1, WS_FLUSH_THREADS). The kernel's send
+is most of the cost, so the flush runs on several threads with the GIL
+released: the calling (event loop) thread and ``flush_threads - 1`` parked
+pthreads (started on first use). Why that is safe:
+
+- Exclusive clients. Before any thread starts, the caller alone turns the
+  dirty list into a work list with each slot at most once (a slot's dirty
+  flag is cleared at its first listing). Threads take disjoint chunks of
+  that list through one atomic cursor, so each client's state (queue, arena,
+  ``blocked``/``nodata``) is touched by exactly one thread during a flush.
+- Nothing else runs. ``flush()`` returns only after every thread finished the
+  job (a mutex/condition hand-off at both ends, which also orders all memory
+  writes before and after). Meanwhile the calling thread is inside
+  ``flush()``, and every other entry point raises RuntimeError while
+  ``flushing`` is set, so no Python code (another thread included) reads or
+  changes per-client core state mid-flush.
+- Shared data is read-only, except reference counts. Message bodies (tail,
+  compressed tails) are written before they are queued and only read by the
+  flush. A message is shared by many clients' queues, so threads may drop
+  references to it at once: that decrement is atomic (``msg_decref_shared``)
+  and exactly one thread sees zero and frees it (free() is thread-safe).
+  References are only added on the loop thread, between flushes.
+- Counters. Each thread adds to its own cache-line-sized FlushAcc; the caller
+  sums them after the join. Results (drained/blocked/dead) go to a per-item
+  array written only by the item's thread and read after the join, so the
+  blocked and dead lists come back in dirty-list order, as with one thread.
+
+Small flushes (fewer than ``parallel_min`` clients) run on the caller with the
+GIL held: waking threads costs more than it saves there. Limits: workers are
+not restarted in a forked child (the child flushes on one thread); the pool
+uses plain pthreads (no OpenMP, no extra build flags).
 
 Limits: a client's queue grows past ``queue_limit`` only for ``slow_strikes``
 consecutive messages; then the client stops getting data and is reported by
@@ -51,6 +83,160 @@ cdef extern from "time.h" nogil:
     int CLOCK_MONOTONIC
 
 
+# The flush thread pool, in plain C (pthreads; no OpenMP, no build flags):
+# ``n`` workers parked on a condition variable. fo_pool_run() hands all of
+# them one job (a function and its argument), runs the same function as
+# thread 0 on the caller, then waits until every worker finished it. The
+# mutex hand-offs at start and end order everything the caller wrote before
+# a run before the workers' reads, and everything they wrote before the
+# caller's return (happens-before through pthread_mutex).
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <signal.h>
+    #include <stdlib.h>
+    #include <unistd.h>
+
+    typedef void (*fo_job_fn)(void *, int);
+
+    typedef struct fo_pool {
+        pthread_mutex_t mu;
+        pthread_cond_t go, done;
+        unsigned long gen;      /* job number; a worker runs each once */
+        int running;            /* workers still on the current job */
+        int stop;
+        int n;                  /* workers started */
+        fo_job_fn fn;
+        void *arg;
+        pid_t pid;              /* the process that started them */
+        pthread_t *tids;
+        struct fo_worker *ws;
+    } fo_pool;
+
+    typedef struct fo_worker { fo_pool *p; int id; } fo_worker;
+
+    static void *fo_worker_main(void *a) {
+        fo_worker *w = (fo_worker *)a;
+        fo_pool *p = w->p;
+        unsigned long seen = 0;   /* workers start before the first job (gen 0) */
+        pthread_mutex_lock(&p->mu);
+        for (;;) {
+            while (p->gen == seen && !p->stop)
+                pthread_cond_wait(&p->go, &p->mu);
+            if (p->stop)
+                break;
+            seen = p->gen;
+            fo_job_fn fn = p->fn;
+            void *arg = p->arg;
+            pthread_mutex_unlock(&p->mu);
+            fn(arg, w->id);
+            pthread_mutex_lock(&p->mu);
+            if (--p->running == 0)
+                pthread_cond_signal(&p->done);
+        }
+        pthread_mutex_unlock(&p->mu);
+        return NULL;
+    }
+
+    static void fo_pool_free(fo_pool *p) {
+        int i;
+        if (p == NULL)
+            return;
+        pthread_mutex_lock(&p->mu);
+        p->stop = 1;
+        pthread_cond_broadcast(&p->go);
+        pthread_mutex_unlock(&p->mu);
+        for (i = 0; i < p->n; i++)
+            pthread_join(p->tids[i], NULL);
+        pthread_cond_destroy(&p->go);
+        pthread_cond_destroy(&p->done);
+        pthread_mutex_destroy(&p->mu);
+        free(p->tids);
+        free(p->ws);
+        free(p);
+    }
+
+    /* Up to n workers; NULL when none could start (the caller then flushes alone). */
+    static fo_pool *fo_pool_new(int n) {
+        int i;
+        sigset_t all, old;
+        pthread_attr_t attr;
+        fo_pool *p = (fo_pool *)calloc(1, sizeof(fo_pool));
+        if (p == NULL || n < 1)
+            return (free(p), (fo_pool *)NULL);
+        p->tids = (pthread_t *)calloc(n, sizeof(pthread_t));
+        p->ws = (fo_worker *)calloc(n, sizeof(fo_worker));
+        if (p->tids == NULL || p->ws == NULL) {
+            free(p->tids); free(p->ws); free(p);
+            return NULL;
+        }
+        pthread_mutex_init(&p->mu, NULL);
+        pthread_cond_init(&p->go, NULL);
+        pthread_cond_init(&p->done, NULL);
+        p->pid = getpid();
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 1 << 20);   /* send_some needs ~21 KiB */
+        /* Workers block every signal: Python's handlers run on the main thread. */
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        for (i = 0; i < n; i++) {
+            p->ws[i].p = p;
+            p->ws[i].id = i + 1;
+            if (pthread_create(&p->tids[i], &attr, fo_worker_main, &p->ws[i]) != 0)
+                break;
+            p->n++;
+        }
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        pthread_attr_destroy(&attr);
+        if (p->n == 0) {
+            fo_pool_free(p);
+            return NULL;
+        }
+        return p;
+    }
+
+    static int fo_pool_size(fo_pool *p) { return p->n; }
+    static int fo_pool_owned(fo_pool *p) { return p->pid == getpid(); }
+
+    /* Run fn(arg, 1..n) on the workers and fn(arg, 0) here; return when all are done. */
+    static void fo_pool_run(fo_pool *p, fo_job_fn fn, void *arg) {
+        pthread_mutex_lock(&p->mu);
+        p->fn = fn;
+        p->arg = arg;
+        p->running = p->n;
+        p->gen++;
+        pthread_cond_broadcast(&p->go);
+        pthread_mutex_unlock(&p->mu);
+        fn(arg, 0);
+        pthread_mutex_lock(&p->mu);
+        while (p->running > 0)
+            pthread_cond_wait(&p->done, &p->mu);
+        pthread_mutex_unlock(&p->mu);
+    }
+
+    static inline Py_ssize_t fo_atomic_dec(Py_ssize_t *v) {
+        return __atomic_sub_fetch(v, 1, __ATOMIC_ACQ_REL);
+    }
+    static inline Py_ssize_t fo_atomic_inc(Py_ssize_t *v) {
+        return __atomic_add_fetch(v, 1, __ATOMIC_RELAXED);
+    }
+    static inline int fo_fetch_add(int *v, int d) {
+        return __atomic_fetch_add(v, d, __ATOMIC_RELAXED);
+    }
+    """
+    ctypedef struct fo_pool:
+        pass
+    ctypedef void (*fo_job_fn)(void *, int) noexcept nogil
+    fo_pool *fo_pool_new(int n) nogil
+    void fo_pool_free(fo_pool *p) nogil
+    int fo_pool_size(fo_pool *p) nogil
+    int fo_pool_owned(fo_pool *p) nogil
+    void fo_pool_run(fo_pool *p, fo_job_fn fn, void *arg) nogil
+    Py_ssize_t fo_atomic_dec(Py_ssize_t *v) nogil
+    Py_ssize_t fo_atomic_inc(Py_ssize_t *v) nogil
+    int fo_fetch_add(int *v, int d) nogil
+
+
 cdef inline double mono_now() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -69,18 +255,45 @@ cdef enum:
     BATCH = 64                # messages matched together by publish_batch
     PRIORITY_CRITICAL = 3     # never dropped by throttling
     CONFLATE_SCAN = 1024      # queued frames searched for an older version of a subject
+    FLUSH_CHUNK = 32          # work items a flush thread takes at a time
+    PARALLEL_MIN = 64         # default: flushes of fewer clients run on the caller alone
 
+
+
+# Messages alive (made by msg_new, not yet freed): a leak or double-free
+# check for tests (live_messages()). Changed atomically: flush threads free.
+cdef Py_ssize_t _live_msgs = 0
+
+
+def live_messages():
+    """Messages allocated and not yet freed, across all cores (tests: 0 once
+    every core is gone means no reference was lost or dropped twice)."""
+    return _live_msgs
+
+
+cdef inline void msg_free(Msg *m) noexcept nogil:
+    cdef int i
+    free(m.tail)
+    for i in range(MAX_WBITS_SLOTS):
+        if m.ztail[i] != NULL:
+            free(m.ztail[i])
+    free(m)
+    fo_atomic_dec(&_live_msgs)
 
 
 cdef inline void msg_decref(Msg *m) noexcept:
-    cdef int i
     m.refcnt -= 1
     if m.refcnt == 0:
-        free(m.tail)
-        for i in range(MAX_WBITS_SLOTS):
-            if m.ztail[i] != NULL:
-                free(m.ztail[i])
-        free(m)
+        msg_free(m)
+
+
+cdef inline void msg_decref_shared(Msg *m) noexcept nogil:
+    """msg_decref for the flush threads: several may drop references to one
+    message at once, so the decrement is atomic and exactly one of them sees
+    zero and frees it. (References are only ever added on the loop thread,
+    between flushes.)"""
+    if fo_atomic_dec(&m.refcnt) == 0:
+        msg_free(m)
 
 
 cdef Msg *msg_new(bytes tail, int priority) except NULL:
@@ -98,10 +311,11 @@ cdef Msg *msg_new(bytes tail, int priority) except NULL:
     m.priority = priority if 0 <= priority <= 3 else 2
     m.refcnt = 1
     m.t = mono_now()
+    fo_atomic_inc(&_live_msgs)
     return m
 
 
-cdef inline int utoa(uint64_t v, char *out) noexcept:
+cdef inline int utoa(uint64_t v, char *out) noexcept nogil:
     """Decimal digits of v into out; returns the count."""
     cdef char tmp[24]
     cdef int n = 0, i
@@ -117,7 +331,7 @@ cdef inline int utoa(uint64_t v, char *out) noexcept:
     return n
 
 
-cdef inline void write_header(unsigned char *p, unsigned char op, Py_ssize_t plen, Py_ssize_t hlen) noexcept:
+cdef inline void write_header(unsigned char *p, unsigned char op, Py_ssize_t plen, Py_ssize_t hlen) noexcept nogil:
     cdef int i
     p[0] = op
     if hlen == 2:
@@ -132,7 +346,7 @@ cdef inline void write_header(unsigned char *p, unsigned char op, Py_ssize_t ple
             p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
 
 
-cdef inline int ndigits(uint64_t v) noexcept:
+cdef inline int ndigits(uint64_t v) noexcept nogil:
     cdef int n = 1
     while v >= 10:
         v //= 10
@@ -140,36 +354,36 @@ cdef inline int ndigits(uint64_t v) noexcept:
     return n
 
 
-cdef inline Py_ssize_t body_len(const Client *c, const Msg *m) noexcept:
+cdef inline Py_ssize_t body_len(const Client *c, const Msg *m) noexcept nogil:
     return m.ztail_len[c.wbits] if c.wbits else m.tail_len
 
 
-cdef inline const char *body_ptr(const Client *c, const Msg *m) noexcept:
+cdef inline const char *body_ptr(const Client *c, const Msg *m) noexcept nogil:
     return m.ztail[c.wbits] if c.wbits else m.tail
 
 
-cdef inline Py_ssize_t head_len(const Client *c, const Seg *sg) noexcept:
+cdef inline Py_ssize_t head_len(const Client *c, const Seg *sg) noexcept nogil:
     """Bytes of a data frame before its shared body: header, stored-block header, prefix."""
     cdef Py_ssize_t pre = 8 + ndigits(sg.v) + (5 if c.wbits else 0)
     cdef Py_ssize_t plen = pre + body_len(c, sg.m)
     return pre + (2 if plen < 126 else (4 if plen < 65536 else 10))
 
 
-cdef inline Py_ssize_t seg_len(const Client *c, const Seg *sg) noexcept:
+cdef inline Py_ssize_t seg_len(const Client *c, const Seg *sg) noexcept nogil:
     if sg.m == NULL:
         return <Py_ssize_t>((sg.v >> 32) & LEN_MASK)
     return head_len(c, sg) + body_len(c, sg.m)
 
 
-cdef inline bint seg_boundary(const Seg *sg) noexcept:
+cdef inline bint seg_boundary(const Seg *sg) noexcept nogil:
     return sg.m != NULL or (sg.v >> 63) != 0
 
 
-cdef inline Py_ssize_t seg_off(const Seg *sg) noexcept:
-    return <Py_ssize_t>(sg.v & 0xFFFFFFFF)
+cdef inline Py_ssize_t seg_off(const Seg *sg) noexcept nogil:
+    return <Py_ssize_t>(<uint32_t>sg.v)         # the low 32 bits
 
 
-cdef Py_ssize_t write_head(const Client *c, const Seg *sg, unsigned char *p) noexcept:
+cdef Py_ssize_t write_head(const Client *c, const Seg *sg, unsigned char *p) noexcept nogil:
     """Write a data frame's header, stored-block header and prefix; returns the length."""
     cdef char digits[24]
     cdef int nd = utoa(sg.v, digits)
@@ -215,6 +429,138 @@ cdef void compact(Client *c) noexcept:
         c.shead = 0
 
 
+# ---------------------------------------------------------------- flush (C)
+# Module-level and nogil: these run on the flush threads, and touch only the
+# client they are given (its queue, arena, blocked/nodata flags), the shared
+# read-only message bodies, and the caller's FlushAcc. See the module
+# docstring for why that is safe.
+
+cdef int gather(Client *c, iovec *iov, unsigned char (*scratch)[HEAD_MAX], Py_ssize_t *want) noexcept nogil:
+    """Describe the next batch of queued bytes as iovecs (at most IOV_BATCH,
+    one scratch head per data frame); returns the iovec count and sets
+    ``want`` to their byte total. The same gather serves the socket write
+    and :meth:`Core.take_dirty`, so tests see the bytes that really go out."""
+    cdef int i = c.shead, k = 0, h = 0
+    cdef Py_ssize_t skip = c.sdone, hl, total = 0
+    cdef Seg *sg
+    while i < c.nseg and k < IOV_BATCH - 1 and h < HEAD_SLOTS:
+        sg = &c.segs[i]
+        if sg.m == NULL:
+            iov[k].iov_base = <void *>(c.arena + seg_off(sg) + skip)
+            iov[k].iov_len = seg_len(c, sg) - skip
+            k += 1
+        else:
+            hl = write_head(c, sg, scratch[h])
+            if skip < hl:
+                iov[k].iov_base = <void *>(scratch[h] + skip)
+                iov[k].iov_len = hl - skip
+                k += 1
+                skip = 0
+            else:
+                skip -= hl
+            h += 1
+            iov[k].iov_base = <void *>(body_ptr(c, sg.m) + skip)
+            iov[k].iov_len = body_len(c, sg.m) - skip
+            k += 1
+        total += seg_len(c, sg) - (c.sdone if i == c.shead else 0)
+        skip = 0
+        i += 1
+    want[0] = total
+    return k
+
+
+cdef void advance(Client *c, Py_ssize_t n) noexcept nogil:
+    """Account ``n`` bytes as written: whole segments leave the queue (and
+    drop their message reference, atomically: other flush threads may drop
+    references to the same message at the same time)."""
+    cdef Py_ssize_t rem
+    cdef Seg *sg
+    c.queued -= n
+    while n > 0:
+        sg = &c.segs[c.shead]
+        rem = seg_len(c, sg) - c.sdone
+        if n >= rem:
+            n -= rem
+            if sg.m != NULL:
+                msg_decref_shared(sg.m)
+            c.shead += 1
+            c.sdone = 0
+        else:
+            c.sdone += n
+            n = 0
+
+
+cdef void drained(Client *c) noexcept nogil:
+    """The queue is empty (shead == nseg: no references left): reset it and
+    free buffers grown past what an idle client keeps."""
+    c.shead = c.nseg = 0
+    c.sdone = 0
+    c.alen = 0
+    c.queued = 0
+    if c.acap > KEEP_BUF:
+        free(c.arena)
+        c.arena = NULL
+        c.acap = 0
+    if c.segcap > KEEP_SEGS:
+        free(c.segs)
+        c.segs = NULL
+        c.segcap = 0
+
+
+cdef int send_some(Client *c, FlushAcc *acc) noexcept nogil:
+    """Write what is queued for one client with sendmsg(): 0 drained, 1 blocked, -1 dead."""
+    cdef iovec iov[IOV_BATCH]
+    cdef unsigned char scratch[HEAD_SLOTS][HEAD_MAX]
+    cdef msghdr mh
+    cdef ssize_t n
+    cdef Py_ssize_t want
+    cdef int k, err
+    while c.shead < c.nseg:
+        k = gather(c, iov, scratch, &want)
+        memset(&mh, 0, sizeof(mh))
+        mh.msg_iov = iov
+        mh.msg_iovlen = k
+        n = c_sendmsg(c.fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
+        acc.send_calls += 1
+        if n < 0:
+            err = errno          # errno is per thread
+            if err == EINTR:
+                continue
+            if err == EAGAIN:
+                c.blocked = 1
+                acc.send_blocked += 1
+                return 1
+            c.nodata = 1
+            return -1
+        acc.bytes_sent += n
+        advance(c, n)
+        if n < want:
+            # The kernel took less than offered: its buffer is full.
+            c.blocked = 1
+            acc.send_blocked += 1
+            return 1
+    drained(c)
+    return 0
+
+
+cdef void flush_job(void *arg, int tid) noexcept nogil:
+    """One flush thread's share: take FLUSH_CHUNK work items at a time from
+    the shared cursor until none is left (dynamic, so a thread that drew
+    slow sockets does not hold the others up)."""
+    cdef FlushJob *job = <FlushJob *>arg
+    cdef int i, k, end
+    cdef FlushAcc *acc = &job.acc[tid]
+    while True:
+        i = fo_fetch_add(&job.next, FLUSH_CHUNK)
+        if i >= job.n:
+            return
+        end = i + FLUSH_CHUNK
+        if end > job.n:
+            end = job.n
+        for k in range(i, end):
+            job.res[k] = <signed char>send_some(&job.clients[job.work[k]], acc)
+
+
 cdef class _Pattern:
     def __dealloc__(self):
         free(self.bits)
@@ -239,14 +585,25 @@ cdef bint _match(list ptoks, list stoks):
 
 
 cdef class Core:
-    """See the module docstring. Not thread-safe: one event loop owns it."""
+    """See the module docstring. Not thread-safe: one event loop owns it (its
+    flush uses threads of its own, see "Parallel flush" there)."""
 
     def __cinit__(self, int capacity, int replay_size=100, Py_ssize_t queue_limit=262144,
                   int slow_strikes=3, int max_routes=65536, int compress_level=6,
                   throttle_percents=(100, 75, 50, 25), bint throttle=False, int max_level=3,
-                  conflate=()):
+                  conflate=(), int flush_threads=1, int parallel_min=PARALLEL_MIN):
         if capacity < 1 or replay_size < 1 or queue_limit < 1 or slow_strikes < 1:
             raise ValueError("capacity, replay_size, queue_limit and slow_strikes must be >= 1")
+        if not 1 <= flush_threads <= MAX_FLUSH_THREADS or parallel_min < 1:
+            raise ValueError(f"flush_threads must be 1..{MAX_FLUSH_THREADS} and parallel_min >= 1")
+        self.flush_threads = flush_threads
+        self.parallel_min = parallel_min
+        self._pool = NULL
+        self._fepoch = 1
+        self._work = <int *>malloc(capacity * sizeof(int))
+        self._res = <signed char *>malloc(capacity)
+        if self._work == NULL or self._res == NULL:
+            raise MemoryError()
         self.capacity = capacity
         self.replay_size = replay_size
         self.queue_limit = queue_limit
@@ -289,6 +646,10 @@ cdef class Core:
                 self._release(s)
             free(self.clients)
         free(self.dirty)
+        free(self._work)
+        free(self._res)
+        if self._pool != NULL and fo_pool_owned(<fo_pool *>self._pool):
+            fo_pool_free(<fo_pool *>self._pool)    # parked workers: stop and join them
 
     # ------------------------------------------------------------------ clients
     def add_client(self, int fd, int wbits=0):
@@ -297,6 +658,7 @@ cdef class Core:
         ``wbits`` is the permessage-deflate window the client allows the server
         (9..15), or 0 for no compression. Raises OverflowError when full.
         """
+        self._idle()
         cdef int slot
         cdef uint8_t was_dirty
         if self._free:
@@ -351,6 +713,7 @@ cdef class Core:
         c.active = 0
 
     cdef Client *_check(self, int slot) except NULL:
+        self._idle()
         if slot < 0 or slot >= self.capacity or not self.clients[slot].active:
             raise KeyError(f"no client in slot {slot}")
         return &self.clients[slot]
@@ -409,6 +772,7 @@ cdef class Core:
         queued bytes, and of age (seconds) of their oldest queued data frame
         (cumulative counts, last = all clients), and the two sums. One pass in C
         over the slots."""
+        self._idle()
         cdef int nb = len(byte_bounds), na = len(age_bounds), s, i, j
         cdef Client *c
         cdef double now = mono_now(), age
@@ -602,6 +966,7 @@ cdef class Core:
         ``{"seq":N,`` prefix, e.g. ``b'"type":"message",...,"data":{...}}'``.
         Returns the number of clients it was queued for.
         """
+        self._idle()
         cdef _Route r = self._route(subject)
         self.published += 1
         if r.bits == NULL:
@@ -630,6 +995,7 @@ cdef class Core:
         touched once for all the messages it gets from the batch, not once per
         message (the difference is cache misses, i.e. most of the cost).
         Returns the number of frames queued."""
+        self._idle()
         cdef Py_ssize_t n = len(subjects), start, j, k
         cdef Msg *msgs[BATCH]
         cdef uint64_t *bits[BATCH]
@@ -920,6 +1286,7 @@ cdef class Core:
 
     def broadcast_raw(self, bytes frame):
         """Queue the same frame (a ping) for every client still taking data."""
+        self._idle()
         cdef int s
         cdef Client *c
         cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
@@ -978,146 +1345,134 @@ cdef class Core:
         return sent, missing
 
     # ------------------------------------------------------------------ flush
-    cdef int _gather(self, Client *c, iovec *iov, unsigned char (*scratch)[HEAD_MAX],
-                     Py_ssize_t *want) noexcept:
-        """Describe the next batch of queued bytes as iovecs (at most IOV_BATCH,
-        one scratch head per data frame); returns the iovec count and sets
-        ``want`` to their byte total. The same gather serves the socket write
-        and :meth:`take_dirty`, so tests see the bytes that really go out."""
-        cdef int i = c.shead, k = 0, h = 0
-        cdef Py_ssize_t skip = c.sdone, hl, total = 0
-        cdef Seg *sg
-        while i < c.nseg and k < IOV_BATCH - 1 and h < HEAD_SLOTS:
-            sg = &c.segs[i]
-            if sg.m == NULL:
-                iov[k].iov_base = <void *>(c.arena + seg_off(sg) + skip)
-                iov[k].iov_len = seg_len(c, sg) - skip
-                k += 1
-            else:
-                hl = write_head(c, sg, scratch[h])
-                if skip < hl:
-                    iov[k].iov_base = <void *>(scratch[h] + skip)
-                    iov[k].iov_len = hl - skip
-                    k += 1
-                    skip = 0
-                else:
-                    skip -= hl
-                h += 1
-                iov[k].iov_base = <void *>(body_ptr(c, sg.m) + skip)
-                iov[k].iov_len = body_len(c, sg.m) - skip
-                k += 1
-            total += seg_len(c, sg) - (c.sdone if i == c.shead else 0)
-            skip = 0
-            i += 1
-        want[0] = total
-        return k
+    cdef int _idle(self) except -1:
+        """Refuse while a flush runs: its threads own the client state then.
 
-    cdef void _advance(self, Client *c, Py_ssize_t n) noexcept:
-        """Account ``n`` bytes as written: whole segments leave the queue."""
-        cdef Py_ssize_t rem
-        cdef Seg *sg
-        c.queued -= n
-        while n > 0:
-            sg = &c.segs[c.shead]
-            rem = seg_len(c, sg) - c.sdone
-            if n >= rem:
-                n -= rem
-                if sg.m != NULL:
-                    msg_decref(sg.m)
-                c.shead += 1
-                c.sdone = 0
-            else:
-                c.sdone += n
-                n = 0
-
-    cdef void _drained(self, Client *c) noexcept:
-        self._clear_queue(c)
-        if c.acap > KEEP_BUF:
-            free(c.arena)
-            c.arena = NULL
-            c.acap = 0
-        if c.segcap > KEEP_SEGS:
-            free(c.segs)
-            c.segs = NULL
-            c.segcap = 0
-
-    cdef int _send_some(self, int slot) noexcept:
-        """Write what is queued for one client with sendmsg(): 0 drained, 1 blocked, -1 dead."""
-        cdef Client *c = &self.clients[slot]
-        cdef iovec iov[IOV_BATCH]
-        cdef unsigned char scratch[HEAD_SLOTS][HEAD_MAX]
-        cdef msghdr mh
-        cdef ssize_t n
-        cdef Py_ssize_t want
-        cdef int k
-        while c.shead < c.nseg:
-            k = self._gather(c, iov, scratch, &want)
-            memset(&mh, 0, sizeof(mh))
-            mh.msg_iov = iov
-            mh.msg_iovlen = k
-            n = c_sendmsg(c.fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
-            self.send_calls += 1
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    c.blocked = 1
-                    self.send_blocked += 1
-                    return 1
-                c.nodata = 1
-                return -1
-            self.bytes_sent += n
-            self._advance(c, n)
-            if n < want:
-                # The kernel took less than offered: its buffer is full.
-                c.blocked = 1
-                self.send_blocked += 1
-                return 1
-        self._drained(c)
+        Only reachable from another Python thread (the flushing thread is
+        inside :meth:`flush`, which releases the GIL); the event loop that
+        owns the core never sees it."""
+        if self.flushing:
+            raise RuntimeError("the core is flushing (called from another thread while flush() runs)")
         return 0
 
+    cdef int _start_pool(self) noexcept:
+        """Start the parked flush threads (once, lazily, and again in a forked
+        child, which inherits none). Returns the threads per flush that can
+        run, the caller included: fewer than asked when pthread_create fails."""
+        cdef fo_pool *p = <fo_pool *>self._pool
+        if p != NULL and fo_pool_owned(p):
+            return 1 + fo_pool_size(p)
+        if p != NULL:
+            self._pool = NULL    # a forked child: those threads do not exist here (struct leaked on purpose)
+        p = fo_pool_new(self.flush_threads - 1)
+        if p == NULL:
+            return 1
+        self._pool = p
+        return 1 + fo_pool_size(p)
+
     def flush(self):
-        """Write every client's queued bytes, one ``sendmsg()`` each.
+        """Write every dirty client's queued bytes with ``sendmsg()``, on
+        ``flush_threads`` threads (the caller and parked workers) with the GIL
+        released, and return once all of them finished.
 
         Returns ``(blocked, dead)``: lists of slots whose socket is full (wait
         for writable, then :meth:`flush_slot`) or failed (close them), or
-        ``None`` in place of an empty list.
+        ``None`` in place of an empty list; both in dirty-list order, whatever
+        thread sent them.
         """
-        cdef int i, slot, r
+        self._idle()
+        cdef int i, slot, m = 0, t, threads = 1
         cdef Client *c
-        blocked = None
-        dead = None
+        cdef FlushJob job
         cdef int n = self.ndirty
         self.ndirty = 0
+        # Build the work list on this thread, alone: one entry per slot (the
+        # dirty flag is cleared at its first listing, so a slot can never be
+        # handed to two threads), only clients with something to send.
         for i in range(n):
             slot = self.dirty[i]
             c = &self.clients[slot]
+            if not c.dirty:
+                continue
             c.dirty = 0
             if not c.active or c.blocked or c.shead == c.nseg:
                 continue
-            r = self._send_some(slot)
-            if r == 1:
+            if c.fepoch != self._fepoch:
+                c.fepoch = self._fepoch
+                self.reached += 1
+            self._work[m] = slot
+            m += 1
+        if m == 0:
+            return None, None
+        job.clients = self.clients
+        job.work = self._work
+        job.res = self._res
+        job.n = m
+        job.next = 0
+        if self.flush_threads > 1 and m >= self.parallel_min:
+            threads = self._start_pool()
+        memset(job.acc, 0, threads * sizeof(FlushAcc))
+        if m < self.parallel_min:
+            flush_job(&job, 0)          # a few clients: not worth waking threads or dropping the GIL
+        else:
+            self.flushing = True
+            try:
+                with nogil:
+                    if threads > 1:
+                        fo_pool_run(<fo_pool *>self._pool, flush_job, &job)
+                    else:
+                        flush_job(&job, 0)
+            finally:
+                self.flushing = False
+        for t in range(threads):
+            self.send_calls += job.acc[t].send_calls
+            self.bytes_sent += job.acc[t].bytes_sent
+            self.send_blocked += job.acc[t].send_blocked
+        blocked = None
+        dead = None
+        for i in range(m):
+            if self._res[i] == 1:
                 if blocked is None:
                     blocked = []
-                blocked.append(slot)
-            elif r == -1:
+                blocked.append(self._work[i])
+            elif self._res[i] == -1:
                 if dead is None:
                     dead = []
-                dead.append(slot)
+                dead.append(self._work[i])
         return blocked, dead
 
     def flush_slot(self, int slot):
-        """After writable: write one client's queue. 0 drained, 1 blocked, -1 dead."""
+        """After writable: write one client's queue (on this thread). 0 drained, 1 blocked, -1 dead."""
         cdef Client *c = self._check(slot)
+        cdef FlushAcc acc
+        cdef int r
         c.blocked = 0
         if c.shead == c.nseg:
             return 0
-        return self._send_some(slot)
+        memset(&acc, 0, sizeof(acc))
+        r = send_some(c, &acc)
+        self.send_calls += acc.send_calls
+        self.bytes_sent += acc.bytes_sent
+        self.send_blocked += acc.send_blocked
+        return r
+
+    def take_reach(self):
+        """Distinct clients that :meth:`flush` sent to since the last call
+        (each counted once however many flushes it was in); starts a new
+        window. With ``deliveries`` over the same window it gives the frame
+        rate per receiving client, which the hub's latency budget uses."""
+        cdef uint64_t n = self.reached
+        self.reached = 0
+        self._fepoch += 1
+        if self._fepoch == 0:
+            self._fepoch = 1     # 0 is what a fresh slot holds
+        return n
 
     def take_dirty(self):
         """For tests: pop the queued bytes of every dirty client without a
         socket: ``{slot: bytes}``. Uses the flush's own gather and accounting,
         batch by batch, as if every ``sendmsg()`` took everything offered."""
+        self._idle()
         cdef int i, j, k, slot
         cdef Client *c
         cdef iovec iov[IOV_BATCH]
@@ -1132,18 +1487,19 @@ cdef class Core:
                 continue
             parts = []
             while c.shead < c.nseg:
-                k = self._gather(c, iov, scratch, &want)
+                k = gather(c, iov, scratch, &want)
                 for j in range(k):
                     parts.append(PyBytes_FromStringAndSize(<char *>iov[j].iov_base, iov[j].iov_len))
-                self._advance(c, want)
+                advance(c, want)
             out[slot] = b"".join(parts)
-            self._drained(c)
+            drained(c)
         self.ndirty = 0
         return out
 
     def discard_queued(self):
         """Forget every dirty client's queued bytes without writing them
         (benchmarks of match-and-enqueue alone). Returns the bytes dropped."""
+        self._idle()
         cdef int i, slot
         cdef Client *c
         cdef Py_ssize_t total = 0
