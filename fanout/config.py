@@ -84,7 +84,8 @@ class Config:
     ws_auth_leeway_seconds: float = _setting("WS_AUTH_LEEWAY_SECONDS", 5.0, "clock skew allowed on exp, nbf and iat", lo=0, hi=300)
     # --- fan-out -------------------------------------------------------------
     ws_max_broadcast_rate: float = _setting("WS_MAX_BROADCAST_RATE", 0.0, "messages/s fanned out (0 = unlimited); excess publishes wait or get 429", lo=0, hi=1e9)
-    ws_flush_interval: float = _setting("WS_FLUSH_INTERVAL", 0.0, "extra delay before flushing queued frames, to put more frames in one syscall (0 = next loop turn)", lo=0, hi=1.0, kind="duration")
+    ws_flush_latency_ms: float = _setting("WS_FLUSH_LATENCY_MS", 5.0, "latency budget for coalescing: while clients get frames faster than one per budget, a flush may wait up to this long after the last one so several frames share a sendmsg(); light traffic is flushed at once (0 = always at once)", lo=0, hi=1000)
+    ws_flush_threads: int = _setting("WS_FLUSH_THREADS", 0, "threads writing client sockets in each flush, GIL released (0 = auto: usable cores - 1, at least 1, at most 8)", lo=0, hi=64)
     ws_history_size: int = _setting("WS_HISTORY_SIZE", 10000, "recent messages kept in memory for resume", lo=0, hi=10_000_000)
     # --- resource guard (fanout/guard.py) and admission ---------------------
     ws_guard_interval: float = _setting("WS_GUARD_INTERVAL", 1.0, "seconds between resource guard samples (CPU, loop lag, memory)", lo=0.05, hi=60, kind="duration")
@@ -161,6 +162,21 @@ class Config:
                 pattern, _, prio = item.partition("=")
                 out.append((pattern.strip(), parse_priority(prio.strip())))
         return out
+
+    @property
+    def flush_threads(self) -> int:
+        """``WS_FLUSH_THREADS``, with 0 (auto) resolved: the cores this
+        process may run on (its affinity mask, e.g. a container's cpuset)
+        minus one, for the load the event loop and the kernel's receive work
+        put on the rest; at least 1, at most 8 (past that the loopback/NIC
+        send path, not the threads, is the limit)."""
+        if self.ws_flush_threads:
+            return self.ws_flush_threads
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(8, cores - 1))
 
     @property
     def conflate_patterns(self) -> list[str]:
