@@ -48,11 +48,14 @@ starts, so the position each subscription starts from is exact.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import math
 import signal
 import ssl
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,7 @@ FIRST_TURN = min(3.0, 0.3 * WINDOW)     # the node's first reconnect turn (fanou
 MAX_BUCKET_SHARE = 0.5          # of a drain's reconnects in any one second; spread evenly over the
                                 # 2.8 s of turns the fullest bucket holds ~36 %, a burst ~100 %
 MAX_PUBLISHED = int(RATE * 60)  # bound of the publish loop
+MAX_IN_FLIGHT = 100             # unacked publishes
 STREAM = "ODIN_TOKENS"
 
 # Check intervals scaled to the 4 s window (see the module docstring).
@@ -94,6 +98,7 @@ class Phase:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     hinted: dict[int, int] = field(default_factory=dict)          # client -> after_ms
     back_at: dict[int, float] = field(default_factory=dict)       # client -> seconds after t0
+    catchup: dict[str, float] = field(default_factory=dict)       # the survivor's resume messages by source
 
     def reconnects(self) -> list[float]:
         return sorted(self.back_at.values())
@@ -121,7 +126,9 @@ class Tracked:
 
     def _on_drain(self, info: dict[str, Any]) -> None:
         phase = self.rolling.phase
-        assert phase is not None, info
+        if phase is None:       # a callback's exception would only be logged: recorded, asserted at the end
+            self.rolling.stray_hints.append((self.i, info))
+            return
         phase.hinted[self.i] = int(info["after_ms"])
         self._phase = phase
 
@@ -162,23 +169,52 @@ class Rolling:
         self.published: list[tuple[int, str]] = []      # (stream_seq, subject), in publish order
         self.phase: Phase | None = None
         self.stop = asyncio.Event()
-        self.warm = asyncio.Event()                      # a second of traffic is out
+        self._waiters: list[tuple[int, asyncio.Event]] = []
+        self.stray_hints: list[tuple[int, dict[str, Any]]] = []     # drain hints outside a drain
+        self.began = self.ended = 0.0
+
+    def acked(self, n: int) -> asyncio.Event:
+        """An event set once ``n`` publishes are acked."""
+        ev = asyncio.Event()
+        if len(self.published) >= n:
+            ev.set()
+        self._waiters.append((n, ev))
+        return ev
 
     async def publish(self, url: str) -> None:
-        """RATE msg/s, each acked by JetStream, until stop (bounded by MAX_PUBLISHED)."""
+        """RATE msg/s, each acked by JetStream, until stop (bounded by MAX_PUBLISHED).
+
+        Publishes go out on schedule without waiting for the previous ack (at
+        most MAX_IN_FLIGHT unacked), so a busy event loop in this process
+        delays acks, not the rate; JetStream stores them in the order sent.
+        """
+        gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+        acks: list[asyncio.Task[None]] = []
+
+        async def one(pub: Publisher, k: int) -> None:
+            try:
+                subj = subject(k)
+                self.published.append((await pub.publish(subj, json.dumps({"k": k}).encode()), subj))
+                for n, ev in self._waiters:
+                    if len(self.published) >= n:
+                        ev.set()
+            finally:
+                gate.release()
+
         async with Publisher(url, stream=STREAM, timeout=10.0) as pub:
-            t = time.monotonic()
+            t = self.began = time.monotonic()
             for k in range(MAX_PUBLISHED):
                 if self.stop.is_set():
-                    return
-                subj = subject(k)
-                seq = await pub.publish(subj, json.dumps({"k": k}).encode())
-                self.published.append((seq, subj))
-                if k == int(RATE):
-                    self.warm.set()
+                    break
+                await gate.acquire()
+                acks.append(asyncio.create_task(one(pub, k)))
                 t += 1 / RATE
                 await asyncio.sleep(max(0.0, t - time.monotonic()))
-            raise AssertionError(f"publish loop ran out of its {MAX_PUBLISHED} messages")
+            else:
+                raise AssertionError(f"publish loop ran out of its {MAX_PUBLISHED} messages")
+            self.ended = time.monotonic()
+            await asyncio.gather(*acks)     # any failed publish fails the test
+        self.published.sort()
 
 
 def node_env(nats_url: str, node_id: str, ws_port: int = 0, health_port: int = 0) -> dict[str, str]:
@@ -191,6 +227,21 @@ def render(cert: Path, wss_port: int, stats_port: int, admin_port: int, nodes: l
     text = render_config(cert, wss_port, stats_port, admin_port, nodes)
     assert text.count(SHIPPED_CHECKS) == 1, f"shipped haproxy.cfg changed: {SHIPPED_CHECKS!r} not found exactly once"
     return text.replace(SHIPPED_CHECKS, TEST_CHECKS)
+
+
+def backend_stats(lb: Haproxy) -> dict[str, dict[str, str]]:
+    """The ``fanout`` backend's rows of HAProxy's stats CSV (servers and BACKEND)."""
+    with urllib.request.urlopen(lb.stats + "/stats;csv", timeout=2) as r:
+        text = r.read().decode().lstrip("# ")
+    return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == "fanout"}
+
+
+async def within(aw: Any, seconds: float, what: str) -> Any:
+    """``aw`` within ``seconds``, or an AssertionError naming what did not happen."""
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within {seconds} s") from None
 
 
 def down(name: str):
@@ -241,11 +292,11 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
             async with gate:
                 await c.start()
 
-        await asyncio.wait_for(asyncio.gather(*(start(c) for c in clients)), 30)
+        await within(asyncio.gather(*(start(c) for c in clients)), 30, f"{N_CLIENTS} clients connected and subscribed")
         per_node = await asyncio.gather(*(asyncio.to_thread(n.metric, "fanout_connections") for n in nodes))
         assert sum(per_node) == N_CLIENTS and min(per_node) >= N_CLIENTS // 4, per_node    # leastconn spread both
         publisher = asyncio.create_task(rolling.publish(nats.url))
-        await asyncio.wait_for(rolling.warm.wait(), 10)
+        await within(rolling.acked(int(RATE)).wait(), 10, "a second of published traffic")
 
         phases: list[Phase] = []
         for idx in (0, 1):
@@ -265,10 +316,13 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
             exited = time.monotonic() - phase.t0
             assert code == 0, node.raw[-20:]
             assert exited < WINDOW + SHUTDOWN + 0.5, exited
-            await asyncio.wait_for(phase.done.wait(), 10)
+            await within(phase.done.wait(), 10,
+                         f"{name}'s clients reconnected ({len(phase.back_at)} of {held}, {len(phase.hinted)} hinted)")
             assert len(phase.hinted) == held, (len(phase.hinted), held)
             # All on the survivor before the drained node comes back.
             assert await asyncio.to_thread(other.metric, "fanout_connections") == N_CLIENTS
+            phase.catchup = {src: await asyncio.to_thread(other.metric, "fanout_catchup_messages_total",
+                                                          f'source="{src}"') for src in ("memory", "stream")}
             # Restart: same ports, same node id (same durable consumer).
             fresh = NodeProcess(node_env(nats.url, name, node.ws_port, node.health_port))
             await asyncio.to_thread(fresh.start)
@@ -280,16 +334,15 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
         rolling.phase = None
 
         # A last second of traffic with both nodes back, then stop and settle.
-        n = len(rolling.published)
-        while len(rolling.published) < n + int(RATE):
-            await asyncio.sleep(0.05)
+        await within(rolling.acked(len(rolling.published) + int(RATE)).wait(), 10, "a last second of traffic")
         rolling.stop.set()
-        await asyncio.wait_for(publisher, 10)
+        await within(publisher, 15, "the publisher's last acks")
         last: dict[str, int] = {}
         for seq, subj in rolling.published:
             last[subj] = seq
         for c in clients:
             c.set_target(last[c.subject])
+        proxy = await asyncio.to_thread(backend_stats, lb)
         waits = [asyncio.create_task(c.done.wait()) for c in clients if not c.done.is_set()]
         if waits:
             await asyncio.wait(waits, timeout=15)
@@ -323,8 +376,10 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
             if len(examples) < 3:
                 examples.append(f"client {c.i} ({c.subject}): {len(c.got)} of {len(want)} delivered, "
                                 f"missing {missing[:10]}, {twice} twice, in order: {in_order}")
+    rate = len(rolling.published) / (rolling.ended - rolling.began)
+    assert rate >= 0.9 * RATE, rate      # the publisher kept its pace through both drains
     incomplete = [(c.i, r) for c in clients for r in c.resumes if not r.get("complete")]
-    print(f"published {len(rolling.published)} msgs in {elapsed:.1f}s; deliveries "
+    print(f"published {len(rolling.published)} msgs at {rate:.0f}/s; test body {elapsed:.1f}s; deliveries "
           f"{sum(len(c.got) for c in clients)}; duplicates dropped by the client "
           f"{sum(c.client.tracker.duplicates for c in clients)}; reconnects {sum(c.client.reconnects for c in clients)}")
     assert not any(c.wrong for c in clients), next(c.wrong[:3] for c in clients if c.wrong)
@@ -332,7 +387,14 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
                                                    + "; ".join(examples))
     assert all(not c.client.missing for c in clients), [(c.i, c.client.missing) for c in clients if c.client.missing]
     assert not incomplete, incomplete[:5]
+    assert not rolling.stray_hints, rolling.stray_hints[:5]
     assert all(c.client.reconnects >= 1 for c in clients)
+
+    # No handshake was ever sent to a node that had stopped listening: no
+    # connection errors, retries or redispatches (the checks took it out first).
+    errors = {sv: {k: row[k] for k in ("econ", "wretr", "wredis")} for sv, row in proxy.items()}
+    print(f"haproxy: {errors}")
+    assert all(v in ("0", "") for e in errors.values() for v in e.values()), errors
 
     # -------------------------------------------------------------- spread
     for phase in phases:
@@ -340,8 +402,8 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
         assert len(times) == phase.expected
         hints = sorted(phase.hinted.values())
         assert hints[0] >= FIRST_TURN * 1000 - 1 and hints[-1] < WINDOW * 1000, (hints[0], hints[-1])
-        # Inside the window (plus a reconnect's handshake and resume), not after it.
-        assert FIRST_TURN - 0.1 <= times[0] and times[-1] <= WINDOW + 1.0, (phase.name, times[0], times[-1])
+        # Inside the window (plus a reconnect's handshake and resume on a busy machine), not after it.
+        assert FIRST_TURN - 0.1 <= times[0] and times[-1] <= WINDOW + 1.5, (phase.name, times[0], times[-1])
         span = times[-1] - times[0]
         assert span >= WINDOW / 2, (phase.name, span)
         buckets: dict[int, int] = {}
@@ -349,5 +411,5 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
             buckets[math.floor(t)] = buckets.get(math.floor(t), 0) + 1
         share = max(buckets.values()) / len(times)
         print(f"{phase.name}: {len(times)} reconnects over {span:.2f}s, per second {dict(sorted(buckets.items()))}, "
-              f"fullest {share:.0%}")
+              f"fullest {share:.0%}; survivor's catch-up messages so far {phase.catchup}")
         assert share <= MAX_BUCKET_SHARE, (phase.name, buckets)
