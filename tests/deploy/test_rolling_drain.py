@@ -413,3 +413,64 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
         print(f"{phase.name}: {len(times)} reconnects over {span:.2f}s, per second {dict(sorted(buckets.items()))}, "
               f"fullest {share:.0%}; survivor's catch-up messages so far {phase.catchup}")
         assert share <= MAX_BUCKET_SHARE, (phase.name, buckets)
+
+
+# ------------------------------------------------ the client's hint timing
+# The node closes a drained client at its turn, i.e. ``after_ms`` after the
+# hint. These pin the library client's side against a scripted server on a
+# real socket: the reconnect comes ``after_ms`` after the hint (not after the
+# close plus ``after_ms`` again, which spread the rolling test's reconnects
+# over twice the window), and a node that never closes is left by the client.
+
+HINT_MS = 400
+
+
+async def _hint_server(close_after_hint: bool) -> tuple[float, float]:
+    """(seconds from the hint to the second connection, to the first one's end)."""
+    from websockets.asyncio.server import serve
+
+    hinted = asyncio.get_running_loop().create_future()
+    second = asyncio.get_running_loop().create_future()
+    ended: list[float] = []
+
+    async def handler(ws: Any) -> None:
+        first = not hinted.done()
+        if not first and not second.done():
+            second.set_result(time.monotonic())
+        try:
+            async for raw in ws:
+                req = json.loads(raw)
+                kind = {"subscribe": "subscribed", "resume": "resumed", "heartbeat": "heartbeat_ack"}[req["type"]]
+                await ws.send(json.dumps({"type": kind, "id": req["id"], "channels": req.get("channels", []),
+                                          "epoch": "e1", "stream_seq": 0, "complete": True}))
+                if first and kind == "subscribed":
+                    await ws.send(json.dumps({"type": "reconnect", "reason": "drain", "after_ms": HINT_MS}))
+                    hinted.set_result(time.monotonic())
+                    if close_after_hint:
+                        await asyncio.sleep(HINT_MS / 1000)     # the node's turn for this client
+                        await ws.close(1001, "server draining")
+        finally:
+            if first:
+                ended.append(time.monotonic())
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = Client(f"ws://127.0.0.1:{port}/ws", heartbeat_timeout=0.5, reconnect_min=0.01,
+                        reconnect_max=0.05, request_timeout=5.0)
+        async with client:
+            await client.subscribe([subject(0)])
+            t_hint = await within(hinted, 5, "the hint")
+            t_second = await within(second, 5, "the second connection")
+        return t_second - t_hint, ended[0] - t_hint
+
+
+async def test_client_reconnects_after_ms_after_the_hint_not_after_the_close() -> None:
+    back, _ = await _hint_server(close_after_hint=True)
+    assert HINT_MS / 1000 - 0.05 <= back < HINT_MS / 1000 + 0.25, back
+
+
+async def test_client_leaves_a_node_that_never_closes_after_the_hint() -> None:
+    back, left = await _hint_server(close_after_hint=False)
+    # after_ms + heartbeat_timeout (0.5 s), then at once (the hinted time has passed).
+    assert HINT_MS / 1000 + 0.5 - 0.05 <= left < HINT_MS / 1000 + 0.5 + 0.3, left
+    assert back < left + 0.3, (back, left)
