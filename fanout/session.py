@@ -71,9 +71,9 @@ from .subjects import subject_error
 
 if TYPE_CHECKING:
     from .auth import Authenticator
-    from .hub import Hub, Resumed
+    from .hub import Resumed
 
-__all__ = ["Session", "SessionHost", "State", "Refusal"]
+__all__ = ["Session", "SessionHost", "Router", "State", "Refusal"]
 
 _ids = itertools.count(1)
 WS_PATHS = ("/", "/ws")
@@ -92,6 +92,45 @@ class State(enum.Enum):
 Refusal = tuple[int, str, str, "int | None"]
 
 
+class Router(Protocol):
+    """What a session needs from the hub (the one caller of the core): its slot's
+    stream in and out. The hub calls back through :class:`fanout.hub.Peer`."""
+
+    epoch: str
+
+    @property
+    def last_stream_seq(self) -> int: ...
+
+    def attach(self, peer: Session, wbits: int) -> int: ...
+
+    def detach(self, slot: int) -> None: ...
+
+    def send_raw(self, slot: int, data: bytes) -> None: ...
+
+    def reply(self, slot: int, payload: bytes) -> None: ...
+
+    def stop_data(self, slot: int) -> None: ...
+
+    def watch_drain(self, slot: int) -> None: ...
+
+    def flush_one(self, slot: int) -> int: ...
+
+    def discard_queued(self, slot: int) -> int: ...
+
+    def subscribe(self, slot: int, patterns: list[str]) -> tuple[list[str], list[str]]: ...
+
+    def unsubscribe(self, slot: int, patterns: list[str]) -> None: ...
+
+    def replay(self, slot: int, from_seq: int, to_seq: int,
+               on_done: Callable[[tuple[int, int] | None], None]) -> None: ...
+
+    def resume(self, slot: int, patterns: list[str], after: int, epoch: str | None,
+               on_done: Callable[[Resumed], None]) -> None: ...
+
+    def snapshot(self, slot: int, patterns: list[str],
+                 on_done: Callable[[list[str], list[str], int], None]) -> None: ...
+
+
 class SessionHost(Protocol):
     """What a session needs from the node that accepted it (the server)."""
 
@@ -102,7 +141,7 @@ class SessionHost(Protocol):
     clock: Callable[[], float]
 
     @property
-    def hub(self) -> Hub: ...
+    def hub(self) -> Router: ...
 
     @property
     def extensions(self) -> Sequence[ServerExtensionFactory] | None: ...
