@@ -160,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each variant (alternating)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--loadgen-args", default="", help="extra load-generator flags for both variants, e.g. "
+                    "'--dist spread --subjects 1000 --per-client 10'")
     args = ap.parse_args(argv)
     a, b, extra = preset(args.preset, args)
+    extra = [*extra, *args.loadgen_args.split()]
     res = compare(a, b, args.connections, args.rate, args.duration, args.rounds, extra)
     res["setup"] = {"preset": args.preset, "connections": args.connections, "rate": args.rate,
                     "duration": args.duration, "rounds": args.rounds}

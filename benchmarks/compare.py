@@ -10,6 +10,11 @@ the deliveries to drain (bounded), then read the server's CPU. Writes
     python -m benchmarks.compare --set quick --duration 8
     python -m benchmarks.compare --scenarios hot-10k,hot-1k --peers fanout,nats
     python -m benchmarks.compare --list
+    python -m benchmarks.compare --set flush                  # flush threads and budget, one run
+    python -m benchmarks.compare --set scaling --threads 1-8  # a bigger machine: scaling table
+
+Peers: fanout, python, nats, and fanout with flush settings in the name:
+fanout-t2 (WS_FLUSH_THREADS=2), fanout-t1-b0 (WS_FLUSH_LATENCY_MS=0).
 
 See benchmarks/README.md for what each column means.
 """
@@ -31,7 +36,7 @@ import psutil
 
 from .common import Distribution
 from .loadgen import LoadConfig, LoadGen, self_cpu
-from .peers.launch import Peer, make_peer
+from .peers.launch import Peer, fanout_counters, fanout_variant_env, make_peer
 from .publisher import HttpPublisher, NatsPublisher, run_rate
 from .worker import raise_nofile
 
@@ -90,8 +95,33 @@ SETS = {
              "hot-1k-100-deflate", "hot-1k-100-slow1", "hot-10k-10", "hot-10k-10-deflate"],
     "targets": ["hot-10k", "hot-1k", "hot-1k-100", "hot-1k-100-deflate"],
     "sweep": ["load-2k-25", "load-2k-50", "load-2k-100", "load-2k-150"],
+    # Issue 12's rows: 1 vs 2 flush threads, budget 0 vs default, in one run.
+    "flush": ["hot-10k", "hot-1k", "subj1000-10k"],
+    # With --threads 1-N on a bigger host: CPU and latency against threads.
+    "scaling": ["hot-10k", "hot-20k", "subj1000-10k"],
 }
 SETS["all"] = SETS["full"] + SETS["sweep"]
+# Peers a set runs when --peers is not given.
+SET_PEERS = {
+    "flush": "fanout-t1,fanout-t2,fanout-t1-b0,fanout-t2-b0,nats",
+    "scaling": "fanout",
+}
+DEFAULT_PEERS = "fanout,python,nats"
+
+
+def expand_threads(peers: list[str], spec: str) -> list[str]:
+    """``--threads 1-8`` or ``1,2,4``: each plain ``fanout`` peer becomes
+    fanout-t1, fanout-t2, ... (one row per thread count)."""
+    if not spec:
+        return peers
+    counts: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        counts += list(range(int(lo), int(hi or lo) + 1))
+    out: list[str] = []
+    for p in peers:
+        out += [f"{p}-t{n}" for n in counts] if p == "fanout" else [p]
+    return out
 
 
 def machine_busy() -> tuple[float, float]:
@@ -136,6 +166,7 @@ async def run_scenario(peer: Peer, sc: Scenario, duration: float, *, engine: str
         pub = NatsPublisher(peer.publish_url) if peer.proto == "nats" else HttpPublisher(peer.publish_url)
         await pub.connect()
         await lg.reset()
+        fc0 = fanout_counters(peer)
         cpu0 = peer.cpu_seconds()
         pcpu0 = self_cpu()
         busy0 = machine_busy()
@@ -157,6 +188,11 @@ async def run_scenario(peer: Peer, sc: Scenario, duration: float, *, engine: str
             await asyncio.sleep(0.25)
         window = max(1e-9, last_t - t0)
         cpu = peer.cpu_seconds() - cpu0
+        fc1 = fanout_counters(peer)
+        if fc0 and fc1 and fc1["send_calls"] > fc0["send_calls"]:
+            # Frames per sendmsg() (includes pings and control frames: a handful).
+            row["frames_per_send"] = round((fc1["deliveries"] - fc0["deliveries"])
+                                           / (fc1["send_calls"] - fc0["send_calls"]), 2)
         pcpu = self_cpu() - pcpu0
         busy1 = machine_busy()
         busy, softirq = busy1[0] - busy0[0], busy1[1] - busy0[1]
@@ -225,7 +261,8 @@ COLUMNS = [
     ("delivered_per_s", "delivered/s"), ("complete", "all delivered"), ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"), ("p999_ms", "p99.9 ms"), ("server_cpu_per_M", "server CPU-s/M"),
     ("loadgen_cpu_per_M", "loadgen CPU-s/M"), ("rss_per_conn_kb", "RSS/conn KiB"), ("held", "held"),
-    ("gaps", "gaps"), ("dups", "dups"), ("slow_p99_ms", "slow p99 ms"), ("other_cpu_s", "other CPU-s"),
+    ("gaps", "gaps"), ("dups", "dups"), ("slow_p99_ms", "slow p99 ms"), ("frames_per_send", "frames/sendmsg"),
+    ("other_cpu_s", "other CPU-s"),
 ]
 
 
@@ -247,7 +284,33 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if ratios:
         out += ["", "Server CPU per delivery, fanout against the peers (lower is better for fanout):", ""]
         out += [f"- {line}" for line in ratios]
+    out += scaling_table(rows)
     return "\n".join(out) + "\n"
+
+
+def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per scenario, the fanout-tN rows side by side: CPU per delivery
+    against 1 thread (or the fewest threads run), latency, rate."""
+    by: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+    for r in rows:
+        env = fanout_variant_env(str(r.get("peer", "")))
+        if "error" in r or not env or "WS_FLUSH_THREADS" not in env or not r.get("server_cpu_per_M"):
+            continue
+        by.setdefault(r["scenario"], []).append((int(env["WS_FLUSH_THREADS"]), r["peer"], r))
+    out: list[str] = []
+    for sc, items in by.items():
+        items.sort(key=lambda t: (t[0], t[1]))
+        if len(items) < 2:
+            continue
+        base = items[0][2]["server_cpu_per_M"]
+        out += ["", f"Flush threads, {sc}:", "",
+                "| peer | threads | delivered/s | all | p50 ms | p99 ms | server CPU-s/M | CPU vs first | frames/sendmsg |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for n, name, r in items:
+            out.append(f"| {name} | {n} | {r['delivered_per_s']} | {'yes' if r['complete'] else 'NO'} | {r['p50_ms']} | "
+                       f"{r['p99_ms']} | {r['server_cpu_per_M']} | {r['server_cpu_per_M'] / base:.2f}x | "
+                       f"{r.get('frames_per_send', '-')} |")
+    return out
 
 
 def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -257,13 +320,13 @@ def ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
             by.setdefault(r["scenario"], {})[r["peer"]] = r
     lines = []
     for sc, peers in by.items():
-        fo = peers.get("fanout")
-        if not fo:
-            continue
-        parts = [f"{p}: {fo['server_cpu_per_M'] / peers[p]['server_cpu_per_M']:.2f}x"
-                 for p in ("nats", "python") if p in peers]
-        if parts:
-            lines.append(f"{sc}: fanout CPU/delivery = " + ", ".join(parts) + " of the peer's")
+        for name, fo in peers.items():
+            if not name.startswith("fanout"):
+                continue
+            parts = [f"{p}: {fo['server_cpu_per_M'] / peers[p]['server_cpu_per_M']:.2f}x"
+                     for p in ("nats", "python") if p in peers]
+            if parts:
+                lines.append(f"{sc}: {name} CPU/delivery = " + ", ".join(parts) + " of the peer's")
     return lines
 
 
@@ -324,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", default="quick", choices=sorted(SETS), help="named scenario set")
     ap.add_argument("--scenarios", default="", help="comma-separated scenario names (overrides --set)")
-    ap.add_argument("--peers", default="fanout,python,nats")
+    ap.add_argument("--peers", default="", help=f"comma-separated (default: the set's, else {DEFAULT_PEERS}); "
+                    "fanout-t<N>-b<ms> sets WS_FLUSH_THREADS / WS_FLUSH_LATENCY_MS")
+    ap.add_argument("--threads", default="", help="flush thread counts, e.g. 1-8 or 1,2,4: each plain "
+                    "'fanout' peer runs once per count (scaling table)")
     ap.add_argument("--duration", type=float, default=10.0, help="publishing seconds per scenario")
     ap.add_argument("--connections", type=int, default=0, help="override every scenario's connection count")
     ap.add_argument("--engine", choices=("c", "py"), default="c", help="load-generator receive engine")
@@ -342,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenario(s) {unknown}; see --list")
-    peers = [p for p in args.peers.split(",") if p]
+    peer_spec = args.peers or (SET_PEERS.get(args.set, DEFAULT_PEERS) if not args.scenarios else DEFAULT_PEERS)
+    peers = expand_threads([p for p in peer_spec.split(",") if p], args.threads)
     raise_nofile()
     outdir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     outdir.mkdir(parents=True, exist_ok=True)

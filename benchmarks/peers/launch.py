@@ -10,6 +10,7 @@ children.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -160,8 +161,46 @@ def nats_ws_peer() -> Peer:
 
 PEERS = {"fanout": fanout_peer, "python": python_peer, "nats": nats_ws_peer}
 
+# fanout with flush settings in its name: fanout-t2 (WS_FLUSH_THREADS=2),
+# fanout-b0 (WS_FLUSH_LATENCY_MS=0), fanout-t1-b10, ...
+_FANOUT_VARIANT = re.compile(r"^fanout((?:-(?:t\d+|b\d+(?:\.\d+)?))+)$")
+
+
+def fanout_variant_env(name: str) -> dict[str, str] | None:
+    """The env a fanout-tN-bMS peer name stands for; None if it is not one."""
+    m = _FANOUT_VARIANT.match(name)
+    if not m:
+        return None
+    env = {}
+    for part in m.group(1).split("-")[1:]:
+        env["WS_FLUSH_THREADS" if part[0] == "t" else "WS_FLUSH_LATENCY_MS"] = part[1:]
+    return env
+
 
 def make_peer(name: str, **kw: object) -> Peer:
+    env = fanout_variant_env(name)
+    if env is not None:
+        peer = fanout_peer(extra_env=env)
+        peer.name = name
+        return peer
     if name not in PEERS:
-        raise ValueError(f"unknown peer {name!r}; one of {sorted(PEERS)}")
+        raise ValueError(f"unknown peer {name!r}; one of {sorted(PEERS)} or fanout-t<threads>-b<budget ms>")
     return PEERS[name](**kw)  # type: ignore[operator]
+
+
+def fanout_counters(peer: Peer) -> dict[str, float]:
+    """The core's deliveries and sendmsg() calls from a fanout peer's /metrics
+    (frames per syscall over a window); empty for other peers or on error."""
+    if not peer.name.startswith("fanout"):
+        return {}
+    want = {"fanout_deliveries_total": "deliveries", "fanout_send_syscalls_total": "send_calls"}
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(peer.publish_url + "/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                if name in want:
+                    out[want[name]] = float(value)
+    except (OSError, ValueError):
+        return {}
+    return out
