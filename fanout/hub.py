@@ -3,7 +3,9 @@
 It collects the messages brokers dispatch during a loop turn and hands them to
 the core in one ``publish_batch`` (the core does all per-client work), then has
 the core write every client's queued bytes, one ``sendmsg()`` per client per
-turn. It runs the control-path operations that change a client's stream in
+flush (on ``WS_FLUSH_THREADS`` threads; a flush waits up to
+``WS_FLUSH_LATENCY_MS`` while clients get frames faster than that, see
+:meth:`Hub.schedule_flush`). It runs the control-path operations that change a client's stream in
 the core: (un)subscribe, replay, resume, and control replies.
 
 What the hub knows of a connection is the small :class:`Peer` protocol: its fd
