@@ -401,8 +401,7 @@ async def test_subscriptions_are_reference_counted(node):
         assert [m["data"] for m in await take(client, 1)] == [{"i": 2}]     # CH is gone on the node
 
 
-async def test_snapshot_on_todays_node_is_ignored_then_live(node):
-    await publish(node, 1)
+async def test_snapshot_with_nothing_retained_then_live(node):
     async with Client(node.ws_url, **FAST) as client:
         assert await client.subscribe([CH], snapshot=True) == [CH]
         seqs = await publish(node, 1, start=1)
