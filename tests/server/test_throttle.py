@@ -20,11 +20,15 @@ PRIORITY = ["critical", "low", "low", "high", "high", "high", "medium", "high", 
 
 
 class PacedReader:
-    """Reads one frame at a time, at most ``rate`` payload bytes per second (0: as fast as it can)."""
+    """Reads one frame at a time. With ``budget`` (a function: the bytes it may
+    have read so far) it never reads ahead of it; without, as fast as it can.
+    A budget tied to what was published makes "half the stream's byte rate"
+    hold whatever speed the (shared, loaded) machine publishes at."""
 
-    def __init__(self, raw: RawClient, rate: float) -> None:
+    def __init__(self, raw: RawClient, budget: Any = None) -> None:
         self.raw = raw
-        self.rate = rate
+        self.budget = budget
+        self.read = 0
         self.messages: list[dict[str, Any]] = []
         self.notices: list[dict[str, Any]] = []
         self.close_code: int | None = None
@@ -33,15 +37,16 @@ class PacedReader:
     async def _run(self) -> None:
         import struct
         while True:
+            while self.budget is not None and self.read >= self.budget():
+                await asyncio.sleep(0.005)    # pacing the reader, not synchronisation
             op, payload = await self.raw.read_frame(timeout=30)
+            self.read += len(payload)
             if op == 0x8:
                 self.close_code = struct.unpack("!H", payload[:2])[0]
                 return
             if op == 0x1:
                 m = json.loads(payload)
                 (self.messages if m["type"] == "message" else self.notices).append(m)
-            if self.rate:
-                await asyncio.sleep(len(payload) / self.rate)
 
 
 class Publisher:
@@ -88,14 +93,14 @@ async def test_half_speed_reader_is_throttled_step_by_step_recovers_and_is_never
         assert (await raw.read_json())["type"] == "subscribed"
         fast_got: list[dict[str, Any]] = []
         fast_reader = asyncio.create_task(_drain(fast, fast_got))
-        slow = PacedReader(raw, rate=75_000)       # ~half of 150 msg/s x 1 KiB
         pub = Publisher(node)
+        slow = PacedReader(raw, budget=lambda: 0.5 * len(pub.published) * 1040)   # half the stream's bytes
         try:
             # Phase 1: it falls behind and is throttled, one level at a time.
-            await wait_for(lambda: any(n["level"] >= 2 for n in slow.notices), 15, "level 2")
+            await wait_for(lambda: any(n["level"] >= 2 for n in slow.notices), 25, "level 2")
             assert slow.close_code is None
             # Phase 2: it reads at full speed and comes back down to level 0.
-            slow.rate = 0
+            slow.budget = None
             pub.rate = 40.0
             await wait_for(lambda: slow.notices and slow.notices[-1]["level"] == 0, 15, "level 0")
             restored_at = len(pub.published)
