@@ -138,7 +138,7 @@ def compare(a: Variant, b: Variant, connections: int, rate: float, duration: flo
 
 def preset(name: str, args: argparse.Namespace) -> tuple[Variant, Variant, list[str]]:
     if name == "refactor":
-        return Variant("before", Path(args.a_dir)), Variant("after"), []
+        return Variant("before", Path(args.a_dir)), Variant("after", Path(args.b_dir) if args.b_dir else ROOT), []
     if name == "throttle-cost":
         return (Variant("throttle off", env={"WS_THROTTLE_ENABLED": "false"}),
                 Variant("throttle on", env={"WS_THROTTLE_ENABLED": "true"}), [])
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", required=True, choices=("refactor", "throttle-cost", "slow-readers", "sndbuf"))
     ap.add_argument("--a-dir", default="", help="checkout for 'before' (refactor preset)")
+    ap.add_argument("--b-dir", default="", help="checkout for 'after' (refactor preset; default this one)")
     ap.add_argument("--connections", type=int, default=10000)
     ap.add_argument("--rate", type=float, default=30.0)
     ap.add_argument("--duration", type=float, default=15.0)
