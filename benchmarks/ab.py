@@ -12,6 +12,7 @@ Presets (``--preset``), the numbers quoted in the closing notes:
 - ``refactor``: a checkout of the code before a change (``--a-dir``) against
   this one, 10k connections, 30 msg/s on one hot subject;
 - ``throttle-cost``: ``WS_THROTTLE_ENABLED`` false vs true, nobody slow;
+- ``guard-cost``: the resource guard's brakes and shedding off vs the defaults;
 - ``slow-readers``: 10k connections without and with 1 % slow readers (the
   fast clients' p99 is the figure);
 - ``sndbuf``: ``WS_SOCKET_SNDBUF=0`` (kernel autotuning) vs the default, at
@@ -145,6 +146,10 @@ def preset(name: str, args: argparse.Namespace) -> tuple[Variant, Variant, list[
     if name == "slow-readers":
         return (Variant("no slow readers"),
                 Variant("1% slow readers", loadgen=["--slow-share", "0.01", "--slow-rcvbuf", "4096"]), [])
+    if name == "guard-cost":
+        off = {"WS_CPU_REJECT_THRESHOLD": "0", "WS_CPU_THROTTLE_THRESHOLD": "0", "WS_MAX_LOOP_LAG_MS": "0",
+               "WS_MEMORY_REJECT_PERCENT": "0", "WS_MEMORY_SHED_PERCENT": "0"}
+        return Variant("guard off", env=off), Variant("guard on"), []
     if name == "sndbuf":
         return (Variant("kernel autotune", env={"WS_SOCKET_SNDBUF": "0"}),
                 Variant("SNDBUF 256 KiB", env={"WS_SOCKET_SNDBUF": "262144"}), [])
@@ -153,7 +158,7 @@ def preset(name: str, args: argparse.Namespace) -> tuple[Variant, Variant, list[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", required=True, choices=("refactor", "throttle-cost", "slow-readers", "sndbuf"))
+    ap.add_argument("--preset", required=True, choices=("refactor", "throttle-cost", "guard-cost", "slow-readers", "sndbuf"))
     ap.add_argument("--a-dir", default="", help="checkout for 'before' (refactor preset)")
     ap.add_argument("--b-dir", default="", help="checkout for 'after' (refactor preset; default this one)")
     ap.add_argument("--connections", type=int, default=10000)
