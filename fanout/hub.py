@@ -177,6 +177,8 @@ class Hub:
         self._levels: dict[int, int] = {}          # slot -> level its client was last told (0: absent)
         self._level_counts = [0, 0, 0, 0]
         self.latest = LatestStore(cfg.ws_snapshot_max_subjects)
+        self._unwritten: list[float] = []         # arrival times of messages not yet through a flush
+        self._publish_to_write = metrics.publish_to_write
         self._from_memory = metrics.catchup_messages.labels("memory")
         self._from_snapshot = metrics.catchup_messages.labels("snapshot")
         self._from_stream = metrics.catchup_messages.labels("stream")
@@ -266,6 +268,7 @@ class Hub:
         self._pending_tails.append(tail)
         self._pending_priorities.append(prio)
         entry = Entry(msg.stream_seq, subject, tail, prio, self.clock())
+        self._unwritten.append(entry.at)
         self.recent.append(entry)
         self.latest.put(entry)
         self.schedule_flush()
@@ -461,6 +464,12 @@ class Hub:
             for slot in list(self._watch):
                 self._check_drained(slot)
         self.metrics.flush_seconds.observe(time.perf_counter() - t0)
+        if self._unwritten:
+            done, self._unwritten = self._unwritten, []
+            now = self.clock()
+            step = max(1, len(done) // 64)     # a sample keeps this per pass, not per message
+            for at in done[::step]:
+                self._publish_to_write.observe(now - at)
 
     def flush_one(self, slot: int) -> int:
         """After the slot's socket turned writable: write its queue.

@@ -104,6 +104,7 @@ async def test_dispatch_reaches_subscribers_in_one_flush(hub):
     assert [(f["seq"], f["stream_seq"]) for f in got] == [(1, 1), (2, 2), (3, 3)]
     assert b.read() == b""
     assert hub.core.send_calls == 1          # three frames, one sendmsg
+    assert hub.metrics.registry.get_sample_value("fanout_publish_to_write_seconds_count") == 3
 
 
 async def test_duplicates_are_dropped(hub):
