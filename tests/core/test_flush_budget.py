@@ -18,29 +18,7 @@ import fanout.hub as hub_mod
 from fanout.brokers.base import Message
 from fanout.hub import Hub
 from fanout.metrics import Metrics
-from tests.helpers.inproc import FakeClock, drain_loop, make_cfg, pair
-
-
-class Peer:
-    def __init__(self) -> None:
-        self.server, self.client = pair()
-        self.fd = self.server.fileno()
-
-    def on_blocked(self) -> None: ...
-    def on_dead(self, why: str) -> None: ...
-    def on_slow(self) -> None: ...
-    def on_drained(self) -> None: ...
-
-    def read(self) -> bytes:
-        out = b""
-        while True:
-            try:
-                data = self.client.recv(1 << 20)
-            except BlockingIOError:
-                return out
-            if not data:
-                return out
-            out += data
+from tests.helpers.inproc import FakeClock, RecPeer, drain_loop, make_cfg
 
 
 def count_frames(data: bytes) -> int:
@@ -60,13 +38,13 @@ def short_window(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_mod, "FLUSH_WINDOW", 0.05)   # decide after 50 ms of traffic, not 500
 
 
-async def run(budget_ms: float, clients: int, messages: int, subjects: int) -> tuple[Hub, list[Peer], int]:
+async def run(budget_ms: float, clients: int, messages: int, subjects: int) -> tuple[Hub, list[RecPeer], int]:
     """``messages`` dispatched 2 ms apart, round-robin over ``subjects``
     (client i on subject i % subjects). Returns the hub, peers and the frames
     the clients received."""
     hub = Hub(make_cfg(WS_FLUSH_LATENCY_MS=budget_ms, WS_FLUSH_THREADS=2), Metrics(), FakeClock())
     hub.bind(asyncio.get_running_loop(), None)
-    peers = [Peer() for _ in range(clients)]
+    peers = [RecPeer() for _ in range(clients)]
     for i, p in enumerate(peers):
         hub.subscribe(hub.attach(p, 0), [f"odin.token.s{i % subjects}.update"])
     for seq in range(1, messages + 1):

@@ -22,7 +22,7 @@ from fanout.hub import Hub
 from fanout.metrics import Metrics
 from fanout.session import Refusal, Session
 
-__all__ = ["FakeClock", "make_cfg", "Host", "WsPeer", "drain_loop", "pair"]
+__all__ = ["FakeClock", "make_cfg", "Host", "WsPeer", "RecPeer", "drain_loop", "pair"]
 
 
 class FakeClock:
@@ -55,6 +55,39 @@ async def drain_loop(turns: int = 5) -> None:
     """Let the loop run its ready callbacks (flushes are call_soon)."""
     for _ in range(turns):
         await asyncio.sleep(0)
+
+
+class RecPeer:
+    """A hub Peer that records what the hub tells it and reads its socketpair on demand."""
+
+    def __init__(self, rcvbuf: int | None = None) -> None:
+        self.server, self.client = pair(rcvbuf)
+        self.fd = self.server.fileno()
+        self.calls: list[str] = []
+
+    def on_blocked(self) -> None:
+        self.calls.append("blocked")
+
+    def on_dead(self, why: str) -> None:
+        self.calls.append("dead")
+
+    def on_slow(self) -> None:
+        self.calls.append("slow")
+
+    def on_drained(self) -> None:
+        self.calls.append("drained")
+
+    def read(self) -> bytes:
+        """Everything the client end can read now (never blocks)."""
+        out = b""
+        while True:
+            try:
+                data = self.client.recv(1 << 20)
+            except BlockingIOError:
+                return out
+            if not data:
+                return out
+            out += data
 
 
 class Host:

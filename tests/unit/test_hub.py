@@ -12,41 +12,9 @@ import pytest
 from fanout.brokers.base import History, Message
 from fanout.hub import Hub, Resumed
 from fanout.metrics import Metrics
-from tests.helpers.inproc import FakeClock, drain_loop, make_cfg, pair
+from tests.helpers.inproc import FakeClock, RecPeer, drain_loop, make_cfg
 
 CH = "odin.token.a.update"
-
-
-class RecPeer:
-    """A Peer that records what the hub tells it; reads its socket on demand."""
-
-    def __init__(self, rcvbuf: int | None = None) -> None:
-        self.server, self.client = pair(rcvbuf)
-        self.fd = self.server.fileno()
-        self.calls: list[str] = []
-
-    def on_blocked(self) -> None:
-        self.calls.append("blocked")
-
-    def on_dead(self, why: str) -> None:
-        self.calls.append("dead")
-
-    def on_slow(self) -> None:
-        self.calls.append("slow")
-
-    def on_drained(self) -> None:
-        self.calls.append("drained")
-
-    def read(self) -> bytes:
-        out = b""
-        while True:
-            try:
-                data = self.client.recv(1 << 20)
-            except BlockingIOError:
-                return out
-            if not data:
-                return out
-            out += data
 
 
 def frames(data: bytes) -> list[dict[str, Any]]:
