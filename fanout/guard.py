@@ -106,6 +106,8 @@ class Sample:
     loop_lag: float             # seconds: largest timer lateness since the previous sample
     memory_used: int            # bytes
     memory_limit: int           # bytes (> 0)
+    cores: float = 1.0          # usable cores: cpu_percent * cores = percent of one core
+    rss: int = 0                # process resident memory, bytes
 
     @property
     def memory_percent(self) -> float:
@@ -270,7 +272,7 @@ class Sampler:
         return max(0.0, 100.0 * dc / dw / self.cores)
 
     def sample(self, loop_lag: float) -> Sample:
-        return Sample(self.cpu_percent(), loop_lag, self._used(), self.limit)
+        return Sample(self.cpu_percent(), loop_lag, self._used(), self.limit, self.cores, self._rss())
 
 
 class LagProbe:
@@ -479,6 +481,8 @@ class Guard:
         if m is None:
             return
         m.guard_cpu_percent.set(s.cpu_percent)
+        m.cpu_percent.set(s.cpu_percent * s.cores)   # the one CPU sample: percent of one core
+        m.memory_rss.set(s.rss)
         m.guard_loop_lag.set(s.loop_lag)
         m.loop_lag.observe(s.loop_lag)
         m.guard_memory_used.set(s.memory_used)

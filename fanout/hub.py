@@ -115,7 +115,7 @@ class _CatchUp:
     patterns: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
     cursor: int = 0                  # stream position delivered up to
-    pending: deque[Entry] = field(default_factory=deque)   # fetched from the broker
+    pending: deque[Entry] = field(default_factory=deque)   # from the broker, or the snapshot
     pending_upto: int = 0            # the broker answered for everything up to here
     complete: bool = True
     fetching: bool = False
@@ -124,10 +124,6 @@ class _CatchUp:
     replay_next: int = 0
     replay_to: int = -1
     missing: tuple[int, int] | None = None
-
-    @property
-    def is_replay(self) -> bool:
-        return self.replay_to >= 0
 
 
 class Hub:
@@ -173,9 +169,8 @@ class Hub:
         self._rules = cfg.priority_rules
         self._rule_cache: dict[str, int] = {}
         self._raises_seen = 0
-        self._throttled: dict[int, float] = {}     # slot -> when it last fell behind (or changed level)
-        self._levels: dict[int, int] = {}          # slot -> level its client was last told (0: absent)
-        self._level_counts = [0, 0, 0, 0]
+        # Throttled slots: (level its client was last told, when it last fell behind or changed level).
+        self._throttled: dict[int, tuple[int, float]] = {}
         self.latest = LatestStore(cfg.ws_snapshot_max_subjects)
         self._unwritten: list[float] = []         # arrival times of messages not yet through a flush
         self._publish_to_write = metrics.publish_to_write
@@ -217,12 +212,8 @@ class Hub:
         self.publish_pending()
         self.subscription_count -= len(self.core.subscriptions(slot))
         self.metrics.subscriptions.set(self.subscription_count)
-        level = self._levels.get(slot, 0)
-        if level:
-            self._level_counts[level] -= 1
+        if self._throttled.pop(slot, None) is not None:
             self._set_level_gauges()
-        self._throttled.pop(slot, None)
-        self._levels.pop(slot, None)
         self.core.remove_client(slot)
         self._peers[slot] = None
         self._watch.discard(slot)
@@ -279,13 +270,9 @@ class Hub:
         not fanned out, the dispatch floor untouched; never over a newer entry of the subject."""
         n = 0
         for m in messages:
-            have = self.latest.matching([m.subject])      # exact subject: one dict lookup
-            if have and have[0].stream_seq >= m.stream_seq:
-                continue
             prio = m.priority if m.priority >= 0 else self._rule_priority(m.subject)
-            self.latest.put(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
-                                  prio, self.clock()))
-            n += 1
+            n += self.latest.put(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
+                                       prio, self.clock()))
         return n
 
     def _rule_priority(self, subject: str) -> int:
@@ -313,7 +300,7 @@ class Hub:
         if self.core.level_raises != self._raises_seen:
             self._raises_seen = self.core.level_raises
             for slot in self.core.take_raised():       # one entry per one-step raise, in order
-                old = self._levels.get(slot, 0)
+                old = self.throttle_level(slot)
                 self._throttle_changed(slot, old, old + 1)
         if self.core.slow_marked != self._slow_seen:
             self._slow_seen = self.core.slow_marked
@@ -329,49 +316,44 @@ class Hub:
         if self._peers[slot] is None:
             return
         if new:
-            self._throttled[slot] = self.clock()
-            self._levels[slot] = new
+            self._throttled[slot] = (new, self.clock())
         else:
             self._throttled.pop(slot, None)
-            self._levels.pop(slot, None)
         self.metrics.throttle_transitions.labels(str(old), str(new)).inc()
-        if old:
-            self._level_counts[old] -= 1
-        if new:
-            self._level_counts[new] += 1
         self._set_level_gauges()
         pct = self.cfg.throttle_percents[new]
-        notice = reply("throttle_update", None, level=new, rate_percent=pct,
-                       dropped=int(self.core.take_dropped(slot)), message=THROTTLE_MESSAGES[new].format(pct=pct))
-        self.core.send_text(slot, notice)   # past the queue limit on purpose: the client must learn it
+        self._notify(slot, new, THROTTLE_MESSAGES[new].format(pct=pct))
         self.schedule_flush()
         event(logging.INFO if new < old else logging.WARNING, "client throttle level", slot=slot,
               from_level=old, to_level=new, rate_percent=pct)
 
+    def _notify(self, slot: int, level: int, message: str, **extra: str) -> None:
+        """Queue a ``throttle_update`` past the queue limit on purpose: the client
+        must learn it, in order with its data."""
+        self.core.send_text(slot, reply("throttle_update", None, level=level,
+                                        rate_percent=self.cfg.throttle_percents[level],
+                                        dropped=int(self.core.take_dropped(slot)), message=message, **extra))
+
     def _set_level_gauges(self) -> None:
-        self.metrics.throttled_light.set(self._level_counts[1])
-        self.metrics.throttled_medium.set(self._level_counts[2])
-        self.metrics.throttled_heavy.set(self._level_counts[3])
+        counts = [0, 0, 0, 0]
+        for level, _ in self._throttled.values():
+            counts[level] += 1
+        self.metrics.throttled_light.set(counts[1])
+        self.metrics.throttled_medium.set(counts[2])
+        self.metrics.throttled_heavy.set(counts[3])
 
     def throttle_tick(self, now: float) -> None:
         """Periodic: a throttled client that kept up (queue under its limit) for
         WS_THROTTLE_RECOVERY_SECONDS goes down one level; one over it restarts the wait."""
         limit = self.cfg.ws_client_queue_bytes
         recovery = self.cfg.ws_throttle_recovery_seconds
-        for slot, since in list(self._throttled.items()):
-            if self._peers[slot] is None:
-                self._throttled.pop(slot, None)
-                continue
+        for slot, (level, since) in list(self._throttled.items()):
             if self.core.queued(slot) > limit:
-                self._throttled[slot] = now
+                self._throttled[slot] = (level, now)
             elif now - since >= recovery:
-                old = self._levels.get(slot, 0)
-                if old == 0:
-                    self._throttled.pop(slot, None)
-                    continue
                 self.publish_pending()        # what was throttled at the old level stays so
-                self.core.set_level(slot, old - 1)
-                self._throttle_changed(slot, old, old - 1)
+                self.core.set_level(slot, level - 1)
+                self._throttle_changed(slot, level, level - 1)
 
     def set_load_shed(self, on: bool) -> None:
         """Load shedding (the resource guard, WS_CPU_THROTTLE_THRESHOLD): ``low``
@@ -381,21 +363,17 @@ class Hub:
             return
         self.publish_pending()
         self.core.shed_low = on
-        text = LOAD_MESSAGES[on]
         for slot, peer in enumerate(self._peers):
-            if peer is None:
-                continue
-            level = int(self.core.level(slot))
-            self.core.send_text(slot, reply("throttle_update", None, level=level,
-                                            rate_percent=self.cfg.throttle_percents[level],
-                                            dropped=int(self.core.take_dropped(slot)), message=text,
-                                            reason="load"))
+            if peer is not None:
+                self._notify(slot, self.throttle_level(slot), LOAD_MESSAGES[on], reason="load")
         self.schedule_flush()
         event(logging.WARNING if on else logging.INFO, "load shedding " + ("on" if on else "off"),
               clients=self.open_count)
 
     def throttle_level(self, slot: int) -> int:
-        return int(self.core.level(slot))
+        """The level this slot's client was last told (0: not throttled)."""
+        entry = self._throttled.get(slot)
+        return entry[0] if entry is not None else 0
 
     # ------------------------------------------------------------------ flush
     def schedule_flush(self) -> None:
@@ -588,7 +566,7 @@ class Hub:
             self.metrics.replays.labels("partial" if cu.missing else "full").inc()
             on_done(cu.missing)
 
-        cu = _CatchUp(slot, done, replay_next=from_seq, replay_to=min(to_seq, self.seq(slot)))
+        cu = _CatchUp(slot, done, kind="replay", replay_next=from_seq, replay_to=min(to_seq, self.seq(slot)))
         if cu.replay_to < from_seq:
             cu.replay_to = from_seq - 1   # nothing sent yet in that range: nothing to do
         self._start(cu)
@@ -646,7 +624,7 @@ class Hub:
         core, slot = self.core, cu.slot
         if self._peers[slot] is None or cu.finished:
             return
-        if cu.is_replay:
+        if cu.kind == "replay":
             while cu.replay_next <= cu.replay_to and core.queued(slot) < self._high:
                 # One ring entry per step: a step never overshoots by more than one frame.
                 _, missing = core.replay(slot, cu.replay_next, cu.replay_next)

@@ -119,15 +119,21 @@ class LatestStore:
     def __len__(self) -> int:
         return len(self._d)
 
-    def put(self, e: Entry) -> None:
+    def put(self, e: Entry) -> bool:
+        """Keep ``e`` as its subject's newest; False (and nothing changes) when the
+        store is off or already holds that subject at this or a later stream_seq."""
         if self.max_subjects <= 0:
-            return
+            return False
         d = self._d
-        if e.subject in d:
+        have = d.get(e.subject)
+        if have is not None:
+            if have.stream_seq >= e.stream_seq:
+                return False
             d.move_to_end(e.subject)
         d[e.subject] = e
         if len(d) > self.max_subjects:
             d.popitem(last=False)
+        return True
 
     def clear(self) -> None:
         self._d.clear()

@@ -137,8 +137,8 @@ class Metrics:
         self.handshakes_pending = Gauge("fanout_handshakes_pending", "Connections still in their handshake (token check included)", registry=r)
         self.catchup_wait_timeouts = Counter("fanout_catchup_wait_timeouts_total", "Resumes that gave up waiting for a history fetch slot (WS_MAX_CONCURRENT_CATCHUPS): complete false", registry=r)
         self.users = Gauge("fanout_users", "Distinct token subs with an open connection", registry=r)
-        self.cpu_percent = Gauge("fanout_cpu_percent", "Process CPU percent (psutil, one core = 100)", registry=r)
-        self.memory_rss = Gauge("fanout_memory_rss_bytes", "Process resident memory (psutil)", registry=r)
+        self.cpu_percent = Gauge("fanout_cpu_percent", "Process CPU percent, one core = 100 (the guard's sample, every WS_GUARD_INTERVAL)", registry=r)
+        self.memory_rss = Gauge("fanout_memory_rss_bytes", "Process resident memory (the guard's sample)", registry=r)
         # Throttling (names from the deployment plan).
         self.throttled_light = Gauge("ws_throttled_clients_light", "Clients at light throttle (75% rate)", registry=r)
         self.throttled_medium = Gauge("ws_throttled_clients_medium", "Clients at medium throttle (50% rate)", registry=r)

@@ -25,7 +25,6 @@ import socket
 import time
 from typing import Any
 
-import psutil
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 
 from .auth import Authenticator, Claims
@@ -261,18 +260,16 @@ class Server:
 
     async def _periodic(self) -> None:
         cfg = self.cfg
-        proc = psutil.Process()
-        proc.cpu_percent(None)
         next_ping = time.monotonic() + cfg.ws_ping_interval
         tick = min(1.0, cfg.ws_ping_interval, cfg.ws_idle_timeout / 2, cfg.ws_guard_interval)
         while True:
             await asyncio.sleep(tick)
             try:
-                next_ping = self._tick(proc, tick, next_ping)
+                next_ping = self._tick(next_ping)
             except Exception:   # one bad tick must not end the periodic work for good
                 event(logging.ERROR, "periodic work failed", exc_info=True)
 
-    def _tick(self, proc: psutil.Process, tick: float, next_ping: float) -> float:
+    def _tick(self, next_ping: float) -> float:
         """One round of periodic work; returns when the next ping is due."""
         cfg = self.cfg
         now = time.monotonic()
@@ -282,10 +279,7 @@ class Server:
         self._sweep_idle(now)
         self.hub.throttle_tick(now)
         self.hub.recent.expire(now)
-        cpu = proc.cpu_percent(None)
-        self.metrics.cpu_percent.set(cpu)
-        self._guard_tick(now)
-        self.metrics.memory_rss.set(proc.memory_info().rss)
+        self._guard_tick(now)            # samples CPU and memory (fanout/guard.py owns that)
         self.metrics.broker_ready.set(1 if self.broker.ready else 0)
         self.metrics.ready.set(1 if self.ready else 0)
         self.metrics.last_stream_seq.set(self.hub.last_stream_seq)

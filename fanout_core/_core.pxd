@@ -135,9 +135,7 @@ cdef class Core:
     # counters (exported as metrics by the Python side)
     cdef readonly uint64_t published
     cdef readonly uint64_t deliveries
-    cdef readonly uint64_t throttled_drops
-    cdef readonly uint64_t conflated_drops
-    cdef uint64_t drops_by[2][4]      # [throttled, conflated][priority]
+    cdef uint64_t drops_by[2][4]      # [DROP_THROTTLED, DROP_CONFLATED][priority]
     cdef readonly uint64_t level_raises
     cdef readonly uint64_t bytes_queued
     cdef readonly uint64_t bytes_sent
@@ -158,6 +156,8 @@ cdef class Core:
     cdef readonly uint64_t reached      # distinct clients flushed since the last take_reach()
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
+    cdef void _drop(self, Client *c, int reason, int priority) noexcept
+    cdef int _strike(self, int slot, Client *c) except -1
     cdef bint _sample(self, Client *c, int priority) noexcept
     cdef bint _replace(self, Client *c, Msg *m) noexcept
     cdef int _queue_data(self, Client *c, uint64_t seq, Msg *m) except -1

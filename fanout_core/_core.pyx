@@ -255,6 +255,8 @@ cdef enum:
     BATCH = 64                # messages matched together by publish_batch
     PRIORITY_CRITICAL = 3     # never dropped by throttling
     CONFLATE_SCAN = 1024      # queued frames searched for an older version of a subject
+    DROP_THROTTLED = 0        # drops_by rows
+    DROP_CONFLATED = 1
     FLUSH_CHUNK = 32          # work items a flush thread takes at a time
     PARALLEL_MIN = 64         # default: flushes of fewer clients run on the caller alone
 
@@ -1104,9 +1106,7 @@ cdef class Core:
         if c.nodata or not c.active:
             return 0
         if self.shed_low and m.priority == 0 and not catchup:
-            c.dropped += 1
-            self.throttled_drops += 1
-            self.drops_by[0][0] += 1
+            self._drop(c, DROP_THROTTLED, 0)
             return 0
         if c.level and m.priority < PRIORITY_CRITICAL and not catchup:
             if m.conflate:
@@ -1115,16 +1115,12 @@ cdef class Core:
                 if c.wbits and m.ztail[c.wbits] == NULL:
                     self._compress(m, c.wbits)
                 if self._replace(c, m):
-                    c.dropped += 1
-                    self.conflated_drops += 1
-                    self.drops_by[1][m.priority] += 1
+                    self._drop(c, DROP_CONFLATED, m.priority)
                     self._mark_dirty(slot, c)
                     return 1
             elif not self._sample(c, m.priority):
                 # A dropped message takes no seq: the client sees no false gap.
-                c.dropped += 1
-                self.throttled_drops += 1
-                self.drops_by[0][m.priority] += 1
+                self._drop(c, DROP_THROTTLED, m.priority)
                 return 0
         if c.ring == NULL:
             c.ring = <Msg **>calloc(self.replay_size, sizeof(Msg *))
@@ -1138,9 +1134,30 @@ cdef class Core:
         m.refcnt += 1
         self._queue_data(c, c.seq, m)
         self.deliveries += 1
-        if catchup:
-            pass
-        elif c.queued > self.queue_limit and c.queued > c.mark + self.queue_limit // 4:
+        if not catchup:
+            self._strike(slot, c)
+        self._mark_dirty(slot, c)
+        return 1
+
+    cdef void _drop(self, Client *c, int reason, int priority) noexcept:
+        """Count a data message this client does not get (reason: DROP_*)."""
+        c.dropped += 1
+        self.drops_by[reason][priority] += 1
+
+    @property
+    def throttled_drops(self):
+        """Messages not sent to throttled clients (load shedding included)."""
+        return sum(self.drops_by[DROP_THROTTLED][p] for p in range(4))
+
+    @property
+    def conflated_drops(self):
+        """Queued messages replaced by a newer one of their subject."""
+        return sum(self.drops_by[DROP_CONFLATED][p] for p in range(4))
+
+    cdef int _strike(self, int slot, Client *c) except -1:
+        """After a live delivery: count it against the queue limit, raise the
+        throttle level or mark the client slow."""
+        if c.queued > self.queue_limit and c.queued > c.mark + self.queue_limit // 4:
             # Over the limit, and (after a level change) a quarter of the limit
             # past where the queue stood then: a client that drains after a
             # step down in rate is left to drain, one that keeps falling
@@ -1161,8 +1178,7 @@ cdef class Core:
         elif c.queued <= self.queue_limit:
             c.strikes = 0
             c.mark = 0
-        self._mark_dirty(slot, c)
-        return 1
+        return 0
 
     cdef int _compress(self, Msg *m, int wbits) except -1:
         zc = self._zc[wbits]

@@ -658,14 +658,16 @@ def _jwt(exp: float) -> str:
     return f"e30.{body}.sig"
 
 
-async def test_4001_stops_retrying_until_a_new_token(js):
-    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
-        if req["type"] == "subscribe":
-            await Scripted.subscribed(ws, req)
-            if len(srv.connections) == 1:
-                await ws.close(4001, "token expired")
+async def _expire_first_connection(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
+    """Answer subscribe; the first connection then closes with 4001 (token expired)."""
+    if req["type"] == "subscribe":
+        await Scripted.subscribed(ws, req)
+        if len(srv.connections) == 1:
+            await ws.close(4001, "token expired")
 
-    srv = Scripted(on_frame)
+
+async def test_4001_stops_retrying_until_a_new_token(js):
+    srv = Scripted(_expire_first_connection)
     async with serve(srv.handler, "127.0.0.1", 0) as server:
         c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", token="old")
         await c.cmd("subscribe", channels=[CH])
@@ -680,13 +682,7 @@ async def test_4001_stops_retrying_until_a_new_token(js):
 
 
 async def test_4001_with_get_token_reconnects_with_the_new_one(js):
-    async def on_frame(srv: Scripted, ws: ServerConnection, req: dict[str, Any]) -> None:
-        if req["type"] == "subscribe":
-            await Scripted.subscribed(ws, req)
-            if len(srv.connections) == 1:
-                await ws.close(4001, "token expired")
-
-    srv = Scripted(on_frame)
+    srv = Scripted(_expire_first_connection)
     async with serve(srv.handler, "127.0.0.1", 0) as server:
         c = await js(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws", tokens="t1,t2")
         await c.cmd("subscribe", channels=[CH])

@@ -37,9 +37,12 @@ class NodeProcess:
         self.health_port = 0
 
     # -------------------------------------------------------------- lifecycle
+    def command(self) -> list[str]:
+        """The node's argv (a subclass may start it differently)."""
+        return [sys.executable, "-m", "fanout", "serve", *self.args]
+
     def start(self, timeout: float = 15.0) -> NodeProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "fanout", "serve", *self.args], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(self.command(), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         threading.Thread(target=self._read, daemon=True).start()
         line = self.wait_log(lambda d: d.get("msg") == "fanout listening", timeout)
         self.ws_port = line["ws_port"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -36,17 +35,11 @@ class TunedNode(NodeProcess):
         super().__init__()
         self.constants = constants
 
-    def start(self, timeout: float = 15.0) -> TunedNode:
+    def command(self) -> list[str]:
         code = "import fanout.ops_http as h\n"
         code += "".join(f"h.{k} = {v!r}\n" for k, v in self.constants.items())
         code += "from fanout.cli import main\nmain()\n"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", *self.args], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._read, daemon=True).start()
-        line = self.wait_log(lambda d: d.get("msg") == "fanout listening", timeout)
-        self.ws_port = line["ws_port"]
-        self.health_port = line["health_port"]
-        return self
+        return [sys.executable, "-c", code, "serve", *self.args]
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,18 @@ def frames(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
+def resume_after_backlog(hub: Hub, n: int) -> tuple[RecPeer, int, list[Resumed]]:
+    """``n`` messages of ~1 KiB dispatched, then a slow reader resuming from 0."""
+    for i in range(1, n + 1):
+        hub.dispatch(msg(i, size=1000))
+    hub.publish_pending()
+    p = RecPeer(rcvbuf=4096)
+    s = hub.attach(p, 0)
+    done: list[Resumed] = []
+    hub.resume(s, [CH], 0, None, done.append)
+    return p, s, done
+
+
 class StreamBroker:
     """History from a list: what a JetStream broker would answer (no network)."""
 
@@ -152,13 +164,7 @@ async def test_subscription_limit_splits_accepted_and_refused():
 
 async def test_resume_is_paced_by_the_socket_and_live_follows_exactly(hub):
     # 200 messages of ~1 KiB = 25x the 8 KiB queue limit.
-    for i in range(1, 201):
-        hub.dispatch(msg(i, size=1000))
-    hub.publish_pending()
-    p = RecPeer(rcvbuf=4096)
-    s = hub.attach(p, 0)
-    done: list[Resumed] = []
-    hub.resume(s, [CH], 0, None, done.append)
+    p, s, done = resume_after_backlog(hub, 200)
     peak = hub.queued(s)
     assert peak <= hub.cfg.ws_client_queue_bytes      # never filled past the limit
     data = b""
@@ -243,13 +249,7 @@ async def test_resume_skips_what_a_live_subscription_already_sent(hub):
 
 
 async def test_detach_during_a_catch_up_never_calls_back(hub):
-    for i in range(1, 101):
-        hub.dispatch(msg(i, size=1000))
-    hub.publish_pending()
-    p = RecPeer(rcvbuf=4096)
-    s = hub.attach(p, 0)
-    done: list[Resumed] = []
-    hub.resume(s, [CH], 0, None, done.append)
+    p, s, done = resume_after_backlog(hub, 100)
     assert hub.catching_up(s)
     hub.detach(s)
     assert not hub.catching_up(s)
