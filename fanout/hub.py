@@ -490,9 +490,11 @@ class Hub:
                 peer.on_slow()
 
     def stop_data(self, slot: int) -> None:
-        """No more data frames for this slot (it is closing)."""
+        """No more data frames or replies for this slot (it is closing); it leaves throttling."""
         self.publish_pending()  # messages accepted before the close go out before it
         self.core.set_nodata(slot)
+        if self._throttled.pop(slot, None) is not None:
+            self._set_level_gauges()
 
     def discard_queued(self, slot: int) -> int:
         """Drop the frames not yet begun (a slow client about to be closed); bytes dropped."""

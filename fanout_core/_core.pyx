@@ -1290,8 +1290,13 @@ cdef class Core:
         self._mark_dirty(slot, c)
 
     def send_text(self, int slot, bytes payload):
-        """Queue one uncompressed text frame (control replies: subscribed, error...)."""
+        """Queue one uncompressed text frame (control replies: subscribed, error...).
+
+        Not for a client that takes no more data (closing): nothing may follow
+        its close frame (RFC 6455 section 5.5.1). Returns whether it was queued."""
         cdef Client *c = self._check(slot)
+        if c.nodata:
+            return False
         cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload)
         cdef Py_ssize_t hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
         cdef unsigned char *p = <unsigned char *>self._inline(c, hlen + plen, 1)
@@ -1299,6 +1304,7 @@ cdef class Core:
         memcpy(p + hlen, PyBytes_AS_STRING(payload), plen)
         self.bytes_queued += hlen + plen
         self._mark_dirty(slot, c)
+        return True
 
     def broadcast_raw(self, bytes frame):
         """Queue the same frame (a ping) for every client still taking data."""

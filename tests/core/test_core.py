@@ -251,3 +251,14 @@ def test_broadcast_raw_reaches_every_client_taking_data():
     core.set_nodata(c)
     core.broadcast_raw(b"\x89\x00")
     assert core.take_dirty() == {a: b"\x89\x00", b: b"\x89\x00"}
+
+
+def test_no_text_after_a_client_stops_taking_data():
+    # Closing: its close frame (raw) may still go, a reply or notice may not follow it.
+    core = Core(4)
+    a, b = core.add_client(-1), core.add_client(-1)
+    assert core.send_text(a, b"{}") is True
+    core.set_nodata(b)
+    assert core.send_text(b, b"{}") is False
+    core.enqueue_raw(b, b"\x88\x00")
+    assert core.take_dirty() == {a: b"\x81\x02{}", b: b"\x88\x00"}

@@ -17,7 +17,8 @@ from tests.server.support import RawClient, connect
 CH = "odin.token.thr.update"
 PAD = "x" * 1000
 ENV = dict(WS_CLIENT_QUEUE_BYTES=16384, WS_SOCKET_SNDBUF=4096, WS_SLOW_CLIENT_STRIKES=3,
-           WS_THROTTLE_RECOVERY_SECONDS=1, WS_CONTROL_RATE=1000, WS_CONTROL_BURST=1000)
+           WS_THROTTLE_RECOVERY_SECONDS=1, WS_CONTROL_RATE=1000, WS_CONTROL_BURST=1000,
+           WS_CPU_THROTTLE_THRESHOLD=0)   # load shedding (its own notices) is tested in tests/server/test_guard.py
 PRIORITY = ["critical", "low", "low", "high", "high", "high", "medium", "high", "high", "high"]
 
 
@@ -33,6 +34,7 @@ class PacedReader:
         self.read = 0
         self.messages: list[dict[str, Any]] = []
         self.notices: list[dict[str, Any]] = []
+        self.notice_at: list[int] = []      # len(messages) when each notice arrived: its place in the stream
         self.close_code: int | None = None
         self.task = asyncio.create_task(self._run())
 
@@ -48,7 +50,11 @@ class PacedReader:
                 return
             if op == 0x1:
                 m = json.loads(payload)
-                (self.messages if m["type"] == "message" else self.notices).append(m)
+                if m["type"] == "message":
+                    self.messages.append(m)
+                else:
+                    self.notices.append(m)
+                    self.notice_at.append(len(self.messages))
 
 
 class Publisher:
@@ -87,7 +93,9 @@ async def wait_for(pred: Any, timeout: float, what: str) -> None:
 
 
 async def test_half_speed_reader_is_throttled_step_by_step_recovers_and_is_never_closed(node_factory):
-    node = node_factory(**ENV)
+    # 30 strikes: at level 3 the reader drains, but a stall of this (shared, loaded) test process
+    # longer than a few strikes' worth of messages would look like a reader that stopped (1008).
+    node = node_factory(**{**ENV, "WS_SLOW_CLIENT_STRIKES": 30})
     raw = await RawClient.connect(node.ws_port, rcvbuf=4096)
     async with connect(node, max_size=2**20) as fast:
         await fast.subscribe(CH)
@@ -110,8 +118,11 @@ async def test_half_speed_reader_is_throttled_step_by_step_recovers_and_is_never
         finally:
             pub.stop.set()
             await asyncio.to_thread(pub.thread.join, 10)
-        last = pub.published[-1][0]
+        # A critical last message: it arrives even if a stall throttled the reader again near the end.
+        last = await asyncio.to_thread(node.publish, CH, {"i": pub.i, "pad": PAD}, "critical")
+        pub.published.append((last, "critical"))
         await wait_for(lambda: slow.messages and slow.messages[-1]["stream_seq"] == last, 10, "the last message")
+        await wait_for(lambda: slow.notices[-1]["level"] == 0, 10, "level 0 at the end")
         await wait_for(lambda: fast_got and fast_got[-1]["stream_seq"] == last, 10, "the fast reader's last")
         fast_reader.cancel()
     raw.close()
@@ -128,13 +139,18 @@ async def test_half_speed_reader_is_throttled_step_by_step_recovers_and_is_never
     critical = {s for s, p in pub.published if p == "critical"}
     assert critical <= set(got)                                  # every critical message arrived
     assert len(got) < len(published)                             # it was throttled
-    # After the level-0 notice, every message arrived.
-    restored_seq = pub.published[restored_at][0]
-    assert [s for s in got if s >= restored_seq] == [s for s in published if s >= restored_seq]
+    # After the last notice (level 0), every message arrived. A loaded machine can stall this
+    # process long enough to throttle the reader again after the first level-0 notice, so the
+    # place in the stream is the last notice's, not a publish count.
+    after = got[slow.notice_at[-1]:]
+    assert after and after == [s for s in published if s >= after[0]]
+    if levels.index(0) == len(levels) - 1:      # not throttled again: that place is before restored_at
+        assert after[0] <= pub.published[restored_at][0]
     # The fast reader on the same channel: everything, no notice.
     assert [m["stream_seq"] for m in fast_got] == published
     assert node.metric("fanout_connections_closed_total", 'code="1008"') == 0
-    assert node.metric("ws_throttle_transitions_total", 'from_level="0",to_level="1"') == 1
+    raises = sum(1 for a, b in zip([0] + levels, levels, strict=False) if (a, b) == (0, 1))
+    assert node.metric("ws_throttle_transitions_total", 'from_level="0",to_level="1"') == raises >= 1
     assert node.metric("fanout_dropped_total", 'priority="critical",reason="throttled"') == 0
     assert node.metric("fanout_dropped_total", 'priority="low",reason="throttled"') > 0
 

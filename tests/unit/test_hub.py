@@ -326,6 +326,46 @@ async def test_throttle_raise_notice_then_recovery_on_the_fake_clock():
     assert "slow" not in p.calls
 
 
+async def test_a_closing_client_leaves_throttling_and_gets_nothing_after_its_close_frame():
+    # A slow client's 1008 (or any close) stops its data; neither recovery
+    # ticks nor load-shedding notices may queue text after its close frame.
+    import asyncio
+    clock = FakeClock()
+    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=4096, WS_SLOW_CLIENT_STRIKES=2, WS_THROTTLE_RECOVERY_SECONDS=1),
+            Metrics(), clock)
+    h.bind(asyncio.get_running_loop(), None)
+    p = RecPeer(rcvbuf=4096)
+    s = h.attach(p, 0)
+    h.subscribe(s, [CH])
+    i = 0
+    while h.throttle_level(s) == 0 and i < 500:
+        i += 1
+        h.dispatch(msg(i, size=500))
+        h.publish_pending()
+    assert h.throttle_level(s) == 1 and h.metrics.throttled_light._value.get() == 1
+    h.stop_data(s)
+    h.discard_queued(s)
+    close = b"\x88\x02\x03\xf0"                  # close 1008, as websockets would queue it
+    h.send_raw(s, close)
+    assert h.throttle_level(s) == 0 and h.metrics.throttled_light._value.get() == 0
+    clock.advance(5.0)
+    h.throttle_tick(clock())
+    h.set_load_shed(True)
+    h.reply(s, b'{"type":"error"}')
+    data = b""
+    for _ in range(500):
+        await drain_loop(1)
+        data += p.read()
+        if h.flush_one(s) == 0 and h.queued(s) == 0:
+            break
+    data += p.read()
+    assert data.endswith(close)                # the close frame is the last thing written
+    before = data[:data.rindex(close)]
+    assert b'"level":0' not in before and b'"reason":"load"' not in before and b'"error"' not in before
+    down = h.metrics.throttle_transitions.labels("1", "0")._value.get()
+    assert down == 0                           # no recovery counted for a client that is closing
+
+
 async def test_priority_rules_apply_to_messages_without_a_priority(hub):
     p = RecPeer()
     s = hub.attach(p, 0)
