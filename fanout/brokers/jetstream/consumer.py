@@ -19,7 +19,11 @@ dispatched; when the next delivery skips stream sequences *and* deliveries
 (consumer sequence), it reads the skipped range from the stream itself
 (:meth:`HistoryReader.read_range`), dispatches it, then goes on. Later
 redeliveries of those are acked and dropped. A skip in stream sequences
-alone is a deleted or expired message.
+alone is a deleted or expired message. A read that fails (after a failover
+the stream may be electing its leader for seconds) is tried again with
+backoff for up to ``GAP_RETRY_FOR`` seconds while the deliveries behind it
+wait, in order, in the subscription's queue; only then is the consumer set
+up again, and what it had been sent comes back after the ack wait.
 
 Input boundary. NATS allows subjects that PROTOCOL.md's channel syntax does
 not (``"``, ``\\``, non-ASCII, long tokens), and the hub pastes the subject
@@ -58,6 +62,9 @@ log = logging.getLogger("fanout.jetstream")
 PULL_EXPIRES = 30.0        # seconds a pull request lingers on the server
 PULL_HEARTBEAT = 2.0       # idle heartbeat the server sends on a waiting request
 LOG_REPEAT = 30.0          # seconds between log lines about rejected messages
+GAP_RETRY_FOR = 20.0       # seconds a failing gap fill is tried again (a stream electing its leader)
+GAP_RETRY_MIN = 0.1        # first backoff between those tries; doubles up to GAP_RETRY_MAX
+GAP_RETRY_MAX = 2.0
 GOOD_SUBJECTS_MAX = 65536  # valid subjects remembered, so the hot path validates each one once
 
 #: ``emit(event, **fields)``: the broker's metrics hook, made safe.
@@ -249,12 +256,9 @@ class PullConsumer:
             self._dupes += 1
         else:
             if seq != last + 1 and not (delivered == 1 and cseq == self.last_cseq + 1):
-                try:
-                    await self._fill_gap(seq)
-                except Exception as exc:
+                if not await self._fill_gap_retrying(seq):
                     # Neither dispatch nor ack this one: it comes again (the
                     # next delivery finds the same gap, or the redelivery).
-                    self._set_error("gap", f"JetStream gap fill failed: {type(exc).__name__}: {exc}")
                     self.resync.set()
                     return
             subject = msg.subject
@@ -334,6 +338,34 @@ class PullConsumer:
             wait = bucket.wait_time()
             self._emit("rate_wait", seconds=wait)
             await asyncio.sleep(wait)
+
+    async def _fill_gap_retrying(self, seq: int) -> bool:
+        """:meth:`_fill_gap`, tried again with backoff for up to ``GAP_RETRY_FOR`` seconds.
+
+        A gap comes from a failover, and then the stream may still be electing
+        a leader: its reads time out for a few seconds. Giving up at once would
+        drop the deliveries queued behind this one, and JetStream would send
+        them again only after the consumer's ack wait (30 s). Waiting here holds
+        them in order in this subscription's queue instead. False: still failing.
+        """
+        deadline = monotonic() + GAP_RETRY_FOR
+        delay = GAP_RETRY_MIN
+        tries = 0
+        sub = self._sub
+        while True:
+            tries += 1
+            try:
+                await self._fill_gap(seq)
+            except Exception as exc:
+                self._set_error("gap", f"JetStream gap fill failed: {type(exc).__name__}: {exc}")
+                if monotonic() + delay > deadline or self._sub is not sub or sub is None:
+                    return False
+                await asyncio.sleep(delay)     # backoff between tries
+                delay = min(2 * delay, GAP_RETRY_MAX)
+                continue
+            if tries > 1:
+                log.info("JetStream gap fill succeeded on a retry", extra={"fields": {"tries": tries, "upto": seq - 1}})
+            return True
 
     async def _fill_gap(self, seq: int) -> None:
         """Dispatch what the stream holds between the last dispatched message and ``seq``."""
