@@ -377,7 +377,10 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
                 examples.append(f"client {c.i} ({c.subject}): {len(c.got)} of {len(want)} delivered, "
                                 f"missing {missing[:10]}, {twice} twice, in order: {in_order}")
     rate = len(rolling.published) / (rolling.ended - rolling.began)
-    assert rate >= 0.9 * RATE, rate      # the publisher kept its pace through both drains
+    # The publisher kept its pace through both drains. This process also runs the 200 clients: on a
+    # starved machine (measured: 2 busy loops on 2 cores) it managed 0.9x; a publisher stalled for
+    # the two drain windows would show about 0.5x.
+    assert rate >= 0.75 * RATE, rate
     incomplete = [(c.i, r) for c in clients for r in c.resumes if not r.get("complete")]
     print(f"published {len(rolling.published)} msgs at {rate:.0f}/s; test body {elapsed:.1f}s; deliveries "
           f"{sum(len(c.got) for c in clients)}; duplicates dropped by the client "
