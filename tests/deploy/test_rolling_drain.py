@@ -378,7 +378,7 @@ async def _rolling_deploy(lb: Haproxy, nodes: list[NodeProcess], nats: NatsServe
                                 f"missing {missing[:10]}, {twice} twice, in order: {in_order}")
     rate = len(rolling.published) / (rolling.ended - rolling.began)
     # The publisher kept its pace through both drains. This process also runs the 200 clients: on a
-    # starved machine (measured: 2 busy loops on 2 cores) it managed 0.9x; a publisher stalled for
+    # starved machine (measured: 2 busy loops on 2 cores) it managed 0.898x; a publisher stalled for
     # the two drain windows would show about 0.5x.
     assert rate >= 0.75 * RATE, rate
     incomplete = [(c.i, r) for c in clients for r in c.resumes if not r.get("complete")]
