@@ -212,8 +212,7 @@ class Hub:
         self.publish_pending()
         self.subscription_count -= len(self.core.subscriptions(slot))
         self.metrics.subscriptions.set(self.subscription_count)
-        if self._throttled.pop(slot, None) is not None:
-            self._set_level_gauges()
+        self._leave_throttling(slot)
         self.core.remove_client(slot)
         self._peers[slot] = None
         self._watch.discard(slot)
@@ -333,6 +332,11 @@ class Hub:
         self.core.send_text(slot, reply("throttle_update", None, level=level,
                                         rate_percent=self.cfg.throttle_percents[level],
                                         dropped=int(self.core.take_dropped(slot)), message=message, **extra))
+
+    def _leave_throttling(self, slot: int) -> None:
+        """A closing or gone client is no longer throttled: no recovery, not in the gauges."""
+        if self._throttled.pop(slot, None) is not None:
+            self._set_level_gauges()
 
     def _set_level_gauges(self) -> None:
         counts = [0, 0, 0, 0]
@@ -493,8 +497,7 @@ class Hub:
         """No more data frames or replies for this slot (it is closing); it leaves throttling."""
         self.publish_pending()  # messages accepted before the close go out before it
         self.core.set_nodata(slot)
-        if self._throttled.pop(slot, None) is not None:
-            self._set_level_gauges()
+        self._leave_throttling(slot)
 
     def discard_queued(self, slot: int) -> int:
         """Drop the frames not yet begun (a slow client about to be closed); bytes dropped."""

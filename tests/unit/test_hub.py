@@ -46,6 +46,35 @@ def resume_after_backlog(hub: Hub, n: int) -> tuple[RecPeer, int, list[Resumed]]
     return p, s, done
 
 
+def throttled_client(recovery: float) -> tuple[Hub, FakeClock, RecPeer, int]:
+    """A hub on a fake clock and a client that does not read, published to until it is at level 1."""
+    import asyncio
+    clock = FakeClock()
+    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=4096, WS_SLOW_CLIENT_STRIKES=2, WS_THROTTLE_RECOVERY_SECONDS=recovery),
+            Metrics(), clock)
+    h.bind(asyncio.get_running_loop(), None)
+    p = RecPeer(rcvbuf=4096)
+    s = h.attach(p, 0)
+    h.subscribe(s, [CH])
+    i = 0
+    while h.throttle_level(s) == 0 and i < 500:
+        i += 1
+        h.dispatch(msg(i, size=500))
+        h.publish_pending()
+    return h, clock, p, s
+
+
+async def read_until_empty(h: Hub, p: RecPeer, s: int) -> bytes:
+    """Read the client's socket while the hub writes, until its queue is empty (bounded)."""
+    data = b""
+    for _ in range(500):
+        await drain_loop(1)
+        data += p.read()
+        if h.flush_one(s) == 0 and h.queued(s) == 0:
+            break
+    return data + p.read()
+
+
 class StreamBroker:
     """History from a list: what a JetStream broker would answer (no network)."""
 
@@ -292,27 +321,10 @@ async def test_replay_is_paced_and_reports_what_left_the_ring():
 
 
 async def test_throttle_raise_notice_then_recovery_on_the_fake_clock():
-    import asyncio
-    clock = FakeClock()
-    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=4096, WS_SLOW_CLIENT_STRIKES=2, WS_THROTTLE_RECOVERY_SECONDS=5),
-            Metrics(), clock)
-    h.bind(asyncio.get_running_loop(), None)
-    p = RecPeer(rcvbuf=4096)
-    s = h.attach(p, 0)
-    h.subscribe(s, [CH])
-    i = 0
-    while h.throttle_level(s) == 0 and i < 500:
-        i += 1
-        h.dispatch(msg(i, size=500))
-        h.publish_pending()
+    h, clock, p, s = throttled_client(recovery=5)
     assert h.throttle_level(s) == 1
-    data = b""
-    for _ in range(500):                       # the reader catches up
-        await drain_loop(1)
-        data += p.read()
-        if h.flush_one(s) == 0 and h.queued(s) == 0:
-            break
-    notices = [f for f in frames(data + p.read()) if f.get("type") == "throttle_update"]
+    data = await read_until_empty(h, p, s)     # the reader catches up
+    notices = [f for f in frames(data) if f.get("type") == "throttle_update"]
     assert [(n["level"], n["rate_percent"]) for n in notices] == [(1, 75)]
     assert notices[0]["message"] == "Your connection is slightly slow. Receiving 75% of updates."
     h.throttle_tick(clock())                   # kept up, but not for long enough yet
@@ -329,19 +341,7 @@ async def test_throttle_raise_notice_then_recovery_on_the_fake_clock():
 async def test_a_closing_client_leaves_throttling_and_gets_nothing_after_its_close_frame():
     # A slow client's 1008 (or any close) stops its data; neither recovery
     # ticks nor load-shedding notices may queue text after its close frame.
-    import asyncio
-    clock = FakeClock()
-    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=4096, WS_SLOW_CLIENT_STRIKES=2, WS_THROTTLE_RECOVERY_SECONDS=1),
-            Metrics(), clock)
-    h.bind(asyncio.get_running_loop(), None)
-    p = RecPeer(rcvbuf=4096)
-    s = h.attach(p, 0)
-    h.subscribe(s, [CH])
-    i = 0
-    while h.throttle_level(s) == 0 and i < 500:
-        i += 1
-        h.dispatch(msg(i, size=500))
-        h.publish_pending()
+    h, clock, p, s = throttled_client(recovery=1)
     assert h.throttle_level(s) == 1 and h.metrics.throttled_light._value.get() == 1
     h.stop_data(s)
     h.discard_queued(s)
@@ -352,13 +352,7 @@ async def test_a_closing_client_leaves_throttling_and_gets_nothing_after_its_clo
     h.throttle_tick(clock())
     h.set_load_shed(True)
     h.reply(s, b'{"type":"error"}')
-    data = b""
-    for _ in range(500):
-        await drain_loop(1)
-        data += p.read()
-        if h.flush_one(s) == 0 and h.queued(s) == 0:
-            break
-    data += p.read()
+    data = await read_until_empty(h, p, s)
     assert data.endswith(close)                # the close frame is the last thing written
     before = data[:data.rindex(close)]
     assert b'"level":0' not in before and b'"reason":"load"' not in before and b'"error"' not in before
