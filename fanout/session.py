@@ -79,6 +79,8 @@ _ids = itertools.count(1)
 WS_PATHS = ("/", "/ws")
 CLOSE_TIMEOUT = 5.0      # seconds to wait for the client's close frame after ours
 RECV_SIZE = 65536
+LINGER_TIMEOUT = 2.0     # after our last byte: read and drop what the client still sends, for so long ...
+LINGER_BYTES = 1 << 20   # ... or so many bytes, so the client reads our close frame instead of a reset
 
 
 class State(enum.Enum):
@@ -163,7 +165,7 @@ class SessionHost(Protocol):
 class Session:
     __slots__ = (
         "host", "hub", "cfg", "loop", "clock", "sock", "fd", "peer", "id", "protocol", "slot", "claims",
-        "state", "last_seen", "bucket", "strikes", "_frag", "_frag_text", "_timer", "_expiry", "_busy",
+        "state", "last_seen", "bucket", "strikes", "_frag", "_frag_text", "_timer", "_expiry", "_busy", "_linger_left",
         "_held", "_writing", "_reading", "_auth_task", "closed_code", "was_open",
     )
 
@@ -192,6 +194,7 @@ class Session:
         self._held: list[ClientRequest] = []    # requests waiting for it, in order
         self._writing = False
         self._reading = True
+        self._linger_left = 0                   # bytes still to drop after the close (see finish_close)
         self._auth_task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
@@ -631,17 +634,25 @@ class Session:
             self.hub.watch_drain(self.slot)
 
     def finish_close(self) -> None:
-        """Everything queued was written: end the TCP connection."""
+        """Everything queued was written: end the TCP connection.
+
+        A client that has not sent its close frame (a flooder we stopped
+        reading, say) may still be sending. Closing the socket with its bytes
+        unread would answer with a reset, and the reset throws away whatever
+        the kernel has not sent yet, our close frame included. So half-close
+        and linger: read and drop until the client's FIN, for a bounded time."""
         if self.state is State.CLOSED:
             return
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        self.abort(None)
+            self.abort(None)
+            return
+        self.abort(None, linger=self.protocol.close_rcvd is None)
 
-    def abort(self, why: str | None) -> None:
-        """Drop the connection now."""
+    def abort(self, why: str | None, *, linger: bool = False) -> None:
+        """Drop the connection now (``linger``: the socket itself only once the
+        client has stopped sending; see :meth:`finish_close`)."""
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
@@ -659,10 +670,33 @@ class Session:
             self.hub.detach(self.slot)
             self.slot = None
         self._held.clear()
+        if linger:
+            self._linger_left = LINGER_BYTES
+            self.loop.add_reader(self.fd, self._linger)
+            self._timer = self.loop.call_later(LINGER_TIMEOUT, self._close_socket)
+        else:
+            self._close_socket()
+        self.host.closed(self)
+        if why:
+            event(logging.DEBUG, "client dropped", client=self.id, peer=self.peer, reason=why)
+
+    def _linger(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._linger_left -= len(data)
+        if not data or self._linger_left <= 0:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.loop.remove_reader(self.fd)
         try:
             self.sock.close()
         except OSError:
             pass
-        self.host.closed(self)
-        if why:
-            event(logging.DEBUG, "client dropped", client=self.id, peer=self.peer, reason=why)

@@ -319,6 +319,27 @@ async def test_flooding_gets_rate_limited_then_closed_with_1008(node_factory):
         await c.heartbeat()
 
 
+async def test_a_flooder_that_keeps_sending_still_reads_its_close_frame(node_factory):
+    # The node stops reading a flooder, but it must not close the socket on
+    # its unread bytes: that resets the connection, and a reset can throw our
+    # close frame away before the client reads it. It lingers until our FIN.
+    node = node_factory(WS_CONTROL_RATE="0.1", WS_CONTROL_BURST=5, WS_CONTROL_STRIKES=3)
+    raw = await RawClient.connect(node.ws_port)
+    try:
+        for i in range(12):
+            raw.send_text({"type": "heartbeat", "id": i})
+        code, frames = await raw.read_until_close()
+        assert code == 1008
+        assert [json.loads(p)["type"] for _, p in frames] == ["heartbeat_ack"] * 5 + ["error"] * 2
+        for i in range(20):                 # still flooding after the close frame
+            raw.send_text({"type": "heartbeat", "id": 100 + i})
+            await raw.writer.drain()        # a reset would fail these writes
+        raw.writer.write_eof()
+        assert await raw.eof() == b""
+    finally:
+        raw.close()
+
+
 async def test_rate_limit_is_per_connection(node_factory):
     node = node_factory(WS_CONTROL_RATE="0.1", WS_CONTROL_BURST=3, WS_CONTROL_STRIKES=100)
     async with connect(node) as a, connect(node) as b:

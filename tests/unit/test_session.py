@@ -5,9 +5,13 @@ closes the session owns."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
 from websockets.frames import Opcode
 
+from fanout import session as session_mod
 from fanout.session import State
 from tests.helpers.inproc import Host, WsPeer, drain_loop, pair, until
 
@@ -158,3 +162,47 @@ async def test_abort_detaches_and_frees_the_slot(host):
     assert host.hub.open_count == 0
     s2, _ = await open_session(host)
     assert s2.slot == slot
+
+
+async def flooder_closed(host: Host) -> tuple[object, WsPeer]:
+    """A client closed with 1008 for flooding, still sending."""
+    s, peer = await open_session(host)
+    for _ in range(6):
+        peer.send({"type": "heartbeat"})
+    await until(lambda: peer.close_code() is not None, peer)
+    assert peer.close_code() == 1008
+    await until(lambda: s.state is State.CLOSED, peer)
+    return s, peer
+
+
+async def test_a_flooder_is_read_until_its_fin_before_the_socket_closes(host):
+    # Closing with its bytes unread would reset the connection, and a reset
+    # discards what the kernel has not sent yet: our close frame included.
+    s, peer = await flooder_closed(host)
+    assert host.closed_ids == [s.id] and host.hub.open_count == 0
+    for _ in range(50):
+        peer.send_frame(Opcode.TEXT, b'{"type":"heartbeat"}')
+    await drain_loop()
+    assert s.sock.fileno() != -1            # still reading (and dropping)
+    peer.sock.shutdown(socket.SHUT_WR)
+    await until(lambda: s.sock.fileno() == -1, turns=1000)
+
+
+async def test_lingering_is_bounded_in_time_and_bytes(host, monkeypatch):
+    monkeypatch.setattr(session_mod, "LINGER_TIMEOUT", 0.01)
+    s, _peer = await flooder_closed(host)
+    async with asyncio.timeout(5):
+        while s.sock.fileno() != -1:
+            await asyncio.sleep(0.005)
+    monkeypatch.setattr(session_mod, "LINGER_BYTES", 4096)
+    s, peer = await flooder_closed(host)
+    for _ in range(10):
+        peer.send_frame(Opcode.TEXT, b'{"pad":"' + b"x" * 1000 + b'"}')
+    await until(lambda: s.sock.fileno() == -1, turns=1000)
+
+
+async def test_a_completed_close_handshake_closes_the_socket_at_once(host):
+    s, peer = await open_session(host)
+    s.close(1001, "bye")
+    await until(lambda: s.state is State.CLOSED, peer)
+    assert s.sock.fileno() == -1
