@@ -567,7 +567,10 @@ async def test_channels_are_reference_counted_across_subscriptions(node, js):
 async def test_async_iteration_of_a_subscription(node, js):
     c = await js(node.ws_url)
     s = await c.cmd("subscribe", channels=[CH])
+    since = len(c.events)
     it = asyncio.create_task(c.cmd("iterate", sub=s["sub"], n=3))
+    # The iterator buffers from its start only: publish once it runs.
+    await c.wait(lambda e: e["ev"] == "iterating", since=since)
     seqs = await publish(node, 3)
     assert (await it)["stream_seqs"] == seqs
     assert (await c.cmd("state"))["channels"] == []     # leaving the loop unsubscribed

@@ -81,6 +81,9 @@ export function drive(client, out, network) {
     async unsubscribe(c) { subs[c.sub].unsubscribe(); return {}; },
     async iterate(c) {
       const got = [];
+      // The loop below starts the iterator in this same tick, so no message
+      // can arrive in between: the test publishes only after this event.
+      out({ ev: 'iterating', sub: c.sub });
       for await (const msg of subs[c.sub]) {
         got.push(msg.stream_seq);
         if (got.length >= c.n) break;
