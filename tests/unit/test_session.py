@@ -165,7 +165,7 @@ async def test_abort_detaches_and_frees_the_slot(host):
 
 
 async def flooder_closed(host: Host) -> tuple[object, WsPeer]:
-    """A client closed with 1008 for flooding, still sending."""
+    """A session closed with 1008 for flooding; its client end is still open."""
     s, peer = await open_session(host)
     for _ in range(6):
         peer.send({"type": "heartbeat"})
@@ -194,6 +194,7 @@ async def test_lingering_is_bounded_in_time_and_bytes(host, monkeypatch):
     async with asyncio.timeout(5):
         while s.sock.fileno() != -1:
             await asyncio.sleep(0.005)
+    monkeypatch.setattr(session_mod, "LINGER_TIMEOUT", 60.0)   # now only the byte bound can end it
     monkeypatch.setattr(session_mod, "LINGER_BYTES", 4096)
     s, peer = await flooder_closed(host)
     for _ in range(10):
