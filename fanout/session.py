@@ -645,10 +645,10 @@ class Session:
             return
         try:
             self.sock.shutdown(socket.SHUT_WR)
+            linger = self.protocol.close_rcvd is None
         except OSError:
-            self.abort(None)
-            return
-        self.abort(None, linger=self.protocol.close_rcvd is None)
+            linger = False      # the socket is gone already
+        self.abort(None, linger=linger)
 
     def abort(self, why: str | None, *, linger: bool = False) -> None:
         """Drop the connection now (``linger``: the socket itself only once the
