@@ -156,20 +156,8 @@ cdef class Core:
     cdef readonly uint64_t reached      # distinct clients flushed since the last take_reach()
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
-    cdef void _drop(self, Client *c, int reason, int priority) noexcept
-    cdef int _strike(self, int slot, Client *c) except -1
-    cdef bint _sample(self, Client *c, int priority) noexcept
-    cdef bint _replace(self, Client *c, Msg *m) noexcept
-    cdef int _queue_data(self, Client *c, uint64_t seq, Msg *m) except -1
-    cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL
-    cdef int _grow_segs(self, Client *c) except -1
-    cdef void _clear_queue(self, Client *c) noexcept
     cdef int _idle(self) except -1
     cdef int _start_pool(self) noexcept
     cdef void _release(self, int slot) noexcept
     cdef Client *_check(self, int slot) except NULL
-    cdef _Pattern _new_pattern(self, str text)
-    cdef int _link(self, _Pattern p, str subject, _Route r) except -1
-    cdef _Route _route(self, str subject)
-    cdef int _compress(self, Msg *m, int wbits) except -1
     cdef void _mark_dirty(self, int slot, Client *c) noexcept

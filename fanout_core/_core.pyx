@@ -45,6 +45,14 @@ GIL held: waking threads costs more than it saves there. Limits: workers are
 not restarted in a forked child (the child flushes on one thread); the pool
 uses plain pthreads (no OpenMP, no extra build flags).
 
+Layout: one extension module, its parts textually included by concern (as
+asyncpg's ``protocol/``): ``pool.pxi`` (the flush thread pool, C),
+``queue.pxi`` (messages and per-client output queues), ``frames.pxi``
+(frame headers, compress-once), ``flush.pxi`` (gather + ``sendmsg``, run on
+the flush threads), ``routes.pxi`` (patterns and the route cache),
+``throttle.pxi`` (the throttle and conflation policy). This file holds the
+``Core`` class: the Python-facing API and the match-and-enqueue loops.
+
 Limits: a client's queue grows past ``queue_limit`` only for ``slow_strikes``
 consecutive messages; then the client stops getting data and is reported by
 :meth:`Core.take_slow` (the caller closes it with 1008, or later throttles it).
@@ -83,160 +91,6 @@ cdef extern from "time.h" nogil:
     int CLOCK_MONOTONIC
 
 
-# The flush thread pool, in plain C (pthreads; no OpenMP, no build flags):
-# ``n`` workers parked on a condition variable. fo_pool_run() hands all of
-# them one job (a function and its argument), runs the same function as
-# thread 0 on the caller, then waits until every worker finished it. The
-# mutex hand-offs at start and end order everything the caller wrote before
-# a run before the workers' reads, and everything they wrote before the
-# caller's return (happens-before through pthread_mutex).
-cdef extern from *:
-    """
-    #include <pthread.h>
-    #include <signal.h>
-    #include <stdlib.h>
-    #include <unistd.h>
-
-    typedef void (*fo_job_fn)(void *, int);
-
-    typedef struct fo_pool {
-        pthread_mutex_t mu;
-        pthread_cond_t go, done;
-        unsigned long gen;      /* job number; a worker runs each once */
-        int running;            /* workers still on the current job */
-        int stop;
-        int n;                  /* workers started */
-        fo_job_fn fn;
-        void *arg;
-        pid_t pid;              /* the process that started them */
-        pthread_t *tids;
-        struct fo_worker *ws;
-    } fo_pool;
-
-    typedef struct fo_worker { fo_pool *p; int id; } fo_worker;
-
-    static void *fo_worker_main(void *a) {
-        fo_worker *w = (fo_worker *)a;
-        fo_pool *p = w->p;
-        unsigned long seen = 0;   /* workers start before the first job (gen 0) */
-        pthread_mutex_lock(&p->mu);
-        for (;;) {
-            while (p->gen == seen && !p->stop)
-                pthread_cond_wait(&p->go, &p->mu);
-            if (p->stop)
-                break;
-            seen = p->gen;
-            fo_job_fn fn = p->fn;
-            void *arg = p->arg;
-            pthread_mutex_unlock(&p->mu);
-            fn(arg, w->id);
-            pthread_mutex_lock(&p->mu);
-            if (--p->running == 0)
-                pthread_cond_signal(&p->done);
-        }
-        pthread_mutex_unlock(&p->mu);
-        return NULL;
-    }
-
-    static void fo_pool_free(fo_pool *p) {
-        int i;
-        if (p == NULL)
-            return;
-        pthread_mutex_lock(&p->mu);
-        p->stop = 1;
-        pthread_cond_broadcast(&p->go);
-        pthread_mutex_unlock(&p->mu);
-        for (i = 0; i < p->n; i++)
-            pthread_join(p->tids[i], NULL);
-        pthread_cond_destroy(&p->go);
-        pthread_cond_destroy(&p->done);
-        pthread_mutex_destroy(&p->mu);
-        free(p->tids);
-        free(p->ws);
-        free(p);
-    }
-
-    /* Up to n workers; NULL when none could start (the caller then flushes alone). */
-    static fo_pool *fo_pool_new(int n) {
-        int i;
-        sigset_t all, old;
-        pthread_attr_t attr;
-        fo_pool *p = (fo_pool *)calloc(1, sizeof(fo_pool));
-        if (p == NULL || n < 1)
-            return (free(p), (fo_pool *)NULL);
-        p->tids = (pthread_t *)calloc(n, sizeof(pthread_t));
-        p->ws = (fo_worker *)calloc(n, sizeof(fo_worker));
-        if (p->tids == NULL || p->ws == NULL) {
-            free(p->tids); free(p->ws); free(p);
-            return NULL;
-        }
-        pthread_mutex_init(&p->mu, NULL);
-        pthread_cond_init(&p->go, NULL);
-        pthread_cond_init(&p->done, NULL);
-        p->pid = getpid();
-        pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, 1 << 20);   /* send_some needs ~21 KiB */
-        /* Workers block every signal: Python's handlers run on the main thread. */
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
-        for (i = 0; i < n; i++) {
-            p->ws[i].p = p;
-            p->ws[i].id = i + 1;
-            if (pthread_create(&p->tids[i], &attr, fo_worker_main, &p->ws[i]) != 0)
-                break;
-            p->n++;
-        }
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        pthread_attr_destroy(&attr);
-        if (p->n == 0) {
-            fo_pool_free(p);
-            return NULL;
-        }
-        return p;
-    }
-
-    static int fo_pool_size(fo_pool *p) { return p->n; }
-    static int fo_pool_owned(fo_pool *p) { return p->pid == getpid(); }
-
-    /* Run fn(arg, 1..n) on the workers and fn(arg, 0) here; return when all are done. */
-    static void fo_pool_run(fo_pool *p, fo_job_fn fn, void *arg) {
-        pthread_mutex_lock(&p->mu);
-        p->fn = fn;
-        p->arg = arg;
-        p->running = p->n;
-        p->gen++;
-        pthread_cond_broadcast(&p->go);
-        pthread_mutex_unlock(&p->mu);
-        fn(arg, 0);
-        pthread_mutex_lock(&p->mu);
-        while (p->running > 0)
-            pthread_cond_wait(&p->done, &p->mu);
-        pthread_mutex_unlock(&p->mu);
-    }
-
-    static inline Py_ssize_t fo_atomic_dec(Py_ssize_t *v) {
-        return __atomic_sub_fetch(v, 1, __ATOMIC_ACQ_REL);
-    }
-    static inline Py_ssize_t fo_atomic_inc(Py_ssize_t *v) {
-        return __atomic_add_fetch(v, 1, __ATOMIC_RELAXED);
-    }
-    static inline int fo_fetch_add(int *v, int d) {
-        return __atomic_fetch_add(v, d, __ATOMIC_RELAXED);
-    }
-    """
-    ctypedef struct fo_pool:
-        pass
-    ctypedef void (*fo_job_fn)(void *, int) noexcept nogil
-    fo_pool *fo_pool_new(int n) nogil
-    void fo_pool_free(fo_pool *p) nogil
-    int fo_pool_size(fo_pool *p) nogil
-    int fo_pool_owned(fo_pool *p) nogil
-    void fo_pool_run(fo_pool *p, fo_job_fn fn, void *arg) nogil
-    Py_ssize_t fo_atomic_dec(Py_ssize_t *v) nogil
-    Py_ssize_t fo_atomic_inc(Py_ssize_t *v) nogil
-    int fo_fetch_add(int *v, int d) nogil
-
-
 cdef inline double mono_now() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -261,329 +115,12 @@ cdef enum:
     PARALLEL_MIN = 64         # default: flushes of fewer clients run on the caller alone
 
 
-
-# Messages alive (made by msg_new, not yet freed): a leak or double-free
-# check for tests (live_messages()). Changed atomically: flush threads free.
-cdef Py_ssize_t _live_msgs = 0
-
-
-def live_messages():
-    """Messages allocated and not yet freed, across all cores (tests: 0 once
-    every core is gone means no reference was lost or dropped twice)."""
-    return _live_msgs
-
-
-cdef inline void msg_free(Msg *m) noexcept nogil:
-    cdef int i
-    free(m.tail)
-    for i in range(MAX_WBITS_SLOTS):
-        if m.ztail[i] != NULL:
-            free(m.ztail[i])
-    free(m)
-    fo_atomic_dec(&_live_msgs)
-
-
-cdef inline void msg_decref(Msg *m) noexcept:
-    m.refcnt -= 1
-    if m.refcnt == 0:
-        msg_free(m)
-
-
-cdef inline void msg_decref_shared(Msg *m) noexcept nogil:
-    """msg_decref for the flush threads: several may drop references to one
-    message at once, so the decrement is atomic and exactly one of them sees
-    zero and frees it. (References are only ever added on the loop thread,
-    between flushes.)"""
-    if fo_atomic_dec(&m.refcnt) == 0:
-        msg_free(m)
-
-
-cdef Msg *msg_new(bytes tail, int priority) except NULL:
-    """A message holding a copy of ``tail``, with one reference (the caller's)."""
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(tail)
-    cdef Msg *m = <Msg *>calloc(1, sizeof(Msg))
-    if m == NULL:
-        raise MemoryError()
-    m.tail = <char *>malloc(n if n > 0 else 1)
-    if m.tail == NULL:
-        free(m)
-        raise MemoryError()
-    memcpy(m.tail, PyBytes_AS_STRING(tail), n)
-    m.tail_len = n
-    m.priority = priority if 0 <= priority <= 3 else 2
-    m.refcnt = 1
-    m.t = mono_now()
-    fo_atomic_inc(&_live_msgs)
-    return m
-
-
-cdef inline int utoa(uint64_t v, char *out) noexcept nogil:
-    """Decimal digits of v into out; returns the count."""
-    cdef char tmp[24]
-    cdef int n = 0, i
-    if v == 0:
-        out[0] = 48
-        return 1
-    while v:
-        tmp[n] = <char>(48 + v % 10)
-        v //= 10
-        n += 1
-    for i in range(n):
-        out[i] = tmp[n - 1 - i]
-    return n
-
-
-cdef inline void write_header(unsigned char *p, unsigned char op, Py_ssize_t plen, Py_ssize_t hlen) noexcept nogil:
-    cdef int i
-    p[0] = op
-    if hlen == 2:
-        p[1] = <unsigned char>plen
-    elif hlen == 4:
-        p[1] = 126
-        p[2] = <unsigned char>(plen >> 8)
-        p[3] = <unsigned char>(plen & 0xFF)
-    else:
-        p[1] = 127
-        for i in range(8):
-            p[2 + i] = <unsigned char>((plen >> (56 - 8 * i)) & 0xFF)
-
-
-cdef inline int ndigits(uint64_t v) noexcept nogil:
-    cdef int n = 1
-    while v >= 10:
-        v //= 10
-        n += 1
-    return n
-
-
-cdef inline Py_ssize_t body_len(const Client *c, const Msg *m) noexcept nogil:
-    return m.ztail_len[c.wbits] if c.wbits else m.tail_len
-
-
-cdef inline const char *body_ptr(const Client *c, const Msg *m) noexcept nogil:
-    return m.ztail[c.wbits] if c.wbits else m.tail
-
-
-cdef inline Py_ssize_t head_len(const Client *c, const Seg *sg) noexcept nogil:
-    """Bytes of a data frame before its shared body: header, stored-block header, prefix."""
-    cdef Py_ssize_t pre = 8 + ndigits(sg.v) + (5 if c.wbits else 0)
-    cdef Py_ssize_t plen = pre + body_len(c, sg.m)
-    return pre + (2 if plen < 126 else (4 if plen < 65536 else 10))
-
-
-cdef inline Py_ssize_t seg_len(const Client *c, const Seg *sg) noexcept nogil:
-    if sg.m == NULL:
-        return <Py_ssize_t>((sg.v >> 32) & LEN_MASK)
-    return head_len(c, sg) + body_len(c, sg.m)
-
-
-cdef inline bint seg_boundary(const Seg *sg) noexcept nogil:
-    return sg.m != NULL or (sg.v >> 63) != 0
-
-
-cdef inline Py_ssize_t seg_off(const Seg *sg) noexcept nogil:
-    return <Py_ssize_t>(<uint32_t>sg.v)         # the low 32 bits
-
-
-cdef Py_ssize_t write_head(const Client *c, const Seg *sg, unsigned char *p) noexcept nogil:
-    """Write a data frame's header, stored-block header and prefix; returns the length."""
-    cdef char digits[24]
-    cdef int nd = utoa(sg.v, digits)
-    cdef Py_ssize_t prefix_len = 8 + nd                  # {"seq":N,
-    cdef Py_ssize_t blen = body_len(c, sg.m)
-    cdef Py_ssize_t plen = prefix_len + blen + (5 if c.wbits else 0)
-    cdef Py_ssize_t hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
-    cdef unsigned char *q = p
-    write_header(q, OP_TEXT_DEFLATE if c.wbits else OP_TEXT, plen, hlen)
-    q += hlen
-    if c.wbits:
-        # A stored (uncompressed) DEFLATE block carries the client's own
-        # prefix; the shared body, compressed once, follows it.
-        q[0] = 0                                         # BFINAL=0, BTYPE=00
-        q[1] = <unsigned char>(prefix_len & 0xFF)
-        q[2] = <unsigned char>(prefix_len >> 8)
-        q[3] = <unsigned char>(~prefix_len & 0xFF)
-        q[4] = <unsigned char>((~prefix_len >> 8) & 0xFF)
-        q += 5
-    memcpy(q, b'{"seq":', 7)
-    memcpy(q + 7, digits, nd)
-    q[7 + nd] = 44                                       # ','
-    return (q + 8 + nd) - p
-
-
-cdef void compact(Client *c) noexcept:
-    """Move the unsent segments (and the inline bytes they use) to the front."""
-    cdef int i, live = c.nseg - c.shead
-    cdef Py_ssize_t shift = c.alen
-    for i in range(c.shead, c.nseg):
-        if c.segs[i].m == NULL:
-            shift = seg_off(&c.segs[i])    # inline offsets grow with the queue
-            break
-    if shift > 0:
-        memmove(c.arena, c.arena + shift, c.alen - shift)
-        c.alen -= shift
-        for i in range(c.shead, c.nseg):
-            if c.segs[i].m == NULL:
-                c.segs[i].v -= <uint64_t>shift
-    if c.shead > 0:
-        memmove(c.segs, c.segs + c.shead, live * sizeof(Seg))
-        c.nseg = live
-        c.shead = 0
-
-
-# ---------------------------------------------------------------- flush (C)
-# Module-level and nogil: these run on the flush threads, and touch only the
-# client they are given (its queue, arena, blocked/nodata flags), the shared
-# read-only message bodies, and the caller's FlushAcc. See the module
-# docstring for why that is safe.
-
-cdef int gather(Client *c, iovec *iov, unsigned char (*scratch)[HEAD_MAX], Py_ssize_t *want) noexcept nogil:
-    """Describe the next batch of queued bytes as iovecs (at most IOV_BATCH,
-    one scratch head per data frame); returns the iovec count and sets
-    ``want`` to their byte total. The same gather serves the socket write
-    and :meth:`Core.take_dirty`, so tests see the bytes that really go out."""
-    cdef int i = c.shead, k = 0, h = 0
-    cdef Py_ssize_t skip = c.sdone, hl, total = 0
-    cdef Seg *sg
-    while i < c.nseg and k < IOV_BATCH - 1 and h < HEAD_SLOTS:
-        sg = &c.segs[i]
-        if sg.m == NULL:
-            iov[k].iov_base = <void *>(c.arena + seg_off(sg) + skip)
-            iov[k].iov_len = seg_len(c, sg) - skip
-            k += 1
-        else:
-            hl = write_head(c, sg, scratch[h])
-            if skip < hl:
-                iov[k].iov_base = <void *>(scratch[h] + skip)
-                iov[k].iov_len = hl - skip
-                k += 1
-                skip = 0
-            else:
-                skip -= hl
-            h += 1
-            iov[k].iov_base = <void *>(body_ptr(c, sg.m) + skip)
-            iov[k].iov_len = body_len(c, sg.m) - skip
-            k += 1
-        total += seg_len(c, sg) - (c.sdone if i == c.shead else 0)
-        skip = 0
-        i += 1
-    want[0] = total
-    return k
-
-
-cdef void advance(Client *c, Py_ssize_t n) noexcept nogil:
-    """Account ``n`` bytes as written: whole segments leave the queue (and
-    drop their message reference, atomically: other flush threads may drop
-    references to the same message at the same time)."""
-    cdef Py_ssize_t rem
-    cdef Seg *sg
-    c.queued -= n
-    while n > 0:
-        sg = &c.segs[c.shead]
-        rem = seg_len(c, sg) - c.sdone
-        if n >= rem:
-            n -= rem
-            if sg.m != NULL:
-                msg_decref_shared(sg.m)
-            c.shead += 1
-            c.sdone = 0
-        else:
-            c.sdone += n
-            n = 0
-
-
-cdef void drained(Client *c) noexcept nogil:
-    """The queue is empty (shead == nseg: no references left): reset it and
-    free buffers grown past what an idle client keeps."""
-    c.shead = c.nseg = 0
-    c.sdone = 0
-    c.alen = 0
-    c.queued = 0
-    if c.acap > KEEP_BUF:
-        free(c.arena)
-        c.arena = NULL
-        c.acap = 0
-    if c.segcap > KEEP_SEGS:
-        free(c.segs)
-        c.segs = NULL
-        c.segcap = 0
-
-
-cdef int send_some(Client *c, FlushAcc *acc) noexcept nogil:
-    """Write what is queued for one client with sendmsg(): 0 drained, 1 blocked, -1 dead."""
-    cdef iovec iov[IOV_BATCH]
-    cdef unsigned char scratch[HEAD_SLOTS][HEAD_MAX]
-    cdef msghdr mh
-    cdef ssize_t n
-    cdef Py_ssize_t want
-    cdef int k, err
-    while c.shead < c.nseg:
-        k = gather(c, iov, scratch, &want)
-        memset(&mh, 0, sizeof(mh))
-        mh.msg_iov = iov
-        mh.msg_iovlen = k
-        n = c_sendmsg(c.fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL)
-        acc.send_calls += 1
-        if n < 0:
-            err = errno          # errno is per thread
-            if err == EINTR:
-                continue
-            if err == EAGAIN:
-                c.blocked = 1
-                acc.send_blocked += 1
-                return 1
-            c.nodata = 1
-            return -1
-        acc.bytes_sent += n
-        advance(c, n)
-        if n < want:
-            # The kernel took less than offered: its buffer is full.
-            c.blocked = 1
-            acc.send_blocked += 1
-            return 1
-    drained(c)
-    return 0
-
-
-cdef void flush_job(void *arg, int tid) noexcept nogil:
-    """One flush thread's share: take FLUSH_CHUNK work items at a time from
-    the shared cursor until none is left (dynamic, so a thread that drew
-    slow sockets does not hold the others up)."""
-    cdef FlushJob *job = <FlushJob *>arg
-    cdef int i, k, end
-    cdef FlushAcc *acc = &job.acc[tid]
-    while True:
-        i = fo_fetch_add(&job.next, FLUSH_CHUNK)
-        if i >= job.n:
-            return
-        end = i + FLUSH_CHUNK
-        if end > job.n:
-            end = job.n
-        for k in range(i, end):
-            job.res[k] = <signed char>send_some(&job.clients[job.work[k]], acc)
-
-
-cdef class _Pattern:
-    def __dealloc__(self):
-        free(self.bits)
-
-
-cdef class _Route:
-    def __dealloc__(self):
-        free(self.bits)
-
-
-cdef bint _match(list ptoks, list stoks):
-    cdef Py_ssize_t i, np = len(ptoks), ns = len(stoks)
-    for i in range(np):
-        t = ptoks[i]
-        if t == ">":
-            return ns > i
-        if i >= ns:
-            return False
-        if t != "*" and t != stoks[i]:
-            return False
-    return np == ns
+include "pool.pxi"
+include "queue.pxi"
+include "frames.pxi"
+include "flush.pxi"
+include "routes.pxi"
+include "throttle.pxi"
 
 
 cdef class Core:
@@ -704,7 +241,7 @@ cdef class Core:
                     msg_decref(c.ring[i])
             free(c.ring)
             c.ring = NULL
-        self._clear_queue(c)
+        clear_queue(c)
         free(c.arena)
         free(c.segs)
         c.arena = NULL
@@ -822,7 +359,7 @@ cdef class Core:
             return False
         cdef _Pattern p = self._patterns.get(pattern)
         if p is None:
-            p = self._new_pattern(pattern)
+            p = route_new_pattern(self, pattern)
         subs.add(pattern)
         cdef int w = slot >> 6
         cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
@@ -878,75 +415,9 @@ cdef class Core:
     def route_count(self):
         return len(self._routes)
 
-    cdef _Pattern _new_pattern(self, str text):
-        cdef _Pattern p = _Pattern()
-        cdef _Route r
-        p.text = text
-        p.tokens = text.split(".")
-        p.wild = "*" in p.tokens or ">" in p.tokens
-        p.bits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
-        if p.bits == NULL:
-            raise MemoryError()
-        p.count = 0
-        p.routes = set()
-        self._patterns[text] = p
-        if p.wild:
-            self._wild[text] = p
-            for subject, r in self._routes.items():
-                if _match(p.tokens, r.tokens):
-                    self._link(p, subject, r)
-        else:
-            r = self._routes.get(text)
-            if r is not None:
-                self._link(p, text, r)
-        return p
-
-    cdef int _link(self, _Pattern p, str subject, _Route r) except -1:
-        cdef int i
-        r.patterns.append(p)
-        p.routes.add(subject)
-        if r.bits == NULL:
-            r.bits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
-            if r.bits == NULL:
-                raise MemoryError()
-        for i in range(self.nwords):
-            r.bits[i] |= p.bits[i]
-        return 0
-
-    cdef _Route _route(self, str subject):
-        cdef _Route r = self._routes.get(subject)
-        cdef _Pattern p
-        if r is not None:
-            return r
-        self.route_misses += 1
-        if len(self._routes) >= self.max_routes:
-            # The cache is a cache: drop it whole rather than track recency.
-            for p in self._patterns.values():
-                p.routes.clear()
-            self._routes.clear()
-        r = _Route()
-        r.tokens = subject.split(".")
-        r.patterns = []
-        r.bits = NULL
-        self._route_ids += 1
-        r.id = self._route_ids
-        r.conflate = False
-        for ptoks in self._conflate_tokens:
-            if _match(ptoks, r.tokens):
-                r.conflate = True
-                break
-        self._routes[subject] = r
-        p = self._patterns.get(subject)
-        if p is not None and not p.wild:
-            self._link(p, subject, r)
-        for p in self._wild.values():
-            if _match(p.tokens, r.tokens):
-                self._link(p, subject, r)
-        return r
-
     def recipients(self, str subject):
         """Slots that a message on ``subject`` would reach (tests, debugging)."""
-        cdef _Route r = self._route(subject)
+        cdef _Route r = route_get(self, subject)
         cdef int w, b
         cdef uint64_t word
         out = []
@@ -969,7 +440,7 @@ cdef class Core:
         Returns the number of clients it was queued for.
         """
         self._idle()
-        cdef _Route r = self._route(subject)
+        cdef _Route r = route_get(self, subject)
         self.published += 1
         if r.bits == NULL:
             return 0
@@ -1012,7 +483,7 @@ cdef class Core:
             k = 0
             try:
                 for j in range(start, min(n, start + BATCH)):
-                    r = self._route(subjects[j])
+                    r = route_get(self, subjects[j])
                     self.published += 1
                     if r.bits == NULL:
                         continue
@@ -1054,73 +525,26 @@ cdef class Core:
         finally:
             msg_decref(m)
 
-    cdef bint _sample(self, Client *c, int priority) noexcept:
-        """Throttled delivery: True if this non-critical message goes out.
-
-        Each non-critical message adds the level's percent to the client's
-        budget; one that goes out spends 100. ``high`` goes out whenever the
-        budget holds 100, ``medium`` only above 200 and ``low`` only above 300,
-        i.e. on what higher priorities leave unused. So the client gets the
-        level's percent of its non-critical messages (when there are enough),
-        and the lowest priorities are the ones dropped."""
-        cdef int pct = self.throttle_pct[c.level]
-        c.credit += pct
-        if c.credit > 400:
-            c.credit = 400          # no bursts after a quiet spell
-        if c.credit >= 100 + 100 * (2 - priority):
-            c.credit -= 100
-            return True
-        return False
-
-    cdef bint _replace(self, Client *c, Msg *m) noexcept:
-        """Conflation: put ``m`` in place of an older queued version of its
-        subject (not yet begun), keeping that frame's seq; True if done."""
-        cdef int i, stop = c.shead + (1 if c.sdone > 0 else 0)
-        cdef Seg *sg
-        cdef Msg *old
-        cdef Py_ssize_t before
-        cdef Py_ssize_t idx
-        if c.nseg - stop > CONFLATE_SCAN:
-            stop = c.nseg - CONFLATE_SCAN
-        i = c.nseg - 1
-        while i >= stop:
-            sg = &c.segs[i]
-            if sg.m != NULL and sg.m.subject == m.subject:
-                old = sg.m
-                before = seg_len(c, sg)
-                sg.m = m
-                m.refcnt += 1
-                c.queued += seg_len(c, sg) - before
-                idx = sg.v % self.replay_size
-                if c.ring != NULL and c.ring[idx] == old:
-                    c.ring[idx] = m          # replay gives what was sent for that seq
-                    m.refcnt += 1
-                    msg_decref(old)
-                msg_decref(old)
-                return True
-            i -= 1
-        return False
-
     cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
         cdef Client *c = &self.clients[slot]
         if c.nodata or not c.active:
             return 0
         if self.shed_low and m.priority == 0 and not catchup:
-            self._drop(c, DROP_THROTTLED, 0)
+            count_drop(self, c, DROP_THROTTLED, 0)
             return 0
         if c.level and m.priority < PRIORITY_CRITICAL and not catchup:
             if m.conflate:
                 # Latest value per subject: never sampled away (it may be the
                 # newest), but it replaces an older version still queued.
                 if c.wbits and m.ztail[c.wbits] == NULL:
-                    self._compress(m, c.wbits)
-                if self._replace(c, m):
-                    self._drop(c, DROP_CONFLATED, m.priority)
+                    msg_compress(self, m, c.wbits)
+                if conflate_replace(self, c, m):
+                    count_drop(self, c, DROP_CONFLATED, m.priority)
                     self._mark_dirty(slot, c)
                     return 1
-            elif not self._sample(c, m.priority):
+            elif not throttle_sample(self, c, m.priority):
                 # A dropped message takes no seq: the client sees no false gap.
-                self._drop(c, DROP_THROTTLED, m.priority)
+                count_drop(self, c, DROP_THROTTLED, m.priority)
                 return 0
         if c.ring == NULL:
             c.ring = <Msg **>calloc(self.replay_size, sizeof(Msg *))
@@ -1132,17 +556,12 @@ cdef class Core:
             msg_decref(c.ring[idx])
         c.ring[idx] = m
         m.refcnt += 1
-        self._queue_data(c, c.seq, m)
+        queue_data(self, c, c.seq, m)
         self.deliveries += 1
         if not catchup:
-            self._strike(slot, c)
+            throttle_strike(self, slot, c)
         self._mark_dirty(slot, c)
         return 1
-
-    cdef void _drop(self, Client *c, int reason, int priority) noexcept:
-        """Count a data message this client does not get (reason: DROP_*)."""
-        c.dropped += 1
-        self.drops_by[reason][priority] += 1
 
     @property
     def throttled_drops(self):
@@ -1154,121 +573,7 @@ cdef class Core:
         """Queued messages replaced by a newer one of their subject."""
         return sum(self.drops_by[DROP_CONFLATED][p] for p in range(4))
 
-    cdef int _strike(self, int slot, Client *c) except -1:
-        """After a live delivery: count it against the queue limit, raise the
-        throttle level or mark the client slow."""
-        if c.queued > self.queue_limit and c.queued > c.mark + self.queue_limit // 4:
-            # Over the limit, and (after a level change) a quarter of the limit
-            # past where the queue stood then: a client that drains after a
-            # step down in rate is left to drain, one that keeps falling
-            # behind goes on striking.
-            c.strikes += 1
-            if c.strikes >= self.slow_strikes:
-                c.strikes = 0
-                if self.throttle_enabled and c.level < self.max_level:
-                    c.level += 1
-                    c.credit = 0
-                    c.mark = c.queued
-                    self._raised.append(slot)
-                    self.level_raises += 1
-                else:
-                    c.nodata = 1
-                    self._slow.append(slot)
-                    self.slow_marked += 1
-        elif c.queued <= self.queue_limit:
-            c.strikes = 0
-            c.mark = 0
-        return 0
-
-    cdef int _compress(self, Msg *m, int wbits) except -1:
-        zc = self._zc[wbits]
-        if zc is None:
-            zc = zlib.compressobj(self.zlevel, zlib.DEFLATED, -wbits)
-            self._zc[wbits] = zc
-        # Z_FULL_FLUSH ends the block byte-aligned *and* forgets the history,
-        # so this output never refers back to earlier messages: any client
-        # can inflate it whatever it decoded before (RFC 7692 section 7.2.1).
-        data = zc.compress(PyBytes_FromStringAndSize(m.tail, m.tail_len)) + zc.flush(zlib.Z_FULL_FLUSH)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data) - 4     # drop 00 00 ff ff
-        m.ztail[wbits] = <char *>malloc(n if n > 0 else 1)
-        if m.ztail[wbits] == NULL:
-            raise MemoryError()
-        memcpy(m.ztail[wbits], PyBytes_AS_STRING(data), n)
-        m.ztail_len[wbits] = n
-        self.compressions += 1
-        return 0
-
-    cdef int _queue_data(self, Client *c, uint64_t seq, Msg *m) except -1:
-        """Queue data frame ``seq`` carrying message ``m`` (a reference, no copy)."""
-        cdef Seg *sg
-        cdef Py_ssize_t n
-        if c.wbits and m.ztail[c.wbits] == NULL:
-            self._compress(m, c.wbits)
-        self._grow_segs(c)
-        sg = &c.segs[c.nseg]
-        sg.m = m
-        sg.v = seq
-        m.refcnt += 1
-        c.nseg += 1
-        n = seg_len(c, sg)
-        c.queued += n
-        self.bytes_queued += n
-        return 0
-
     # ------------------------------------------------------------------ queue
-    cdef int _grow_segs(self, Client *c) except -1:
-        cdef int newcap
-        cdef Seg *ns
-        if c.nseg < c.segcap:
-            return 0
-        if c.shead > 0:
-            compact(c)
-            if c.nseg < c.segcap:
-                return 0
-        newcap = c.segcap * 2 if c.segcap else MIN_SEGS
-        ns = <Seg *>realloc(c.segs, newcap * sizeof(Seg))
-        if ns == NULL:
-            raise MemoryError()
-        c.segs = ns
-        c.segcap = newcap
-        return 0
-
-    cdef char *_inline(self, Client *c, Py_ssize_t n, bint boundary) except NULL:
-        """Room for n inline bytes at the end of the queue (valid until the next queue call)."""
-        cdef Py_ssize_t newcap
-        cdef char *na
-        cdef Seg *sg
-        if c.alen + n > c.acap:
-            if c.shead > 0:
-                compact(c)
-            if c.alen + n > c.acap:
-                newcap = c.acap * 2 if c.acap else MIN_ARENA
-                while newcap < c.alen + n:
-                    newcap *= 2
-                na = <char *>realloc(c.arena, newcap)
-                if na == NULL:
-                    raise MemoryError()
-                c.arena = na
-                c.acap = newcap
-        self._grow_segs(c)
-        sg = &c.segs[c.nseg]
-        sg.m = NULL
-        sg.v = (<uint64_t>c.alen) | ((<uint64_t>n) << 32) | ((<uint64_t>1 << 63) if boundary else 0)
-        c.nseg += 1
-        c.alen += n
-        c.queued += n
-        return c.arena + c.alen - n
-
-    cdef void _clear_queue(self, Client *c) noexcept:
-        """Forget everything queued (drops the body references)."""
-        cdef int i
-        for i in range(c.shead, c.nseg):
-            if c.segs[i].m != NULL:
-                msg_decref(c.segs[i].m)
-        c.shead = c.nseg = 0
-        c.sdone = 0
-        c.alen = 0
-        c.queued = 0
 
     cdef void _mark_dirty(self, int slot, Client *c) noexcept:
         if not c.dirty and not c.blocked:
@@ -1285,7 +590,7 @@ cdef class Core:
         cdef Py_ssize_t n = view.shape[0]
         if n == 0:
             return
-        memcpy(self._inline(c, n, 1), &view[0], n)
+        memcpy(queue_inline(c, n, 1), &view[0], n)
         self.bytes_queued += n
         self._mark_dirty(slot, c)
 
@@ -1299,7 +604,7 @@ cdef class Core:
             return False
         cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload)
         cdef Py_ssize_t hlen = 2 if plen < 126 else (4 if plen < 65536 else 10)
-        cdef unsigned char *p = <unsigned char *>self._inline(c, hlen + plen, 1)
+        cdef unsigned char *p = <unsigned char *>queue_inline(c, hlen + plen, 1)
         write_header(p, OP_TEXT, plen, hlen)
         memcpy(p + hlen, PyBytes_AS_STRING(payload), plen)
         self.bytes_queued += hlen + plen
@@ -1317,7 +622,7 @@ cdef class Core:
         for s in range(self._next_slot):
             c = &self.clients[s]
             if c.active and not c.nodata:
-                memcpy(self._inline(c, n, 1), PyBytes_AS_STRING(frame), n)
+                memcpy(queue_inline(c, n, 1), PyBytes_AS_STRING(frame), n)
                 self.bytes_queued += n
                 self._mark_dirty(s, c)
 
@@ -1337,7 +642,7 @@ cdef class Core:
         c.nseg = cut if cut > c.shead else c.shead
         c.queued -= dropped
         if c.shead == c.nseg:
-            self._clear_queue(c)
+            clear_queue(c)
         return dropped
 
     def replay(self, int slot, uint64_t from_seq, uint64_t to_seq):
@@ -1359,7 +664,7 @@ cdef class Core:
             return 0, missing
         s = from_seq if from_seq > lo else lo
         while s <= hi:
-            self._queue_data(c, s, c.ring[s % self.replay_size])
+            queue_data(self, c, s, c.ring[s % self.replay_size])
             sent += 1
             s += 1
         if sent:
@@ -1531,7 +836,7 @@ cdef class Core:
             c.dirty = 0
             if c.active:
                 total += c.queued
-                self._clear_queue(c)
+                clear_queue(c)
         self.ndirty = 0
         return total
 
