@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "FIELDS", "load", "parse_duration"]
+__all__ = ["Config", "ConfigError", "FIELDS", "auth_problem", "load", "parse_duration"]
 
 
 class ConfigError(ValueError):
@@ -347,10 +347,42 @@ def _check_domain(cfg: Config) -> str | None:
 
 
 @_check("WS_AUTH_SECRET")
-def _check_auth(cfg: Config) -> str | None:
-    from .auth import config_problem
+def auth_problem(cfg: Config) -> str | None:
+    """The first auth setting that cannot work, as ``"ENV_VAR: reason"``, or None.
 
-    return config_problem(cfg)
+    Checked at load and again by :class:`fanout.auth.Authenticator` (which a
+    test may build from a hand-made Config).
+    """
+    from urllib.parse import urlsplit
+
+    from .keys import load_public_key
+
+    secret = cfg.ws_auth_secret
+    if secret and (secret.lstrip().startswith(("-----BEGIN", "{", "ssh-")) or "PRIVATE KEY" in secret):
+        return "WS_AUTH_SECRET: looks like a key (PEM, JWK or SSH), not an HMAC secret; use WS_AUTH_PUBLIC_KEY_FILE for a public key"
+    if cfg.ws_auth_public_key_file and cfg.ws_auth_jwks_url:
+        return "WS_AUTH_JWKS_URL: set together with WS_AUTH_PUBLIC_KEY_FILE; configure one asymmetric key source"
+    if cfg.ws_auth_public_key_file:
+        try:
+            load_public_key(cfg.ws_auth_public_key_file)
+        except ValueError as exc:
+            return f"WS_AUTH_PUBLIC_KEY_FILE: {exc}"
+    if cfg.ws_auth_jwks_url:
+        try:
+            parts = urlsplit(cfg.ws_auth_jwks_url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            return f"WS_AUTH_JWKS_URL: bad URL ({exc})"
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return f"WS_AUTH_JWKS_URL: must be an http:// or https:// URL with a host, got {cfg.ws_auth_jwks_url!r}"
+    if cfg.ws_auth_jwks_min_interval > cfg.ws_auth_jwks_max_age:
+        return "WS_AUTH_JWKS_MIN_INTERVAL: must not exceed WS_AUTH_JWKS_MAX_AGE"
+    if not (secret or cfg.ws_auth_public_key_file or cfg.ws_auth_jwks_url):
+        for env, value in (("WS_AUTH_AUDIENCE", cfg.ws_auth_audience), ("WS_AUTH_ISSUER", cfg.ws_auth_issuer)):
+            if value:
+                return (f"{env}: set, but no key is configured (WS_AUTH_SECRET, WS_AUTH_PUBLIC_KEY_FILE "
+                        "or WS_AUTH_JWKS_URL), so auth is off")
+    return None
 
 
 @_check("NATS_TLS_KEY")
