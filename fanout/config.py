@@ -122,6 +122,8 @@ class Config:
     nats_tls_ca: str = _setting("NATS_TLS_CA", "", "CA file for TLS to NATS")
     nats_tls_cert: str = _setting("NATS_TLS_CERT", "", "client certificate for TLS to NATS")
     nats_tls_key: str = _setting("NATS_TLS_KEY", "", "client key for TLS to NATS")
+    nats_reconnect_wait: float = _setting("NATS_RECONNECT_WAIT", 0.25, "pause between reconnect tries to one NATS server (the first try after a disconnect is at once); with the jitter it bounds what a NATS restart costs", lo=0.01, hi=60, kind="duration")
+    nats_reconnect_jitter: float = _setting("NATS_RECONNECT_JITTER", 0.25, "random extra pause, 0 up to this, drawn per node at each connect, so many nodes do not retry in step", lo=0, hi=60, kind="duration")
     js_domain: str = _setting("JS_DOMAIN", "", "JetStream domain (leafnode/hub set-ups); empty = the account's own")
     js_stream_name: str = _setting("JS_STREAM_NAME", "ODIN_TOKENS", "JetStream stream")
     js_stream_subjects: str = _setting("JS_STREAM_SUBJECTS", "odin.token.>,odin.global.>", "subjects the stream (and the embedded bus) accept")
