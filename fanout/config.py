@@ -74,6 +74,7 @@ class Config:
     ws_idle_timeout: float = _setting("WS_IDLE_TIMEOUT", 60.0, "close a client that sent nothing (not even a pong) for this long", lo=0.1, hi=86400, kind="duration")
     ws_handshake_timeout: float = _setting("WS_HANDSHAKE_TIMEOUT", 10.0, "seconds a socket may take to finish the handshake", lo=0.1, hi=600, kind="duration")
     ws_compression: bool = _setting("WS_COMPRESSION", True, "offer permessage-deflate (compressed once per message for all clients)")
+    ws_allowed_origins: str = _setting("WS_ALLOWED_ORIGINS", "", "web page origins that may open WebSockets, comma-separated (https://app.example.com, https://*.example.com for its subdomains); others get 403, handshakes without Origin pass; empty = any origin")
     ws_auth_secret: str = _setting("WS_AUTH_SECRET", "", "HMAC secret for HS256/384/512 tokens; when any WS_AUTH key is set, clients need a JWT (?auth= or Bearer)")
     ws_auth_public_key_file: str = _setting("WS_AUTH_PUBLIC_KEY_FILE", "", "PEM public key or certificate; its type pins the algorithms (RSA: RS256/384/512, EC: ES256/384/512, Ed25519: EdDSA)")
     ws_auth_jwks_url: str = _setting("WS_AUTH_JWKS_URL", "", "http(s) URL of a JWKS; tokens name their key by kid (not with WS_AUTH_PUBLIC_KEY_FILE)")
@@ -384,6 +385,17 @@ def auth_problem(cfg: Config) -> str | None:
             if value:
                 return (f"{env}: set, but no key is configured (WS_AUTH_SECRET, WS_AUTH_PUBLIC_KEY_FILE "
                         "or WS_AUTH_JWKS_URL), so auth is off")
+    return None
+
+
+@_check("WS_ALLOWED_ORIGINS")
+def _check_origins(cfg: Config) -> str | None:
+    from .origins import parse_allowed_origins
+
+    try:
+        parse_allowed_origins(cfg.ws_allowed_origins)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
