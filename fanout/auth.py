@@ -55,23 +55,18 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from .config import Config, ConfigError, auth_problem
+from .keys import ASYMMETRIC_ALGORITHMS, algorithms_for, load_public_key
 from .log import event, limited_event
 from .subjects import covers, valid_pattern
 
-if TYPE_CHECKING:
-    from .config import Config
-
 __all__ = [
     "AuthError", "AuthUnavailable", "Claims", "Authenticator", "MAX_TOKEN_CHARS",
-    "config_problem", "load_public_key", "sign",
+    "load_public_key", "sign",
 ]
 
 #: Longest token accepted. A handshake header line is limited to 8 KiB anyway.
@@ -85,9 +80,6 @@ JWKS_TIMEOUT = 5.0
 MIN_SECRET_BYTES = 32
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-_RSA_ALGORITHMS = ("RS256", "RS384", "RS512")
-_EC_ALGORITHMS = {"secp256r1": ("ES256",), "secp384r1": ("ES384",), "secp521r1": ("ES512",)}
-ASYMMETRIC_ALGORITHMS = (*_RSA_ALGORITHMS, "ES256", "ES384", "ES512", "EdDSA")
 
 # Three unpadded base64url segments (the signature is empty only for alg "none",
 # which is then refused by name). Anything else never reaches the JSON parser.
@@ -144,55 +136,6 @@ class Claims:
 class _Key:
     key: Any  # a cryptography public key, or the HMAC secret
     algorithms: tuple[str, ...]
-
-
-# --------------------------------------------------------------------- keys
-def algorithms_for(key: Any) -> tuple[str, ...]:
-    """The algorithms a public key may verify, chosen by its type and size.
-
-    Raises ValueError for a key the node does not accept (RSA under 2048
-    bits, an EC curve other than P-256/384/521, DSA, ...).
-    """
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < 2048:
-            raise ValueError(f"RSA key of {key.key_size} bits; at least 2048 are needed")
-        return _RSA_ALGORITHMS
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        algs = _EC_ALGORITHMS.get(key.curve.name)
-        if algs is None:
-            raise ValueError(f"EC curve {key.curve.name} is not supported (P-256, P-384, P-521 are)")
-        return algs
-    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-        return ("EdDSA",)
-    raise ValueError(f"unsupported key type {type(key).__name__} (RSA, EC or Ed25519/Ed448 public keys are)")
-
-
-def load_public_key(path: str) -> tuple[Any, tuple[str, ...]]:
-    """Read a PEM public key or certificate; return it with its algorithms.
-
-    Raises ValueError (with a reason fit for a ConfigError) when the file is
-    missing, is not PEM, holds a private key, or holds an unsupported key.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
-    if b"PRIVATE KEY-----" in data:
-        # A private key has no business on a node that only verifies.
-        raise ValueError(f"{path!r} holds a private key; give the public key (openssl pkey -pubout)")
-    key: Any
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            key = x509.load_pem_x509_certificate(data).public_key()
-        else:
-            key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path!r} is not a PEM public key or certificate ({exc})") from None
-    try:
-        return key, algorithms_for(key)
-    except ValueError as exc:
-        raise ValueError(f"{path!r}: {exc}") from None
 
 
 def _jwks_keys(doc: Any) -> tuple[dict[str, _Key], list[str]]:
@@ -367,10 +310,8 @@ class Authenticator:
     """
 
     def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
-        problem = config_problem(cfg)
+        problem = auth_problem(cfg)
         if problem:
-            from .config import ConfigError
-
             raise ConfigError(problem)
         self._clock = clock
         self._secret = _Key(cfg.ws_auth_secret, HMAC_ALGORITHMS) if cfg.ws_auth_secret else None
@@ -489,37 +430,6 @@ class Authenticator:
                   skipped=skipped[:10] or None)
         finally:
             self._inflight = None
-
-
-# ----------------------------------------------------------- configuration
-def config_problem(cfg: Config) -> str | None:
-    """The first auth setting that cannot work, as ``"ENV_VAR: reason"``, or None."""
-    secret = cfg.ws_auth_secret
-    if secret and (secret.lstrip().startswith(("-----BEGIN", "{", "ssh-")) or "PRIVATE KEY" in secret):
-        return "WS_AUTH_SECRET: looks like a key (PEM, JWK or SSH), not an HMAC secret; use WS_AUTH_PUBLIC_KEY_FILE for a public key"
-    if cfg.ws_auth_public_key_file and cfg.ws_auth_jwks_url:
-        return "WS_AUTH_JWKS_URL: set together with WS_AUTH_PUBLIC_KEY_FILE; configure one asymmetric key source"
-    if cfg.ws_auth_public_key_file:
-        try:
-            load_public_key(cfg.ws_auth_public_key_file)
-        except ValueError as exc:
-            return f"WS_AUTH_PUBLIC_KEY_FILE: {exc}"
-    if cfg.ws_auth_jwks_url:
-        try:
-            parts = urlsplit(cfg.ws_auth_jwks_url)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as exc:
-            return f"WS_AUTH_JWKS_URL: bad URL ({exc})"
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return f"WS_AUTH_JWKS_URL: must be an http:// or https:// URL with a host, got {cfg.ws_auth_jwks_url!r}"
-    if cfg.ws_auth_jwks_min_interval > cfg.ws_auth_jwks_max_age:
-        return "WS_AUTH_JWKS_MIN_INTERVAL: must not exceed WS_AUTH_JWKS_MAX_AGE"
-    if not (secret or cfg.ws_auth_public_key_file or cfg.ws_auth_jwks_url):
-        for env, value in (("WS_AUTH_AUDIENCE", cfg.ws_auth_audience), ("WS_AUTH_ISSUER", cfg.ws_auth_issuer)):
-            if value:
-                return (f"{env}: set, but no key is configured (WS_AUTH_SECRET, WS_AUTH_PUBLIC_KEY_FILE "
-                        "or WS_AUTH_JWKS_URL), so auth is off")
-    return None
 
 
 # ------------------------------------------------------------------ minting

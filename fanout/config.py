@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "FIELDS", "load", "parse_duration"]
+__all__ = ["Config", "ConfigError", "FIELDS", "auth_problem", "load", "parse_duration"]
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,7 @@ class Config:
     ws_idle_timeout: float = _setting("WS_IDLE_TIMEOUT", 60.0, "close a client that sent nothing (not even a pong) for this long", lo=0.1, hi=86400, kind="duration")
     ws_handshake_timeout: float = _setting("WS_HANDSHAKE_TIMEOUT", 10.0, "seconds a socket may take to finish the handshake", lo=0.1, hi=600, kind="duration")
     ws_compression: bool = _setting("WS_COMPRESSION", True, "offer permessage-deflate (compressed once per message for all clients)")
+    ws_allowed_origins: str = _setting("WS_ALLOWED_ORIGINS", "", "web page origins that may open WebSockets, comma-separated (https://app.example.com, https://*.example.com for its subdomains); others get 403, handshakes without Origin pass; empty = any origin")
     ws_auth_secret: str = _setting("WS_AUTH_SECRET", "", "HMAC secret for HS256/384/512 tokens; when any WS_AUTH key is set, clients need a JWT (?auth= or Bearer)")
     ws_auth_public_key_file: str = _setting("WS_AUTH_PUBLIC_KEY_FILE", "", "PEM public key or certificate; its type pins the algorithms (RSA: RS256/384/512, EC: ES256/384/512, Ed25519: EdDSA)")
     ws_auth_jwks_url: str = _setting("WS_AUTH_JWKS_URL", "", "http(s) URL of a JWKS; tokens name their key by kid (not with WS_AUTH_PUBLIC_KEY_FILE)")
@@ -122,6 +123,8 @@ class Config:
     nats_tls_ca: str = _setting("NATS_TLS_CA", "", "CA file for TLS to NATS")
     nats_tls_cert: str = _setting("NATS_TLS_CERT", "", "client certificate for TLS to NATS")
     nats_tls_key: str = _setting("NATS_TLS_KEY", "", "client key for TLS to NATS")
+    nats_reconnect_wait: float = _setting("NATS_RECONNECT_WAIT", 0.25, "pause between reconnect tries to one NATS server (the first try after a disconnect is at once); with the jitter it bounds what a NATS restart costs", lo=0.01, hi=60, kind="duration")
+    nats_reconnect_jitter: float = _setting("NATS_RECONNECT_JITTER", 0.25, "random extra pause, 0 up to this, drawn per node at each connect, so many nodes do not retry in step", lo=0, hi=60, kind="duration")
     js_domain: str = _setting("JS_DOMAIN", "", "JetStream domain (leafnode/hub set-ups); empty = the account's own")
     js_stream_name: str = _setting("JS_STREAM_NAME", "ODIN_TOKENS", "JetStream stream")
     js_stream_subjects: str = _setting("JS_STREAM_SUBJECTS", "odin.token.>,odin.global.>", "subjects the stream (and the embedded bus) accept")
@@ -347,10 +350,53 @@ def _check_domain(cfg: Config) -> str | None:
 
 
 @_check("WS_AUTH_SECRET")
-def _check_auth(cfg: Config) -> str | None:
-    from .auth import config_problem
+def auth_problem(cfg: Config) -> str | None:
+    """The first auth setting that cannot work, as ``"ENV_VAR: reason"``, or None.
 
-    return config_problem(cfg)
+    Checked at load and again by :class:`fanout.auth.Authenticator` (which a
+    test may build from a hand-made Config).
+    """
+    from urllib.parse import urlsplit
+
+    from .keys import load_public_key
+
+    secret = cfg.ws_auth_secret
+    if secret and (secret.lstrip().startswith(("-----BEGIN", "{", "ssh-")) or "PRIVATE KEY" in secret):
+        return "WS_AUTH_SECRET: looks like a key (PEM, JWK or SSH), not an HMAC secret; use WS_AUTH_PUBLIC_KEY_FILE for a public key"
+    if cfg.ws_auth_public_key_file and cfg.ws_auth_jwks_url:
+        return "WS_AUTH_JWKS_URL: set together with WS_AUTH_PUBLIC_KEY_FILE; configure one asymmetric key source"
+    if cfg.ws_auth_public_key_file:
+        try:
+            load_public_key(cfg.ws_auth_public_key_file)
+        except ValueError as exc:
+            return f"WS_AUTH_PUBLIC_KEY_FILE: {exc}"
+    if cfg.ws_auth_jwks_url:
+        try:
+            parts = urlsplit(cfg.ws_auth_jwks_url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            return f"WS_AUTH_JWKS_URL: bad URL ({exc})"
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return f"WS_AUTH_JWKS_URL: must be an http:// or https:// URL with a host, got {cfg.ws_auth_jwks_url!r}"
+    if cfg.ws_auth_jwks_min_interval > cfg.ws_auth_jwks_max_age:
+        return "WS_AUTH_JWKS_MIN_INTERVAL: must not exceed WS_AUTH_JWKS_MAX_AGE"
+    if not (secret or cfg.ws_auth_public_key_file or cfg.ws_auth_jwks_url):
+        for env, value in (("WS_AUTH_AUDIENCE", cfg.ws_auth_audience), ("WS_AUTH_ISSUER", cfg.ws_auth_issuer)):
+            if value:
+                return (f"{env}: set, but no key is configured (WS_AUTH_SECRET, WS_AUTH_PUBLIC_KEY_FILE "
+                        "or WS_AUTH_JWKS_URL), so auth is off")
+    return None
+
+
+@_check("WS_ALLOWED_ORIGINS")
+def _check_origins(cfg: Config) -> str | None:
+    from .origins import parse_allowed_origins
+
+    try:
+        parse_allowed_origins(cfg.ws_allowed_origins)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 @_check("NATS_TLS_KEY")

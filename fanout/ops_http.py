@@ -8,7 +8,11 @@ asyncio I/O, the limits and the timeouts. What a client gets:
 - Malformed requests (conflicting or non-digit Content-Length, whitespace
   before a header colon, a bad request line, ...) get h11's status hint (400,
   431 for an oversize head, 501 for an unknown Transfer-Encoding) with a JSON
-  body, then the connection closes. Bare-LF line endings and obs-fold
+  body, then the connection closes. So do two checks h11 leaves to its user:
+  a request with both Content-Length and Transfer-Encoding gets 400 before
+  any of its body is read (RFC 9112 6.3: a smuggling attempt; what a proxy
+  took for its body never runs as a request), and an HTTP version other
+  than 1.0 and 1.1 (``HTTP/2.0``, ``HTTP/1.2``) gets 505. Bare-LF line endings and obs-fold
   continuation lines are read the way h11 reads them (folded into the previous
   header's value, never a header of their own).
 - ``Expect: 100-continue`` gets ``100 Continue`` as soon as the head is read,
@@ -227,16 +231,26 @@ class _Conn:
 
     async def _read_body(self, req: h11.Request) -> HttpRequest | HttpResponse:
         self.method = req.method
+        if req.http_version not in (b"1.0", b"1.1"):
+            # h11 parses any HTTP/d.d request line; only 1.0 and 1.1 are spoken here.
+            return self._refuse(505, "http_version_not_supported",
+                                f"HTTP/{req.http_version.decode('ascii')} is not supported; use HTTP/1.1")
         headers: dict[str, str] = {}
         for name, value in req.headers:
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         request = HttpRequest(req.method.decode("ascii"), req.target.decode("ascii"), headers, b"", self.peer)
+        if "content-length" in headers and "transfer-encoding" in headers:
+            # RFC 9112 6.3: h11 would frame the body by Transfer-Encoding and keep
+            # the connection, so bytes a Content-Length-framing proxy counted as
+            # body would run here as a second request (smuggling). Refused
+            # unread; the close after the answer drops whatever follows.
+            return self._refuse(400, "bad_request", "both Content-Length and Transfer-Encoding")
         too_large = f"body over {self.s.max_body} bytes"
         declared = headers.get("content-length")
-        # h11 has checked it is one run of digits; with Transfer-Encoding it is ignored.
-        if declared is not None and "transfer-encoding" not in headers and int(declared) > self.s.max_body:
+        # h11 has checked it is one run of digits.
+        if declared is not None and int(declared) > self.s.max_body:
             # Refused before any of the body is read, and without 100 Continue,
             # so an Expect-ing client never sends it.
             return self._refuse(413, "too_large", too_large)

@@ -38,6 +38,7 @@ from .log import bind_counter, event
 from .metrics import CONTENT_TYPE, Metrics
 from .ops_http import HttpRequest, HttpResponse
 from .ops_http import serve as serve_http
+from .origins import exposure_warning
 from .protocol import reply
 from .ratelimit import TokenBucket
 from .session import Refusal, Session, State
@@ -144,6 +145,10 @@ class Server:
         # Right now, not at the first periodic tick: /metrics must agree with /ready.
         self.metrics.broker_ready.set(1 if self.broker.ready else 0)
         self.metrics.ready.set(1 if self.ready else 0)
+        # Before the listening line, so whoever waits for that has seen this too.
+        exposed = exposure_warning(self.cfg.ws_host, self.cfg.ws_allowed_origins, self.auth is not None)
+        if exposed:
+            event(logging.WARNING, "WebSocket port open to every origin", message=exposed)
         event(logging.INFO, "fanout listening", ws_port=self.ws_port, health_port=self.health_port,
               mode=self.broker.name, max_connections=self.cfg.ws_max_connections, epoch=self.hub.epoch)
 

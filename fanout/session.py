@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.exceptions import InvalidHeader
+from websockets.exceptions import InvalidHandshake, InvalidHeader, InvalidOrigin
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
@@ -53,6 +53,7 @@ from .codes import CloseCode, ErrorCode
 from .config import Config
 from .log import event, limited_event
 from .metrics import Metrics
+from .origins import allowed_origins
 from .protocol import (
     Heartbeat,
     Refresh,
@@ -179,7 +180,8 @@ class Session:
         self.fd = sock.fileno()
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.id = next(_ids)
-        self.protocol = ServerProtocol(extensions=host.extensions, max_size=self.cfg.ws_max_frame_bytes)
+        self.protocol = ServerProtocol(origins=allowed_origins(self.cfg.ws_allowed_origins),
+                                       extensions=host.extensions, max_size=self.cfg.ws_max_frame_bytes)
         self.slot: int | None = None
         self.claims: Claims | None = None
         self.state = State.HANDSHAKE
@@ -286,7 +288,7 @@ class Session:
         if url.path not in WS_PATHS:
             refusal = (404, "not_found", "Not Found: WebSocket paths are /ws and /\n", None)
         else:
-            refusal = self.host.admission()
+            refusal = self._origin_refusal(request) or self.host.admission()
         if refusal is not None:
             self._respond(self._refuse(*refusal))
             return
@@ -297,6 +299,23 @@ class Session:
         # Verifying may wait for a JWKS download: read nothing more meanwhile.
         self.loop.remove_reader(self.fd)
         self._auth_task = self.loop.create_task(self._authenticate(auth, request, url.query))
+
+    def _origin_refusal(self, request: Request) -> Refusal | None:
+        """403 for a page whose origin is not in ``WS_ALLOWED_ORIGINS`` (websockets
+        matches; see fanout/origins.py), before admission or a token check costs anything."""
+        if self.protocol.origins is None:
+            return None
+        try:
+            self.protocol.process_origin(request.headers)
+        except InvalidOrigin:
+            origin = (request.headers.get("Origin") or "")[:200]
+            # Keyed by origin: one hostile page makes one line per interval, however many visitors it has.
+            limited_event(("origin", origin), logging.INFO, "handshake refused", reason="origin", origin=origin,
+                          client=self.id, peer=self.peer)
+            return (403, "origin", "Forbidden: this origin may not open WebSockets here\n", None)
+        except InvalidHandshake:
+            pass   # several Origin headers: accept() refuses the request (400, bad_handshake)
+        return None
 
     async def _authenticate(self, auth: Authenticator, request: Request, query: str) -> None:
         tokens = parse_qs(query).get("auth")

@@ -35,6 +35,12 @@ def test_compose_config_parses_and_wires_the_stack() -> None:
         ids.add(node["environment"]["FANOUT_NODE_ID"])
         assert node["depends_on"]["nats"]["condition"] == "service_healthy"
     assert ids == {"fanout-1", "fanout-2"}
+    # The nodes take WebSockets only from listed page origins, and the list is valid.
+    from fanout.config import load
+
+    for name in ("fanout-1", "fanout-2"):
+        origins = svc[name]["environment"]["WS_ALLOWED_ORIGINS"]
+        assert origins and load(environ={"WS_ALLOWED_ORIGINS": origins}).ws_allowed_origins == origins
     # JetStream with file storage on a volume, and a health check.
     nats = svc["nats"]
     assert "healthcheck" in nats and any(v.endswith(":/data") or "/data" in str(v) for v in nats["volumes"])

@@ -227,6 +227,45 @@ async def test_an_oversize_head_gets_431(shared_node):
     assert r.status == 431, r
 
 
+async def test_content_length_with_transfer_encoding_is_refused_and_the_hidden_request_never_runs(shared_node):
+    # CL.TE smuggling: a proxy framing by Content-Length forwards all of this as
+    # one request; framed by Transfer-Encoding, the body ends at "0" and the
+    # POST after it would be a second request of its own.
+    subject = "odin.token.smuggle.a"
+    hidden = post(subject, b'{"smuggled":true}')
+    body = b"0\r\n\r\n" + hidden
+    async with connect(shared_node) as ws:
+        await ws.subscribe(subject)
+        c = await Http.open(shared_node.health_port)
+        try:
+            await c.send(post("odin.token.smuggle.b", body, f"Content-Length: {len(body)}",
+                              "Transfer-Encoding: chunked"))
+            r = await c.reply()
+            assert r.status == 400 and r.json()["error"] == "bad_request", r
+            assert r.headers["connection"] == "close"
+            assert await c.closed() == b"", "a second response: the hidden request ran"
+        finally:
+            c.close()
+        # Had the hidden POST run, its message would come before this marker.
+        marker = await exchange(shared_node.health_port, post(subject, b'{"marker":1}'))
+        assert marker.status == 202, marker
+        (m,) = await ws.messages(1)
+        assert m["data"] == {"marker": 1}, m
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"1.2", b"0.9", b"3.0"])
+async def test_an_http_version_other_than_1_0_and_1_1_gets_505_and_a_close(shared_node, version):
+    c = await Http.open(shared_node.health_port)
+    try:
+        await c.send(b"GET /health HTTP/%s\r\nHost: x\r\n\r\n" % version + HEALTH)
+        r = await c.reply()
+        assert r.status == 505 and r.json()["error"] == "http_version_not_supported", (version, r)
+        assert r.headers["connection"] == "close"
+        assert await c.closed() == b"", "the pipelined request after it was answered"
+    finally:
+        c.close()
+
+
 async def test_bad_chunk_framing_is_refused(shared_node):
     r = await exchange(shared_node.health_port,
                        post("odin.token.te.b", b"zz\r\nhello\r\n0\r\n\r\n", "Transfer-Encoding: chunked"))

@@ -1,9 +1,9 @@
 """The JetStream broker's lifecycle: connection, supervision, set-up, status, publish.
 
 What nats-py does, it does here: connecting (and retrying a first connect
-that fails, forever), reconnecting with ``reconnect_time_wait`` between
-tries, re-subscribing after a reconnect, server discovery in a cluster, the
-JetStream admin API (:mod:`.admin`), acks and publish acks. The consumption
+that fails, forever), reconnecting with ``reconnect_time_wait``
+(``NATS_RECONNECT_WAIT`` + jitter) between tries, re-subscribing after a
+reconnect, server discovery in a cluster, the JetStream admin API (:mod:`.admin`), acks and publish acks. The consumption
 hot path is :mod:`.consumer`; range reads are :mod:`.history`.
 
 This module is the one place NATS state changes are logged (connected,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Callable
@@ -90,13 +91,17 @@ class JetStreamBroker(Broker):
     ``metrics_hook(event, **fields)`` is called for connection changes and
     counts (see :data:`MetricsHook`); it must not block or raise, and it
     should not log (this class does).
-    ``reconnect_time_wait`` is nats-py's pause between tries of one server.
+    ``reconnect_time_wait`` is nats-py's pause between tries of one server;
+    by default ``NATS_RECONNECT_WAIT`` plus a random part of
+    ``NATS_RECONNECT_JITTER``, drawn at each connect (nats-py 2.x has no
+    jitter of its own: nats-io/nats.py#370), so nodes that lose the same
+    server do not all retry in step. A value given here is used as it is.
     """
 
     name = "jetstream"
 
     def __init__(self, cfg: Config, metrics_hook: MetricsHook | None = None, *,
-                 reconnect_time_wait: float = 2.0, connect_timeout: float = 2.0) -> None:
+                 reconnect_time_wait: float | None = None, connect_timeout: float = 2.0) -> None:
         self.cfg = cfg
         self._hook = metrics_hook
         self.stream = cfg.js_stream_name
@@ -268,11 +273,18 @@ class JetStreamBroker(Broker):
         self._pull.flush_counts()
 
     # ------------------------------------------------------------ connection
+    def _reconnect_wait(self) -> float:
+        """nats-py waits this long before it tries a server again that it just
+        failed to reach (its first try after a disconnect is at once)."""
+        if self._reconnect_time_wait is not None:
+            return self._reconnect_time_wait
+        return self.cfg.nats_reconnect_wait + random.uniform(0.0, self.cfg.nats_reconnect_jitter)
+
     def _connect_options(self) -> dict[str, Any]:
         return config_connect_options(
             self.cfg, name=f"fanout-{self.cfg.node_name}",
             servers=split_servers(self.cfg.nats_url),
-            reconnect_time_wait=self._reconnect_time_wait,
+            reconnect_time_wait=self._reconnect_wait(),
             connect_timeout=self._connect_timeout,
             ping_interval=10,
             max_outstanding_pings=3,
