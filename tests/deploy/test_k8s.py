@@ -109,6 +109,37 @@ ADAPTER_RULE_SCHEMA: dict[str, Any] = {
     },
 }
 
+# kustomize's Kustomization (kustomize.config.k8s.io/v1beta1): the fields these
+# two kustomizations use, named as in kustomize's types; unknown fields refused
+# (kustomize refuses them too).
+_STR_LIST = {"type": "array", "items": {"type": "string"}}
+KUSTOMIZATION_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["apiVersion", "kind"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "kustomize.config.k8s.io/v1beta1"},
+        "kind": {"const": "Kustomization"},
+        "namespace": {"type": "string"},
+        "resources": _STR_LIST,
+        "labels": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+            "pairs": {"type": "object", "additionalProperties": {"type": "string"}},
+            "includeSelectors": {"type": "boolean"}, "includeTemplates": {"type": "boolean"}}}},
+        "images": {"type": "array", "items": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                              "properties": {k: {"type": "string"} for k in ("name", "newName", "newTag", "digest")}}},
+        "secretGenerator": {"type": "array", "items": {
+            "type": "object", "required": ["name"], "additionalProperties": False,
+            "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "type": {"type": "string"},
+                           "behavior": {"enum": ["create", "replace", "merge"]},
+                           "envs": _STR_LIST, "files": _STR_LIST, "literals": _STR_LIST,
+                           "options": {"type": "object", "additionalProperties": False, "properties": {
+                               "disableNameSuffixHash": {"type": "boolean"},
+                               "labels": {"type": "object"}, "annotations": {"type": "object"}}}}}},
+        "helmCharts": {"type": "array", "items": {
+            "type": "object", "required": ["name", "repo", "version"], "additionalProperties": False,
+            "properties": {k: {"type": "string"} for k in ("name", "repo", "version", "releaseName", "namespace",
+                                                           "valuesFile")} | {"includeCRDs": {"type": "boolean"}}}},
+    },
+}
+
 
 # ------------------------------------------------------------------ helpers
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -159,6 +190,14 @@ def _kubernetes_validate():
     return utils
 
 
+def _jsonschema():
+    """jsonschema, which comes with kubernetes-validate (skips like it when absent)."""
+    _kubernetes_validate()
+    import jsonschema
+
+    return jsonschema
+
+
 def _checkov() -> str:
     for candidate in (os.environ.get("FANOUT_CHECKOV"), str(ROOT / ".venv-checkov" / "bin" / "checkov"),
                       shutil.which("checkov")):
@@ -172,7 +211,7 @@ def _checkov() -> str:
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_manifest_validates_strictly(path: Path) -> None:
     utils = _kubernetes_validate()
-    import jsonschema
+    jsonschema = _jsonschema()
 
     docs = _docs(path)
     assert docs, f"{path.name} holds no object"
@@ -186,7 +225,7 @@ def test_manifest_validates_strictly(path: Path) -> None:
 
 def test_strict_validation_can_fail() -> None:
     utils = _kubernetes_validate()
-    import jsonschema
+    jsonschema = _jsonschema()
 
     dep = _one("Deployment")
     typo = json.loads(json.dumps(dep))
@@ -200,6 +239,17 @@ def test_strict_validation_can_fail() -> None:
     sm["spec"]["endpoints"][0]["interval"] = "15 seconds"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(sm, SERVICEMONITOR_SCHEMA)
+
+
+def test_kustomizations_have_kustomize_fields() -> None:
+    jsonschema = _jsonschema()
+
+    for path in (KUSTOMIZATION, K8S / "nats" / "kustomization.yaml"):
+        jsonschema.validate(yaml.safe_load(path.read_text()), KUSTOMIZATION_SCHEMA)
+    typo = yaml.safe_load(KUSTOMIZATION.read_text())
+    typo["resource"] = typo.pop("resources")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, KUSTOMIZATION_SCHEMA)
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -415,7 +465,7 @@ def test_hpa_has_the_plans_rules() -> None:
 
 
 def test_hpa_metric_is_exported_by_the_node_and_served_by_the_adapter() -> None:
-    import jsonschema
+    jsonschema = _jsonschema()
 
     name = next(m for m in _one("HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods")["pods"]["metric"]["name"]
     rules = _adapter_rules()
