@@ -515,6 +515,11 @@ def test_nats_comes_from_the_official_chart_with_jetstream() -> None:
     for env in values["container"]["env"].values():
         ref = env["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "fanout-nats" and ref["key"] in nats_keys
+    # ... and the NATS config's << $VAR >> references are exactly those env vars.
+    used = set(re.findall(r"<< \$(\w+) >>", json.dumps(values["config"]["merge"])))
+    assert used == set(values["container"]["env"]), used
+    (account,) = [a for a in values["config"]["merge"]["accounts"].values() if a.get("jetstream") == "enabled"]
+    assert len(account["users"]) == 1
     # No copy of the chart in the repo.
     assert not list((K8S / "nats").glob("templates")) and not (K8S / "nats" / "Chart.yaml").exists()
 
