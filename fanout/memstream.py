@@ -1,22 +1,44 @@
-"""Bounded history of recently dispatched messages, for ``resume``.
+"""Bounded history of recently dispatched messages, for ``resume``, indexed by subject.
 
-Like centrifuge's memstream: a deque bounded by count and age. In embedded
-mode it is the whole retained stream; with JetStream it covers the recent
-past, so most resumes (a reconnect seconds later) never wait on NATS, and a
-resume that does fetch from JetStream catches up from here without a gap.
+Like centrifuge's memory broker, which keeps a memstream per channel: the
+window (a deque bounded by ``WS_HISTORY_SIZE`` messages and
+``JS_STREAM_MAX_AGE`` seconds, evicted oldest first) is also split per
+subject, so a catch-up reads only its own subjects' messages. Subjects are
+found by a token trie (:class:`SubjectTrie`): an exact pattern is one dict
+lookup, a wildcard walks only the branches it can match. A resume of five
+subjects thus costs what it returns, whatever the window holds.
+
+Completeness is judged per subject: each subject remembers the highest
+``stream_seq`` of its that left the window (``lost``), so a client on quiet
+subjects resumes completely after any absence. A subject whose last message
+left keeps a tombstone (its ``lost``); tombstones are bounded by
+``WS_HISTORY_SUBJECTS`` (the oldest loss forgotten first), and a forgotten
+subject counts as lost up to the newest forgotten loss (``forgotten_upto``):
+conservative, never wrong. Nothing at or below ``floor`` (the stream
+position before the first message this memory saw: a JetStream node that
+started mid-stream) is known here at all.
+
+In embedded mode this is the whole retained stream; with JetStream it covers
+the recent past, so most resumes never wait on NATS, and a resume that does
+fetch from JetStream reads only what memory lacks on its subjects.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
+import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
 
-from .subjects import matches, matches_any
+__all__ = ["Entry", "MemoryStream", "LatestStore", "SubjectTrie", "View"]
 
-__all__ = ["Entry", "MemoryStream", "LatestStore"]
+V = TypeVar("V")
+_seq = attrgetter("stream_seq")
 
 
 @dataclass(slots=True)
@@ -28,77 +50,300 @@ class Entry:
     at: float        # monotonic time of dispatch
 
 
+def is_wildcard(pattern: str) -> bool:
+    return "*" in pattern or ">" in pattern
+
+
+class SubjectTrie(Generic[V]):
+    """Values keyed by subject, found by NATS pattern in what the pattern can match.
+
+    One dict per token prefix: a child prefix under its token, the value of a
+    subject that ends there under ``"!" + token`` (``!`` is never in a token).
+    ``odin.token.*.update`` walks ``odin`` -> ``token`` -> every child ->
+    ``!update``; it never looks at subjects of another prefix or shape.
+    """
+
+    __slots__ = ("_root", "_size")
+
+    def __init__(self) -> None:
+        self._root: dict[str, Any] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, subject: str, value: V) -> None:
+        toks = subject.split(".")
+        node = self._root
+        for t in toks[:-1]:
+            child = node.get(t)
+            if child is None:
+                child = node[t] = {}
+            node = child
+        key = sys.intern("!" + toks[-1])
+        if key not in node:
+            self._size += 1
+        node[key] = value
+
+    def remove(self, subject: str) -> None:
+        toks = subject.split(".")
+        path = [self._root]
+        node = self._root
+        for t in toks[:-1]:
+            child = node.get(t)
+            if child is None:
+                return
+            node = child
+            path.append(node)
+        if node.pop("!" + toks[-1], None) is None:
+            return
+        self._size -= 1
+        for i in range(len(toks) - 2, -1, -1):     # prune prefixes left empty
+            if path[i + 1]:
+                break
+            del path[i][toks[i]]
+
+    def clear(self) -> None:
+        self._root.clear()
+        self._size = 0
+
+    def match(self, pattern: str) -> Iterator[V]:
+        """Values of the subjects ``pattern`` matches (each once)."""
+        toks = pattern.split(".")
+        if not is_wildcard(pattern):
+            node = self._root
+            for t in toks[:-1]:
+                child = node.get(t)
+                if child is None:
+                    return
+                node = child
+            v = node.get("!" + toks[-1])
+            if v is not None:
+                yield v
+            return
+        yield from self._walk(self._root, toks, 0)
+
+    def _walk(self, node: dict[str, Any], toks: list[str], i: int) -> Iterator[V]:
+        t = toks[i]
+        last = i == len(toks) - 1
+        if t == ">":                                # one or more tokens: the whole subtree
+            stack = [node]
+            while stack:
+                n = stack.pop()
+                for k, v in n.items():
+                    if k[0] == "!":
+                        yield v
+                    else:
+                        stack.append(v)
+        elif t == "*":
+            for k, v in node.items():
+                if k[0] == "!":
+                    if last:
+                        yield v
+                elif not last:
+                    yield from self._walk(v, toks, i + 1)
+        elif last:
+            v = node.get("!" + t)
+            if v is not None:
+                yield v
+        else:
+            child = node.get(t)
+            if child is not None:
+                yield from self._walk(child, toks, i + 1)
+
+
+class _Subject:
+    """One subject's part of the window: its entries (oldest first, from ``head``) and its losses."""
+
+    __slots__ = ("subject", "entries", "head", "lost")
+
+    def __init__(self, subject: str, lost: int) -> None:
+        self.subject = subject
+        self.entries: list[Entry] = []
+        self.head = 0                 # entries[:head] left the window (dropped lazily)
+        self.lost = lost              # highest stream_seq of this subject that left the window
+
+
+@dataclass(slots=True, eq=False)
+class View:
+    """What a catch-up reads: the subjects its patterns matched (see :meth:`MemoryStream.view`)."""
+
+    patterns: list[str]
+    subjects: list[_Subject]
+    generation: int
+    #: True when some pattern may match a subject this memory no longer indexes.
+    forgotten: bool
+
+
 class MemoryStream:
-    def __init__(self, max_msgs: int, max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_msgs: int, max_age: float, clock: Callable[[], float] = time.monotonic,
+                 max_subjects: int = 100_000) -> None:
         self.max_msgs = max_msgs
         self.max_age = max_age
+        self.max_subjects = max_subjects
         self.clock = clock
         self._q: deque[Entry] = deque()
-        #: Highest stream_seq that has left the window (0: nothing lost yet).
+        self._subjects: dict[str, _Subject] = {}
+        self._trie: SubjectTrie[_Subject] = SubjectTrie()
+        #: Subjects with nothing left in the window, oldest loss first (their ``lost`` ascending).
+        self._tombs: dict[str, _Subject] = {}
+        #: Highest stream_seq that has left the window, any subject (0: nothing lost yet).
         self.dropped_upto = 0
+        #: Highest ``lost`` of a tombstone dropped for WS_HISTORY_SUBJECTS.
+        self.forgotten_upto = 0
+        #: The stream position before the first message seen (None: none seen yet).
+        self.floor: int | None = None
+        #: Changes whenever a subject is indexed or forgotten (a View made before is stale).
+        self.generation = 0
+        #: Entries and subjects examined by reads (catch-up cost; fanout_history_examined_total).
+        self.examined = 0
 
     def __len__(self) -> int:
         return len(self._q)
 
+    @property
+    def subject_count(self) -> int:
+        """Subjects indexed: with messages in the window, or tombstones."""
+        return len(self._subjects)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._tombs)
+
+    # ------------------------------------------------------------- writing
     def append(self, entry: Entry) -> None:
-        if self.max_msgs <= 0:
-            self.dropped_upto = entry.stream_seq
-            return
+        if self.floor is None:
+            self.floor = entry.stream_seq - 1
+        subject = entry.subject
+        rec = self._subjects.get(subject)
+        if rec is None:
+            # Never seen, or forgotten: it may have lost up to forgotten_upto.
+            rec = self._subjects[subject] = _Subject(subject, self.forgotten_upto)
+            self._trie.add(subject, rec)
+            self.generation += 1
+        elif rec.head == len(rec.entries):
+            self._tombs.pop(subject, None)          # back in the window
+        rec.entries.append(entry)
         self._q.append(entry)
-        if len(self._q) > self.max_msgs:
-            self.dropped_upto = self._q.popleft().stream_seq
+        while len(self._q) > self.max_msgs:
+            self._evict()
         self.expire(entry.at)
+
+    def _evict(self) -> None:
+        e = self._q.popleft()
+        self.dropped_upto = e.stream_seq
+        rec = self._subjects[e.subject]
+        rec.lost = e.stream_seq
+        rec.head += 1
+        n = len(rec.entries)
+        if rec.head == n:
+            rec.entries = []
+            rec.head = 0
+            self._tombs[rec.subject] = rec
+            if len(self._tombs) > self.max_subjects:
+                self._forget()
+        elif rec.head > 16 and rec.head * 2 > n:
+            del rec.entries[:rec.head]
+            rec.head = 0
+
+    def _forget(self) -> None:
+        subject = next(iter(self._tombs))
+        rec = self._tombs.pop(subject)
+        del self._subjects[subject]
+        self._trie.remove(subject)
+        self.forgotten_upto = max(self.forgotten_upto, rec.lost)
+        self.generation += 1
 
     def expire(self, now: float | None = None) -> None:
         limit = (self.clock() if now is None else now) - self.max_age
         q = self._q
         while q and q[0].at < limit:
-            self.dropped_upto = q.popleft().stream_seq
+            self._evict()
 
     def reset(self) -> None:
         """Forget everything (the stream was recreated)."""
         self._q.clear()
+        self._subjects.clear()
+        self._trie.clear()
+        self._tombs.clear()
         self.dropped_upto = 0
+        self.forgotten_upto = 0
+        self.floor = None
+        self.generation += 1
 
-    def covers(self, after: int) -> bool:
-        """True when every message with stream_seq > after that was dispatched is still here."""
-        self.expire()
-        return after >= self.dropped_upto
+    # ------------------------------------------------------------- reading
+    def view(self, patterns: list[str]) -> View:
+        """The subjects ``patterns`` match, for :meth:`lost` and :meth:`take` (costs the subjects matched)."""
+        found: dict[str, _Subject] = {}
+        forgotten = False
+        for p in patterns:
+            wild = is_wildcard(p)
+            hit = False
+            for rec in self._trie.match(p):
+                found[rec.subject] = rec
+                hit = True
+            if wild or not hit:
+                forgotten = True
+        self.examined += len(found)
+        return View(list(patterns), list(found.values()), self.generation, forgotten)
+
+    def fresh(self, view: View) -> View:
+        """``view``, matched again if subjects were indexed or forgotten since."""
+        return view if view.generation == self.generation else self.view(view.patterns)
+
+    def lost(self, view: View, after: int) -> int:
+        """The highest stream_seq this memory lacks on the view's subjects: above ``after``
+        when some message after ``after`` left the window (or was never seen here); else
+        at most ``after``. ``complete`` holds for memory alone iff ``lost(...) <= after``."""
+        floor = self.floor
+        if floor is None:
+            # Nothing seen yet: nothing is known beyond what was dispatched (nothing).
+            return 0
+        worst = floor
+        if view.forgotten and self.forgotten_upto > worst:
+            worst = self.forgotten_upto
+        for rec in view.subjects:
+            if rec.lost > worst:
+                worst = rec.lost
+        self.examined += len(view.subjects)
+        return worst
+
+    def take(self, view: View, after: int, upto: int | None = None) -> list[Entry]:
+        """The view's entries with ``after < stream_seq (<= upto)`` in the window, in stream order.
+
+        Costs the subjects of the view (one bisect each) and what it returns."""
+        parts: list[list[Entry]] = []
+        n = 0
+        for rec in view.subjects:
+            ents = rec.entries
+            hi = len(ents)
+            if hi == rec.head or ents[-1].stream_seq <= after:
+                continue
+            lo = bisect.bisect_right(ents, after, rec.head, hi, key=_seq)
+            if upto is not None:
+                hi = bisect.bisect_right(ents, upto, lo, hi, key=_seq)
+            if hi > lo:
+                parts.append(ents[lo:hi])
+                n += hi - lo
+        self.examined += n + len(view.subjects)
+        if not parts:
+            return []
+        if len(parts) == 1:
+            return parts[0]
+        return list(heapq.merge(*parts, key=_seq))
 
     def since(self, after: int, patterns: list[str], upto: int | None = None) -> list[Entry]:
         """Entries with after < stream_seq (<= upto) on subjects matching any pattern, in order."""
-        # Walk back from the newest: a reconnecting client is usually only a
-        # few messages behind, so this costs what it returns, not the window.
-        out = []
-        for e in reversed(self._q):
-            if e.stream_seq <= after:
-                break
-            if upto is not None and e.stream_seq > upto:
-                continue
-            if matches_any(patterns, e.subject):
-                out.append(e)
-        out.reverse()
-        return out
+        return self.take(self.view(patterns), after, upto)
 
-    def scan(self, after: int, patterns: list[str], limit: int | None) -> tuple[list[Entry], int]:
-        """Up to ``limit`` entries after ``after`` matching any pattern, oldest
-        first, and the stream_seq scanned up to (``after`` when nothing is
-        newer): the next call continues from there. A paced catch-up reads
-        memory this way, a chunk at a time, whatever the window holds."""
-        q = self._q
-        i = bisect.bisect_right(q, after, key=lambda e: e.stream_seq)
-        out: list[Entry] = []
-        scanned = after
-        n = len(q)
-        while i < n:
-            e = q[i]
-            scanned = e.stream_seq
-            if matches_any(patterns, e.subject):
-                out.append(e)
-                if limit is not None and len(out) >= limit:
-                    break
-            i += 1
-        return out, scanned
+    def covers(self, after: int, patterns: list[str]) -> bool:
+        """True when every message after ``after`` on ``patterns`` that was dispatched is still here."""
+        self.expire()
+        return self.lost(self.view(patterns), after) <= after
+
+    def stats(self) -> dict[str, int]:
+        return {"messages": len(self._q), "subjects": len(self._subjects), "tombstones": len(self._tombs),
+                "examined": self.examined}
 
 
 class LatestStore:
@@ -108,13 +353,16 @@ class LatestStore:
     Bounded by ``max_subjects`` (``WS_SNAPSHOT_MAX_SUBJECTS``): the subject
     updated least recently is evicted first, so iteration order is oldest
     update first, the order a snapshot is delivered in. A lookup by exact
-    subject is a dict hit; a wildcard pattern scans the subjects that start
-    with its literal prefix (``odin.token.`` for ``odin.token.*.update``).
+    subject is a dict hit; a wildcard pattern walks a :class:`SubjectTrie`
+    of the stored subjects, so it costs the subjects it can match.
     """
 
     def __init__(self, max_subjects: int) -> None:
         self.max_subjects = max_subjects
         self._d: OrderedDict[str, Entry] = OrderedDict()
+        self._trie: SubjectTrie[str] = SubjectTrie()
+        #: Subjects examined by wildcard lookups (fanout_history_examined_total counts them too).
+        self.examined = 0
 
     def __len__(self) -> int:
         return len(self._d)
@@ -130,26 +378,26 @@ class LatestStore:
             if have.stream_seq >= e.stream_seq:
                 return False
             d.move_to_end(e.subject)
+        else:
+            self._trie.add(e.subject, e.subject)
         d[e.subject] = e
         if len(d) > self.max_subjects:
-            d.popitem(last=False)
+            gone, _ = d.popitem(last=False)
+            self._trie.remove(gone)
         return True
 
     def clear(self) -> None:
         self._d.clear()
+        self._trie.clear()
 
     def matching(self, patterns: list[str]) -> list[Entry]:
         """The newest entry of every subject matching any pattern, oldest update first."""
         d = self._d
         found: dict[str, Entry] = {}
         for p in patterns:
-            if "*" not in p and ">" not in p:
-                e = d.get(p)
+            for subject in self._trie.match(p):
+                self.examined += 1
+                e = d.get(subject)
                 if e is not None:
-                    found[p] = e
-                continue
-            literal = p.split("*", 1)[0].split(">", 1)[0]
-            for subject, e in d.items():
-                if subject.startswith(literal) and subject not in found and matches(p, subject):
                     found[subject] = e
-        return sorted(found.values(), key=lambda e: e.stream_seq)
+        return sorted(found.values(), key=_seq)

@@ -84,6 +84,27 @@ class ClientLagCollector:
             yield h
 
 
+class HistoryCollector:
+    """The resume memory (fanout/memstream.py), read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        st = self._stats()
+        for key, name, help_text in (
+                ("messages", "fanout_history_messages", "Messages in the resume memory (WS_HISTORY_SIZE, JS_STREAM_MAX_AGE)"),
+                ("subjects", "fanout_history_subjects", "Subjects indexed by the resume memory: with messages in it, or tombstones"),
+                ("tombstones", "fanout_history_tombstones", "Subjects with no message left in the resume memory whose last loss is remembered (WS_HISTORY_SUBJECTS)")):
+            g = GaugeMetricFamily(name, help_text)
+            g.add_metric([], st.get(key, 0))
+            yield g
+        c = CounterMetricFamily("fanout_history_examined", "Memory entries and subjects examined by catch-ups "
+                                "(resume, snapshot): grows with what they return, not with the memory's size")
+        c.add_metric([], st.get("examined", 0))
+        yield c
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -148,6 +169,9 @@ class Metrics:
 
     def attach_core(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(CoreCollector(stats))
+
+    def attach_history(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(HistoryCollector(stats))
 
     def attach_client_lag(self, drops: Callable[[], dict[tuple[str, int], int]],
                           lag: Callable[[Any, Any], tuple[list[int], list[int], float, float]]) -> None:

@@ -122,6 +122,8 @@ class Broker(abc.ABC):
 
     #: ``"embedded"`` or ``"jetstream"``; shown in /health and logs.
     name: str = ""
+    #: Whether :meth:`history` can return what the hub's memory no longer holds.
+    keeps_history: bool = True
 
     @property
     @abc.abstractmethod
