@@ -655,10 +655,13 @@ class Hub:
                 cu.cursor = max(cu.cursor, cu.pending_upto)
                 cu.pending_upto = 0
             if cu.batch:
-                e = cu.batch.popleft()
-                if e.stream_seq > cu.cursor:     # (a fetch may have delivered it)
-                    self._deliver(cu, e)
-                    self._from_memory.inc()
+                batch, n = cu.batch, 0
+                while batch and core.queued(slot) < self._high:
+                    e = batch.popleft()
+                    if e.stream_seq > cu.cursor:     # (a fetch may have delivered it)
+                        self._deliver(cu, e)
+                        n += 1
+                self._from_memory.inc(n)
                 continue
             # Memory's turn: what it holds after the cursor on these subjects,
             # once it is known to hold all of it (per subject, see MemoryStream.lost).

@@ -26,11 +26,10 @@ fetch from JetStream reads only what memory lacks on its subjects.
 from __future__ import annotations
 
 import bisect
-import heapq
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
@@ -107,7 +106,7 @@ class SubjectTrie(Generic[V]):
         self._root.clear()
         self._size = 0
 
-    def match(self, pattern: str) -> Iterator[V]:
+    def match(self, pattern: str) -> list[V]:
         """Values of the subjects ``pattern`` matches (each once)."""
         toks = pattern.split(".")
         if not is_wildcard(pattern):
@@ -115,15 +114,15 @@ class SubjectTrie(Generic[V]):
             for t in toks[:-1]:
                 child = node.get(t)
                 if child is None:
-                    return
+                    return []
                 node = child
             v = node.get("!" + toks[-1])
-            if v is not None:
-                yield v
-            return
-        yield from self._walk(self._root, toks, 0)
+            return [] if v is None else [v]
+        out: list[V] = []
+        self._walk(self._root, toks, 0, out)
+        return out
 
-    def _walk(self, node: dict[str, Any], toks: list[str], i: int) -> Iterator[V]:
+    def _walk(self, node: dict[str, Any], toks: list[str], i: int, out: list[V]) -> None:
         t = toks[i]
         last = i == len(toks) - 1
         if t == ">":                                # one or more tokens: the whole subtree
@@ -132,24 +131,31 @@ class SubjectTrie(Generic[V]):
                 n = stack.pop()
                 for k, v in n.items():
                     if k[0] == "!":
-                        yield v
+                        out.append(v)
                     else:
                         stack.append(v)
         elif t == "*":
-            for k, v in node.items():
-                if k[0] == "!":
-                    if last:
-                        yield v
-                elif not last:
-                    yield from self._walk(v, toks, i + 1)
+            if last:
+                out.extend(v for k, v in node.items() if k[0] == "!")
+            elif i + 2 == len(toks) and not is_wildcard(toks[-1]):
+                key = "!" + toks[-1]                # a.*.b: one lookup per child
+                for k, v in node.items():
+                    if k[0] != "!":
+                        hit = v.get(key)
+                        if hit is not None:
+                            out.append(hit)
+            else:
+                for k, v in node.items():
+                    if k[0] != "!":
+                        self._walk(v, toks, i + 1, out)
         elif last:
             v = node.get("!" + t)
             if v is not None:
-                yield v
+                out.append(v)
         else:
             child = node.get(t)
             if child is not None:
-                yield from self._walk(child, toks, i + 1)
+                self._walk(child, toks, i + 1, out)
 
 
 class _Subject:
@@ -311,10 +317,21 @@ class MemoryStream:
     def take(self, view: View, after: int, upto: int | None = None) -> list[Entry]:
         """The view's entries with ``after < stream_seq (<= upto)`` in the window, in stream order.
 
-        Costs the subjects of the view (one bisect each) and what it returns."""
+        Costs the smaller of: the view's subjects (a bisect each) and what it
+        returns; or the window's entries after ``after`` (a set lookup each),
+        read instead when the view has more subjects than that (a wildcard
+        over most of the window)."""
+        q = self._q
+        subjects = view.subjects
+        if not q or q[-1].stream_seq <= after or not subjects:
+            self.examined += len(subjects)
+            return []
+        newer = q[-1].stream_seq - after          # at least the window's entries after ``after``
+        if len(subjects) * 4 > newer or len(subjects) * 4 > len(q):
+            return self._take_window(view, after, upto)
         parts: list[list[Entry]] = []
         n = 0
-        for rec in view.subjects:
+        for rec in subjects:
             ents = rec.entries
             hi = len(ents)
             if hi == rec.head or ents[-1].stream_seq <= after:
@@ -325,12 +342,31 @@ class MemoryStream:
             if hi > lo:
                 parts.append(ents[lo:hi])
                 n += hi - lo
-        self.examined += n + len(view.subjects)
+        self.examined += n + len(subjects)
         if not parts:
             return []
         if len(parts) == 1:
             return parts[0]
-        return list(heapq.merge(*parts, key=_seq))
+        out = [e for part in parts for e in part]
+        out.sort(key=_seq)
+        return out
+
+    def _take_window(self, view: View, after: int, upto: int | None) -> list[Entry]:
+        """:meth:`take` by reading the window from ``after`` (for views of many subjects)."""
+        q = self._q
+        names = {rec.subject for rec in view.subjects}
+        i = bisect.bisect_right(q, after, key=_seq)
+        out = []
+        n = len(q)
+        self.examined += n - i
+        while i < n:
+            e = q[i]
+            if upto is not None and e.stream_seq > upto:
+                break
+            if e.subject in names:
+                out.append(e)
+            i += 1
+        return out
 
     def since(self, after: int, patterns: list[str], upto: int | None = None) -> list[Entry]:
         """Entries with after < stream_seq (<= upto) on subjects matching any pattern, in order."""
