@@ -666,6 +666,7 @@ class Hub:
             # Memory's turn: what it holds after the cursor on these subjects,
             # once it is known to hold all of it (per subject, see MemoryStream.lost).
             recent = self.recent
+            recent.expire()
             view = cu.view = recent.view(cu.patterns) if cu.view is None else recent.fresh(cu.view)
             lost = recent.lost(view, cu.cursor)
             if recent.floor is None:
@@ -728,6 +729,7 @@ class Hub:
             hist = History([], False)
         else:
             self.history_fetches += 1
+            self.metrics.catchup_fetches.inc()
             try:
                 hist = await self.broker.history(cu.patterns, cu.cursor, upto)
             except Exception as exc:

@@ -156,6 +156,7 @@ class Metrics:
         self.guard_shed = Counter("fanout_guard_shed_total", "Clients closed with 1013 at the hard memory limit (most queued bytes first)", registry=r)
         self.guard_ingest_paused = Counter("fanout_guard_ingest_paused_seconds_total", "Seconds NATS consumption was paused because the event loop lagged", registry=r)
         self.handshakes_pending = Gauge("fanout_handshakes_pending", "Connections still in their handshake (token check included)", registry=r)
+        self.catchup_fetches = Counter("fanout_catchup_fetches_total", "History reads from the broker for what the resume memory lacks on a catch-up's subjects", registry=r)
         self.catchup_wait_timeouts = Counter("fanout_catchup_wait_timeouts_total", "Resumes that gave up waiting for a history fetch slot (WS_MAX_CONCURRENT_CATCHUPS): complete false", registry=r)
         self.users = Gauge("fanout_users", "Distinct token subs with an open connection", registry=r)
         self.cpu_percent = Gauge("fanout_cpu_percent", "Process CPU percent, one core = 100 (the guard's sample, every WS_GUARD_INTERVAL)", registry=r)
