@@ -427,12 +427,14 @@ async def run_node(tree: Path, args: argparse.Namespace, label: str) -> dict[str
                   "complete": sum(r["complete"] for r in res), "incomplete": sum(r["incomplete"] for r in res),
                   "messages": sum(r["messages"] for r in res), "closed_by_server": sum(r["closed_by_server"] for r in res),
                   "reconnect_p50_ms": round(_pct(times, 0.5) * 1000, 1), "reconnect_p99_ms": round(_pct(times, 0.99) * 1000, 1),
-                  "loop_lag_max_ms": round(lag_max * 1000, 1), "box_load_avg": round(sum(load) / max(1, len(load)), 2)}
+                  "loop_lag_max_ms": round(lag_max * 1000, 1), "box_load_avg": round(sum(load) / max(1, len(load)), 2),
+                  "node_cpu_ms_per_reconnect": round(cpu / 100 * args.phase * 1000 / max(1, len(times)), 2)}
             out["phases"].append(ph)
             print(f"  [{label}] resume share {share:.0%}: node {ph['node_cpu_pct']}% of a core, "
                   f"open {ph['open_end']}/{args.clients}, refused {ph['refused']}, failed {ph['failed']}, "
                   f"resumes {ph['resumes']} ({ph['incomplete']} incomplete), reconnect p50/p99 "
                   f"{ph['reconnect_p50_ms']}/{ph['reconnect_p99_ms']} ms, loop lag max {ph['loop_lag_max_ms']} ms, "
+                  f"node CPU {ph['node_cpu_ms_per_reconnect']} ms per reconnect, "
                   f"box load {ph['box_load_avg']}", flush=True)
     finally:
         stop.set()

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
+from .subjects import matches
+
 __all__ = ["Entry", "MemoryStream", "LatestStore", "SubjectTrie", "View"]
 
 V = TypeVar("V")
@@ -56,10 +58,13 @@ def is_wildcard(pattern: str) -> bool:
 class SubjectTrie(Generic[V]):
     """Values keyed by subject, found by NATS pattern in what the pattern can match.
 
-    One dict per token prefix: a child prefix under its token, the value of a
-    subject that ends there under ``"!" + token`` (``!`` is never in a token).
-    ``odin.token.*.update`` walks ``odin`` -> ``token`` -> every child ->
-    ``!update``; it never looks at subjects of another prefix or shape.
+    One dict per token prefix that has more than one subject below it: under a
+    token, its child prefix (a dict), or, when only one subject lies below, that
+    subject as a ``(subject, value)`` leaf (no dict for it: the common
+    ``odin.token.<id>.update`` costs one slot of the ``odin.token`` dict); the
+    value of a subject that ends at a token under ``"!" + token`` (``!`` is
+    never in a token). ``odin.token.*.update`` walks ``odin`` -> ``token`` ->
+    every child; it never looks at subjects of another prefix.
     """
 
     __slots__ = ("_root", "_size")
@@ -73,34 +78,66 @@ class SubjectTrie(Generic[V]):
 
     def add(self, subject: str, value: V) -> None:
         toks = subject.split(".")
+        last = len(toks) - 1
         node = self._root
-        for t in toks[:-1]:
+        i = 0
+        while True:
+            t = toks[i]
+            if i == last:
+                key = sys.intern("!" + t)
+                if key not in node:
+                    self._size += 1
+                node[key] = value
+                return
             child = node.get(t)
             if child is None:
-                child = node[t] = {}
+                node[t] = (subject, value)
+                self._size += 1
+                return
+            if type(child) is tuple:
+                if child[0] == subject:
+                    node[t] = (subject, value)
+                    return
+                # A second subject below this prefix: give it a dict, the leaf one level down.
+                d: dict[str, Any] = {}
+                node[t] = d
+                otoks = child[0].split(".")
+                if i + 1 == len(otoks) - 1:
+                    d[sys.intern("!" + otoks[i + 1])] = child[1]
+                else:
+                    d[otoks[i + 1]] = child
+                child = d
             node = child
-        key = sys.intern("!" + toks[-1])
-        if key not in node:
-            self._size += 1
-        node[key] = value
+            i += 1
 
     def remove(self, subject: str) -> None:
         toks = subject.split(".")
-        path = [self._root]
+        last = len(toks) - 1
+        path: list[tuple[dict[str, Any], str]] = []
         node = self._root
-        for t in toks[:-1]:
+        i = 0
+        while True:
+            t = toks[i]
+            if i == last:
+                if node.pop("!" + t, None) is None:
+                    return
+                break
             child = node.get(t)
             if child is None:
                 return
-            node = child
-            path.append(node)
-        if node.pop("!" + toks[-1], None) is None:
-            return
-        self._size -= 1
-        for i in range(len(toks) - 2, -1, -1):     # prune prefixes left empty
-            if path[i + 1]:
+            if type(child) is tuple:
+                if child[0] != subject:
+                    return
+                del node[t]
                 break
-            del path[i][toks[i]]
+            path.append((node, t))
+            node = child
+            i += 1
+        self._size -= 1
+        while path and not node:                     # prune prefixes left empty
+            parent, t = path.pop()
+            del parent[t]
+            node = parent
 
     def clear(self) -> None:
         self._root.clear()
@@ -109,20 +146,29 @@ class SubjectTrie(Generic[V]):
     def match(self, pattern: str) -> list[V]:
         """Values of the subjects ``pattern`` matches (each once)."""
         toks = pattern.split(".")
+        out: list[V] = []
         if not is_wildcard(pattern):
             node = self._root
-            for t in toks[:-1]:
+            last = len(toks) - 1
+            for i, t in enumerate(toks):
+                if i == last:
+                    v = node.get("!" + t)
+                    if v is not None:
+                        out.append(v)
+                    break
                 child = node.get(t)
                 if child is None:
-                    return []
+                    break
+                if type(child) is tuple:
+                    if child[0] == pattern:
+                        out.append(child[1])
+                    break
                 node = child
-            v = node.get("!" + toks[-1])
-            return [] if v is None else [v]
-        out: list[V] = []
-        self._walk(self._root, toks, 0, out)
+            return out
+        self._walk(self._root, pattern, toks, 0, out)
         return out
 
-    def _walk(self, node: dict[str, Any], toks: list[str], i: int, out: list[V]) -> None:
+    def _walk(self, node: dict[str, Any], pattern: str, toks: list[str], i: int, out: list[V]) -> None:
         t = toks[i]
         last = i == len(toks) - 1
         if t == ">":                                # one or more tokens: the whole subtree
@@ -132,30 +178,44 @@ class SubjectTrie(Generic[V]):
                 for k, v in n.items():
                     if k[0] == "!":
                         out.append(v)
+                    elif type(v) is tuple:
+                        out.append(v[1])
                     else:
                         stack.append(v)
         elif t == "*":
             if last:
                 out.extend(v for k, v in node.items() if k[0] == "!")
-            elif i + 2 == len(toks) and not is_wildcard(toks[-1]):
-                key = "!" + toks[-1]                # a.*.b: one lookup per child
-                for k, v in node.items():
-                    if k[0] != "!":
-                        hit = v.get(key)
-                        if hit is not None:
-                            out.append(hit)
-            else:
-                for k, v in node.items():
-                    if k[0] != "!":
-                        self._walk(v, toks, i + 1, out)
+                return
+            simple = i + 2 == len(toks) and not is_wildcard(toks[-1])
+            key = "!" + toks[-1]
+            for k, v in node.items():
+                if k[0] == "!":
+                    continue
+                if type(v) is tuple:
+                    if matches(pattern, v[0]):
+                        out.append(v[1])
+                elif simple:                        # a.*.b: one lookup per child
+                    hit = v.get(key)
+                    if hit is not None:
+                        out.append(hit)
+                else:
+                    self._walk(v, pattern, toks, i + 1, out)
         elif last:
             v = node.get("!" + t)
             if v is not None:
                 out.append(v)
         else:
             child = node.get(t)
-            if child is not None:
-                self._walk(child, toks, i + 1, out)
+            if child is None:
+                return
+            if type(child) is tuple:
+                if matches(pattern, child[0]):
+                    out.append(child[1])
+            else:
+                self._walk(child, pattern, toks, i + 1, out)
+
+
+_NONE: list[Entry] = []     # the entries of a subject with none in the window
 
 
 class _Subject:
@@ -165,7 +225,7 @@ class _Subject:
 
     def __init__(self, subject: str, lost: int) -> None:
         self.subject = subject
-        self.entries: list[Entry] = []
+        self.entries: list[Entry] = _NONE
         self.head = 0                 # entries[:head] left the window (dropped lazily)
         self.lost = lost              # highest stream_seq of this subject that left the window
 
@@ -227,9 +287,12 @@ class MemoryStream:
             rec = self._subjects[subject] = _Subject(subject, self.forgotten_upto)
             self._trie.add(subject, rec)
             self.generation += 1
-        elif rec.head == len(rec.entries):
-            self._tombs.pop(subject, None)          # back in the window
-        rec.entries.append(entry)
+        if rec.head == len(rec.entries):            # new, or a tombstone back in the window
+            self._tombs.pop(subject, None)
+            rec.entries = [entry]
+            rec.head = 0
+        else:
+            rec.entries.append(entry)
         self._q.append(entry)
         while len(self._q) > self.max_msgs:
             self._evict()
@@ -243,7 +306,7 @@ class MemoryStream:
         rec.head += 1
         n = len(rec.entries)
         if rec.head == n:
-            rec.entries = []
+            rec.entries = _NONE                     # (shared, never appended to)
             rec.head = 0
             self._tombs[rec.subject] = rec
             if len(self._tombs) > self.max_subjects:
