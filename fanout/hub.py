@@ -277,6 +277,20 @@ class Hub:
                                        prio, self.clock()))
         return n
 
+    def seed_history(self, messages: list[Message], after: int) -> int:
+        """Messages ``after < stream_seq``, older than anything dispatched, into the resume
+        memory (a JetStream broker at start: what the stream holds up to where this process
+        starts consuming), so resumes from before the start need no stream read. Their
+        age comes from the stream's timestamps. Returns how many were kept."""
+        now, wall = self.clock(), time.time()
+        entries = []
+        for m in messages:
+            prio = m.priority if m.priority >= 0 else self._rule_priority(m.subject)
+            at = now - max(0.0, wall - m.ts_ms / 1000.0)
+            entries.append(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
+                                 prio, at))
+        return self.recent.prepend(entries, after)
+
     def _rule_priority(self, subject: str) -> int:
         """WS_PRIORITY_RULES for a message its publisher gave no priority (cached per subject)."""
         p = self._rule_cache.get(subject)

@@ -323,6 +323,47 @@ class MemoryStream:
         self.forgotten_upto = max(self.forgotten_upto, rec.lost)
         self.generation += 1
 
+    def prepend(self, entries: list[Entry], after: int) -> int:
+        """Older messages, ``after < stream_seq``, in stream order, read at start from the
+        stream (JetStream: what this process did not dispatch itself, up to its floor):
+        memory then answers for the stream from ``after`` on. Kept within the bounds
+        (the newest ones; what does not fit or is too old moves ``floor`` up instead).
+        Refused (0) once something has left memory: eviction must stay oldest first."""
+        if self.floor is not None:
+            if self.dropped_upto > self.floor:
+                return 0
+            entries = [e for e in entries if e.stream_seq <= self.floor]
+        room = self.max_msgs - len(self._q)
+        if room <= 0 or not entries:
+            return 0
+        if len(entries) > room:
+            after = entries[-room - 1].stream_seq
+            entries = entries[-room:]
+        limit = self.clock() - self.max_age
+        i = 0
+        while i < len(entries) and entries[i].at < limit:
+            after = entries[i].stream_seq                 # too old: as if it had left memory
+            i += 1
+        entries = entries[i:]
+        if not entries:
+            return 0
+        groups: dict[str, list[Entry]] = {}
+        for e in entries:
+            groups.setdefault(e.subject, []).append(e)
+        for subject, group in groups.items():
+            rec = self._subjects.get(subject)
+            if rec is None:
+                rec = self._subjects[subject] = _Subject(subject, self.forgotten_upto)
+                self._trie.add(subject, rec)
+            else:
+                self._tombs.pop(subject, None)
+            rec.entries = group + rec.entries[rec.head:]
+            rec.head = 0
+        self._q.extendleft(reversed(entries))
+        self.floor = after
+        self.generation += 1
+        return len(entries)
+
     def expire(self, now: float | None = None) -> None:
         limit = (self.clock() if now is None else now) - self.max_age
         q = self._q

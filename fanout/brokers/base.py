@@ -117,6 +117,11 @@ class Sink(Protocol):
         """
 
 
+    def seed_history(self, messages: list[Message], after: int) -> int:
+        """Put stored messages ``after < stream_seq``, older than anything dispatched, into the
+        resume memory, in stream order (a broker at start, JetStream). Returns how many were kept."""
+
+
 class Broker(abc.ABC):
     """One source of messages for the hub."""
 

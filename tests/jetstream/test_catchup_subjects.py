@@ -1,8 +1,9 @@
 """Completeness per subject with JetStream (real nats-server, real node): a
 resume is complete when none of *its* subjects lost a message after
 ``after``, however far the stream's retention moved; a subject that did lose
-some is incomplete; and a subject the node's memory still answers for costs no
-read from the stream."""
+some is incomplete; a subject the node's memory still answers for costs no
+read from the stream; and after a restart the node warms its memory from the
+stream once, so resumes from before the restart read nothing themselves."""
 
 from __future__ import annotations
 
@@ -92,5 +93,28 @@ async def test_a_subject_memory_still_answers_for_reads_nothing_from_the_stream(
         assert node.metric("fanout_catchup_fetches_total") == 1
         assert node.metric("fanout_catchup_messages_total", 'source="stream"') == 1 + 20
         assert node.metric("fanout_catchup_messages_total", 'source="memory"') == 10
+    finally:
+        node.stop()
+
+
+async def test_after_a_restart_resumes_from_before_it_come_from_warmed_memory(nats_server):
+    node = start_node(nats_server.url, "c")
+    try:
+        async with websockets.connect(node.ws_url) as ws:
+            epoch = (await subscribe(ws, [QUIET, BUSY]))["epoch"]
+            before = await publish(nats_server.url, BUSY, 5)
+            assert [(await recv_json(ws))["stream_seq"] for _ in before] == before
+    finally:
+        assert node.stop() == 0
+    missed = await publish(nats_server.url, QUIET, 3)        # while the node is down
+    node = start_node(nats_server.url, "c")
+    try:
+        await asyncio.to_thread(node.wait_log, lambda e: e.get("msg") == "JetStream resume memory warmed", 15)
+        await wait_metric(node, "fanout_last_stream_seq", "", lambda v: v >= missed[-1], timeout=10)
+        # A client that had seen only the first message before the restart: its resume
+        # reaches back before this process's first message, yet reads nothing from the stream.
+        got, done = await resume(node.ws_url, [QUIET, BUSY], before[0], epoch)
+        assert (got, done["complete"]) == ([*before[1:], *missed], True)
+        assert node.metric("fanout_catchup_fetches_total") == 0
     finally:
         node.stop()

@@ -189,3 +189,30 @@ def test_snapshot_store_bound_keeps_its_index_in_step():
         ls.put(entry(i, f"a.s{i}"))
     assert len(ls) == 3 and len(ls._trie) == 3
     assert [e.stream_seq for e in ls.matching(["a.*"])] == [4, 5, 6]
+
+
+def test_prepend_fills_memory_below_its_floor_within_the_bounds():
+    now = [100.0]
+    ms = MemoryStream(10, 30.0, clock=lambda: now[0])
+    ms.append(entry(21, "a.b", 100.0))                   # a node that starts consuming after 20
+    assert ms.floor == 20
+    older = [entry(s, "a.b" if s % 2 else "a.c", 100.0) for s in range(1, 21)]
+    assert ms.prepend(older, 0) == 9                      # room for 9 of the newest
+    assert ms.floor == 11                                 # what did not fit counts as unknown
+    assert [e.stream_seq for e in ms._q] == list(range(12, 22))
+    assert [e.stream_seq for e in ms.since(11, ["a.b"])] == [13, 15, 17, 19, 21]
+    assert ms.lost(ms.view(["a.c"]), 11) == 11
+    assert ms.lost(ms.view(["a.c"]), 5) == 11             # before the floor: unknown
+
+
+def test_prepend_drops_what_is_too_old_and_is_refused_once_memory_evicted():
+    now = [100.0]
+    ms = MemoryStream(100, 30.0, clock=lambda: now[0])
+    old = [entry(1, "a.b", 10.0), entry(2, "a.b", 80.0), entry(3, "a.c", 90.0)]
+    assert ms.prepend(old, 0) == 2
+    assert ms.floor == 1 and [e.stream_seq for e in ms.since(0, [">"])] == [2, 3]
+    ms2 = MemoryStream(1, 30.0, clock=lambda: now[0])
+    ms2.append(entry(11, "a.b", 100.0))
+    ms2.append(entry(12, "a.b", 100.0))                  # 11 left memory
+    assert ms2.prepend([entry(10, "a.b", 100.0)], 9) == 0
+    assert ms2.floor == 10
