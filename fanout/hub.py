@@ -693,7 +693,9 @@ class Hub:
                     task = self.loop.create_task(self._fetch(cu, lost))
                     task.add_done_callback(_log_failure)
                     return
-                cu.complete = False          # lost: deliver what memory still holds
+                # Lost: deliver what memory still holds. Memory evicts oldest first,
+                # so it holds nothing at or below ``lost`` on any subject: no skip.
+                cu.complete = False
                 cu.cursor = lost
             cu.batch.extend(recent.take(view, cu.cursor))
             if cu.batch:
@@ -771,6 +773,7 @@ class Hub:
         """The memory stream's sizes and the entries/subjects catch-ups examined (scraped)."""
         st = self.recent.stats()
         st["examined"] += self.latest.examined
+        st["snapshot_subjects"] = len(self.latest)
         return st
 
     def catching_up(self, slot: int) -> bool:

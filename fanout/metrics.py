@@ -95,7 +95,8 @@ class HistoryCollector:
         for key, name, help_text in (
                 ("messages", "fanout_history_messages", "Messages in the resume memory (WS_HISTORY_SIZE, JS_STREAM_MAX_AGE)"),
                 ("subjects", "fanout_history_subjects", "Subjects indexed by the resume memory: with messages in it, or tombstones"),
-                ("tombstones", "fanout_history_tombstones", "Subjects with no message left in the resume memory whose last loss is remembered (WS_HISTORY_SUBJECTS)")):
+                ("tombstones", "fanout_history_tombstones", "Subjects with no message left in the resume memory whose last loss is remembered (WS_HISTORY_SUBJECTS)"),
+                ("snapshot_subjects", "fanout_snapshot_subjects", "Subjects in the snapshot store, newest message each (WS_SNAPSHOT_MAX_SUBJECTS)")):
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], st.get(key, 0))
             yield g

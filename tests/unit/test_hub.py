@@ -429,7 +429,8 @@ async def test_resume_examines_what_it_returns_not_the_window(hub):
     assert [f["stream_seq"] for f in frames(p.read())] == want
     # The old resume tested every one of the 9,000; now a few looks per subject plus each returned.
     assert examined <= 8 * len(chans) + 2 * len(want), examined
-    assert b"fanout_history_examined_total" in hub.metrics.render()
+    text = hub.metrics.render()
+    assert b"fanout_history_examined_total" in text and b"fanout_snapshot_subjects" in text
 
 
 async def test_a_node_that_started_mid_stream_reads_the_older_part_from_the_broker():
