@@ -1,6 +1,7 @@
 """Connection churn with ``resume`` (issue 19): what reconnects cost a node.
 
-One node in embedded mode at its defaults; ``--clients`` (5,000) WebSocket
+One node in embedded mode (``--js``: JetStream mode, with a nats-server of
+its own on loopback, publishing over NATS) at its defaults; ``--clients`` (5,000) WebSocket
 clients with ``--per-client`` (5) subjects each out of ``--subjects``
 (20,000) ``odin.token.s<j>.update``; ``--rate`` (300) msg/s published over
 those subjects through ``POST /publish``; every ``--every`` (3) s, ``--pct``
@@ -358,9 +359,9 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def publisher(ops_port: int, subjects: int, rate: float, stop: asyncio.Event) -> int:
-    from .publisher import HttpPublisher
-    pub = HttpPublisher(f"http://127.0.0.1:{ops_port}")
+async def publisher(ops_port: int, subjects: int, rate: float, stop: asyncio.Event, nats_url: str = "") -> int:
+    from .publisher import HttpPublisher, NatsPublisher
+    pub: HttpPublisher | NatsPublisher = NatsPublisher(nats_url) if nats_url else HttpPublisher(f"http://127.0.0.1:{ops_port}")
     await pub.connect()
     rng = random.Random(3)
     sent = 0
@@ -377,7 +378,10 @@ async def publisher(ops_port: int, subjects: int, rate: float, stop: asyncio.Eve
 
 
 async def run_node(tree: Path, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    node = Node(tree, {"WS_MAX_CONNECTIONS": str(max(10000, args.clients + 1000))})
+    env = {"WS_MAX_CONNECTIONS": str(max(10000, args.clients + 1000))}
+    if args.nats_url:
+        env.update({"NATS_URL": args.nats_url, "JS_STREAM_NAME": f"CHURN_{label.upper()}", "FANOUT_NODE_ID": f"churn-{label}"})
+    node = Node(tree, env)
     node.start()
     rng = random.Random(11)
     channels = {c: [f"odin.token.s{j}.update" for j in rng.sample(range(args.subjects), args.per_client)]
@@ -401,7 +405,7 @@ async def run_node(tree: Path, args: argparse.Namespace, label: str) -> dict[str
 
     out: dict[str, Any] = {"label": label, "tree": str(tree), "phases": []}
     stop = asyncio.Event()
-    pub_task = asyncio.create_task(publisher(node.ops_port, args.subjects, args.rate, stop))
+    pub_task = asyncio.create_task(publisher(node.ops_port, args.subjects, args.rate, stop, args.nats_url))
     try:
         t0 = time.monotonic()
         res = await all_("connect", {})
@@ -452,6 +456,20 @@ async def run_node(tree: Path, args: argparse.Namespace, label: str) -> dict[str
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    if args.js:
+        from tests.helpers.nats_server import NatsServer
+        with tempfile.TemporaryDirectory(prefix="churn-nats-") as d:
+            server = NatsServer(d)
+            await server.astart()
+            try:
+                args.nats_url = server.url
+                return await _runs(args)
+            finally:
+                server.stop()
+    return await _runs(args)
+
+
+async def _runs(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     if args.old:
         runs.append(await run_node(Path(args.old), args, "old"))
@@ -471,8 +489,10 @@ def main() -> None:
     p.add_argument("--phase", type=float, default=20.0, help="seconds per phase (no resume, then resume share)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--old", default="", help="another source tree to run first (its core built in place)")
+    p.add_argument("--js", action="store_true", help="JetStream mode: a nats-server of our own, publishing over NATS")
     p.add_argument("--json", default="")
     args = p.parse_args()
+    args.nats_url = ""
     print(f"churn: {args.clients} clients x {args.per_client} of {args.subjects} subjects, {args.rate:g} msg/s, "
           f"{args.pct:g} % reconnecting every {args.every:g} s; box load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",
           flush=True)
