@@ -455,26 +455,27 @@ async def run_node(tree: Path, args: argparse.Namespace, label: str) -> dict[str
     return out
 
 
+async def run_one(tree: Path, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    """One node's phases; with ``--js`` on a nats-server of its own (a fresh stream)."""
+    if not args.js:
+        return await run_node(tree, args, label)
+    from tests.helpers.nats_server import NatsServer
+    with tempfile.TemporaryDirectory(prefix="churn-nats-") as d:
+        server = NatsServer(d)
+        await server.astart()
+        try:
+            args.nats_url = server.url
+            return await run_node(tree, args, label)
+        finally:
+            server.stop()
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    if args.js:
-        from tests.helpers.nats_server import NatsServer
-        with tempfile.TemporaryDirectory(prefix="churn-nats-") as d:
-            server = NatsServer(d)
-            await server.astart()
-            try:
-                args.nats_url = server.url
-                return await _runs(args)
-            finally:
-                server.stop()
-    return await _runs(args)
-
-
-async def _runs(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     if args.old:
-        runs.append(await run_node(Path(args.old), args, "old"))
-    runs.append(await run_node(REPO, args, "new"))
-    return {"args": vars(args), "cpus": os.cpu_count(), "runs": runs}
+        runs.append(await run_one(Path(args.old), args, "old"))
+    runs.append(await run_one(REPO, args, "new"))
+    return {"args": {k: v for k, v in vars(args).items() if k != "nats_url"}, "cpus": os.cpu_count(), "runs": runs}
 
 
 def main() -> None:
