@@ -216,3 +216,15 @@ def test_prepend_drops_what_is_too_old_and_is_refused_once_memory_evicted():
     ms2.append(entry(12, "a.b", 100.0))                  # 11 left memory
     assert ms2.prepend([entry(10, "a.b", 100.0)], 9) == 0
     assert ms2.floor == 10
+
+
+def test_prepend_in_chunks_newest_first_extends_memory_back_step_by_step():
+    ms = MemoryStream(100, 30.0, clock=lambda: 0.0)
+    ms.append(entry(31, "a.b"))
+    older = [entry(s, f"a.s{s % 3}") for s in range(1, 31)]
+    for end in (30, 20, 10):
+        chunk = older[end - 10:end]
+        assert ms.prepend(chunk, chunk[0].stream_seq - 1) == 10
+        assert ms.floor == end - 10
+    assert [e.stream_seq for e in ms._q] == list(range(1, 32))
+    assert [e.stream_seq for e in ms.since(0, ["a.s1"])] == list(range(1, 31, 3))

@@ -78,6 +78,9 @@ def _redact(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
+WARM_CHUNK = 1000          # messages put into the resume memory per loop step when warming it at start
+
+
 class JetStreamBroker(Broker):
     """Feeds the hub from a JetStream stream through this node's own durable pull consumer.
 
@@ -585,7 +588,16 @@ class JetStreamBroker(Broker):
             self._set_error("warm", f"JetStream resume memory not warmed (resumes read the stream): "
                                     f"{type(exc).__name__}: {exc}")
             return
-        kept = int(seed_history(msgs, msgs[0].stream_seq - 1)) if msgs else 0
+        # Newest first, a chunk per loop step (live delivery goes on between them): each
+        # chunk extends memory one step further back, so memory is whole after every one.
+        kept = 0
+        for end in range(len(msgs), 0, -WARM_CHUNK):
+            chunk = msgs[max(0, end - WARM_CHUNK):end]
+            n = int(seed_history(chunk, chunk[0].stream_seq - 1))
+            kept += n
+            if n < len(chunk):
+                break            # memory full, or these too old: older ones would be too
+            await asyncio.sleep(0)
         log.info("JetStream resume memory warmed", extra={"fields": {
             "stream": self.stream, "read": len(msgs), "kept": kept, "upto": upto,
             "seconds": round(monotonic() - t0, 3)}})
