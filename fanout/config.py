@@ -88,6 +88,7 @@ class Config:
     ws_flush_latency_ms: float = _setting("WS_FLUSH_LATENCY_MS", 5.0, "latency budget for coalescing: while clients get frames faster than one per budget, a flush may wait up to this long after the last one so several frames share a sendmsg(); light traffic is flushed at once (0 = always at once)", lo=0, hi=1000)
     ws_flush_threads: int = _setting("WS_FLUSH_THREADS", 0, "threads writing client sockets in each flush, GIL released (0 = auto: usable cores - 1, at least 1, at most 8)", lo=0, hi=64)
     ws_history_size: int = _setting("WS_HISTORY_SIZE", 10000, "recent messages kept in memory for resume", lo=0, hi=10_000_000)
+    ws_history_subjects: int = _setting("WS_HISTORY_SUBJECTS", 100000, "subjects whose last message left the resume memory and whose loss is still remembered, so a resume judges completeness per subject (oldest loss forgotten first; a forgotten subject counts as lost up to the newest forgotten loss)", lo=0, hi=10_000_000)
     # --- resource guard (fanout/guard.py) and admission ---------------------
     ws_guard_interval: float = _setting("WS_GUARD_INTERVAL", 1.0, "seconds between resource guard samples (CPU, loop lag, memory)", lo=0.05, hi=60, kind="duration")
     ws_cpu_reject_threshold: float = _setting("WS_CPU_REJECT_THRESHOLD", 75.0, "emergency brake: new handshakes get 503 and /ready 503 while process CPU (percent of the cores it may use) stays at or above this (0 = off)", lo=0, hi=100)

@@ -44,7 +44,7 @@ from fanout_core import Core
 from .brokers.base import DEFAULT_PRIORITY, Broker, History, Message
 from .config import Config
 from .log import event
-from .memstream import Entry, LatestStore, MemoryStream
+from .memstream import Entry, LatestStore, MemoryStream, View
 from .metrics import Metrics
 from .protocol import message_tail, reply
 from .subjects import matches, matches_any
@@ -116,6 +116,8 @@ class _CatchUp:
     already: list[str] = field(default_factory=list)
     cursor: int = 0                  # stream position delivered up to
     pending: deque[Entry] = field(default_factory=deque)   # from the broker, or the snapshot
+    view: View | None = None         # the subjects of ``patterns`` in memory (resume, snapshot)
+    batch: deque[Entry] = field(default_factory=deque)     # from memory, taken after ``cursor``
     pending_upto: int = 0            # the broker answered for everything up to here
     complete: bool = True
     fetching: bool = False
@@ -145,7 +147,7 @@ class Hub:
         metrics.attach_core(self.core.stats)
         metrics.attach_client_lag(self.core.drops, self.core.lag_histogram)
         self._peers: list[Peer | None] = [None] * cfg.ws_max_connections
-        self.recent = MemoryStream(cfg.ws_history_size, cfg.js_stream_max_age, clock)
+        self.recent = MemoryStream(cfg.ws_history_size, cfg.js_stream_max_age, clock, cfg.ws_history_subjects)
         self.broker: Broker | None = None
         # Embedded mode: the epoch changes when the node restarts.
         self.epoch = "e-" + secrets.token_hex(6)
@@ -172,6 +174,7 @@ class Hub:
         # Throttled slots: (level its client was last told, when it last fell behind or changed level).
         self._throttled: dict[int, tuple[int, float]] = {}
         self.latest = LatestStore(cfg.ws_snapshot_max_subjects)
+        metrics.attach_history(self.history_stats)
         self._unwritten: list[float] = []         # arrival times of messages not yet through a flush
         self._publish_to_write = metrics.publish_to_write
         self._from_memory = metrics.catchup_messages.labels("memory")
@@ -273,6 +276,20 @@ class Hub:
             n += self.latest.put(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
                                        prio, self.clock()))
         return n
+
+    def seed_history(self, messages: list[Message], after: int) -> int:
+        """Messages ``after < stream_seq``, older than anything dispatched, into the resume
+        memory (a JetStream broker at start: what the stream holds up to where this process
+        starts consuming), so resumes from before the start need no stream read. Their
+        age comes from the stream's timestamps. Returns how many were kept."""
+        now, wall = self.clock(), time.time()
+        entries = []
+        for m in messages:
+            prio = m.priority if m.priority >= 0 else self._rule_priority(m.subject)
+            at = now - max(0.0, wall - m.ts_ms / 1000.0)
+            entries.append(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
+                                 prio, at))
+        return self.recent.prepend(entries, after)
 
     def _rule_priority(self, subject: str) -> int:
         """WS_PRIORITY_RULES for a message its publisher gave no priority (cached per subject)."""
@@ -590,7 +607,7 @@ class Hub:
         """
         ok, over = self._split_limit(slot, patterns)
         if not ok:
-            after = self._last_stream_seq     # nothing to catch up on
+            after = self._stream_position()   # nothing to catch up on
 
         def done(cu: _CatchUp) -> None:
             self.metrics.resumes.labels(str(cu.complete).lower()).inc()
@@ -600,7 +617,7 @@ class Hub:
         if epoch is not None and epoch != self.epoch:
             # seqs of another stream incarnation mean nothing here
             cu.complete = False
-            cu.cursor = self._last_stream_seq
+            cu.cursor = self._stream_position()
         self._start(cu)
 
     def snapshot(self, slot: int, patterns: list[str],
@@ -620,7 +637,7 @@ class Hub:
             on_done(ok, over, cu.delivered)
 
         cu = _CatchUp(slot, done, kind="snapshot", patterns=ok, already=list(self.core.subscriptions(slot)),
-                      cursor=self._last_stream_seq)
+                      cursor=self._stream_position())
         cu.pending.extend(self.latest.matching(ok) if ok else [])
         self._start(cu)
 
@@ -651,35 +668,43 @@ class Hub:
             if cu.pending_upto:
                 cu.cursor = max(cu.cursor, cu.pending_upto)
                 cu.pending_upto = 0
-            if not self.recent.covers(cu.cursor):
-                if self.broker is not None and cu.fetches < FETCH_ROUNDS:
-                    cu.fetching = True
-                    cu.fetches += 1
-                    task = self.loop.create_task(self._fetch(cu))
-                    task.add_done_callback(_log_failure)
-                    return
-                cu.complete = False          # lost: deliver what memory still holds
-                cu.cursor = self.recent.dropped_upto
-            entries, scanned = self.recent.scan(cu.cursor, cu.patterns, 16)
-            if entries or scanned > cu.cursor:
-                n = 0
-                for e in entries:
-                    if core.queued(slot) >= self._high:
-                        break             # the cursor stays at the last one delivered
-                    self._deliver(cu, e)
-                    n += 1
-                else:
-                    cu.cursor = max(cu.cursor, scanned)
+            if cu.batch:
+                batch, n = cu.batch, 0
+                while batch and core.queued(slot) < self._high:
+                    e = batch.popleft()
+                    if e.stream_seq > cu.cursor:     # (a fetch may have delivered it)
+                        self._deliver(cu, e)
+                        n += 1
                 self._from_memory.inc(n)
                 continue
-            # Caught up with everything dispatched: messages accepted this turn
-            # go out through the core first (to those already subscribed), the
-            # rest of memory to this slot, then the subscription takes over.
+            # Memory's turn: what it holds after the cursor on these subjects,
+            # once it is known to hold all of it (per subject, see MemoryStream.lost).
+            recent = self.recent
+            recent.expire()
+            view = cu.view = recent.view(cu.patterns) if cu.view is None else recent.fresh(cu.view)
+            lost = recent.lost(view, cu.cursor)
+            if recent.floor is None:
+                lost = max(lost, self._stream_position())    # nothing dispatched here yet
+            if lost > cu.cursor:
+                if self.broker is not None and getattr(self.broker, "keeps_history", True) \
+                        and cu.fetches < FETCH_ROUNDS:
+                    cu.fetching = True
+                    cu.fetches += 1
+                    task = self.loop.create_task(self._fetch(cu, lost))
+                    task.add_done_callback(_log_failure)
+                    return
+                # Lost: deliver what memory still holds. Memory evicts oldest first,
+                # so it holds nothing at or below ``lost`` on any subject: no skip.
+                cu.complete = False
+                cu.cursor = lost
+            cu.batch.extend(recent.take(view, cu.cursor))
+            if cu.batch:
+                continue
+            # Caught up with everything dispatched (memory holds all of it and
+            # nothing is dispatched within this step): messages accepted this
+            # turn go out through the core first (to those already subscribed),
+            # then the subscription takes over.
             self.publish_pending()
-            entries, scanned = self.recent.scan(cu.cursor, cu.patterns, None)
-            for e in entries:
-                self._deliver(cu, e)
-            self._from_memory.inc(len(entries))
             for ch in cu.patterns:
                 if core.subscribe(slot, ch):
                     self.subscription_count += 1
@@ -698,8 +723,13 @@ class Hub:
             cu.cursor = e.stream_seq
         return sent
 
-    async def _fetch(self, cu: _CatchUp) -> None:
-        """History the memory no longer holds, from the broker, up to what was dispatched."""
+    def _stream_position(self) -> int:
+        """The stream position dispatch has reached (or the broker starts after, before any dispatch)."""
+        return max(self._last_stream_seq, int(getattr(self.broker, "last_stream_seq", 0) or 0))
+
+    async def _fetch(self, cu: _CatchUp, upto: int) -> None:
+        """History the memory no longer holds on the catch-up's subjects, from the broker:
+        ``cursor < stream_seq <= upto`` (memory holds everything of these subjects after ``upto``)."""
         assert self.broker is not None
         slots = self._fetch_slots
         hist: History
@@ -712,10 +742,10 @@ class Hub:
             # WS_MAX_CONCURRENT_CATCHUPS fetches are running: give this one up; the
             # resume delivers what memory holds and completes with complete:false.
             self.metrics.catchup_wait_timeouts.inc()
-            upto, hist = self._last_stream_seq, History([], False)
+            hist = History([], False)
         else:
             self.history_fetches += 1
-            upto = self._last_stream_seq
+            self.metrics.catchup_fetches.inc()
             try:
                 hist = await self.broker.history(cu.patterns, cu.cursor, upto)
             except Exception as exc:
@@ -736,9 +766,15 @@ class Hub:
         if hist.messages or hist.complete:
             cu.pending_upto = upto       # the broker answered for everything up to here
         else:
-            # No source older than memory (embedded mode): skip what is lost.
-            cu.cursor = max(cu.cursor, self.recent.dropped_upto)
+            cu.cursor = max(cu.cursor, upto)     # nothing there either: skip what is lost
         self._pump(cu)
+
+    def history_stats(self) -> dict[str, int]:
+        """The memory stream's sizes and the entries/subjects catch-ups examined (scraped)."""
+        st = self.recent.stats()
+        st["examined"] += self.latest.examined
+        st["snapshot_subjects"] = len(self.latest)
+        return st
 
     def catching_up(self, slot: int) -> bool:
         return slot in self._catchups

@@ -84,6 +84,28 @@ class ClientLagCollector:
             yield h
 
 
+class HistoryCollector:
+    """The resume memory (fanout/memstream.py), read at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        st = self._stats()
+        for key, name, help_text in (
+                ("messages", "fanout_history_messages", "Messages in the resume memory (WS_HISTORY_SIZE, JS_STREAM_MAX_AGE)"),
+                ("subjects", "fanout_history_subjects", "Subjects indexed by the resume memory: with messages in it, or tombstones"),
+                ("tombstones", "fanout_history_tombstones", "Subjects with no message left in the resume memory whose last loss is remembered (WS_HISTORY_SUBJECTS)"),
+                ("snapshot_subjects", "fanout_snapshot_subjects", "Subjects in the snapshot store, newest message each (WS_SNAPSHOT_MAX_SUBJECTS)")):
+            g = GaugeMetricFamily(name, help_text)
+            g.add_metric([], st.get(key, 0))
+            yield g
+        c = CounterMetricFamily("fanout_history_examined", "Memory entries and subjects examined by catch-ups "
+                                "(resume, snapshot): grows with what they return, not with the memory's size")
+        c.add_metric([], st.get("examined", 0))
+        yield c
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -135,6 +157,7 @@ class Metrics:
         self.guard_shed = Counter("fanout_guard_shed_total", "Clients closed with 1013 at the hard memory limit (most queued bytes first)", registry=r)
         self.guard_ingest_paused = Counter("fanout_guard_ingest_paused_seconds_total", "Seconds NATS consumption was paused because the event loop lagged", registry=r)
         self.handshakes_pending = Gauge("fanout_handshakes_pending", "Connections still in their handshake (token check included)", registry=r)
+        self.catchup_fetches = Counter("fanout_catchup_fetches_total", "History reads from the broker for what the resume memory lacks on a catch-up's subjects", registry=r)
         self.catchup_wait_timeouts = Counter("fanout_catchup_wait_timeouts_total", "Resumes that gave up waiting for a history fetch slot (WS_MAX_CONCURRENT_CATCHUPS): complete false", registry=r)
         self.users = Gauge("fanout_users", "Distinct token subs with an open connection", registry=r)
         self.cpu_percent = Gauge("fanout_cpu_percent", "Process CPU percent, one core = 100 (the guard's sample, every WS_GUARD_INTERVAL)", registry=r)
@@ -148,6 +171,9 @@ class Metrics:
 
     def attach_core(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(CoreCollector(stats))
+
+    def attach_history(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(HistoryCollector(stats))
 
     def attach_client_lag(self, drops: Callable[[], dict[tuple[str, int], int]],
                           lag: Callable[[Any, Any], tuple[list[int], list[int], float, float]]) -> None:

@@ -117,11 +117,18 @@ class Sink(Protocol):
         """
 
 
+    def seed_history(self, messages: list[Message], after: int) -> int:
+        """Put stored messages ``after < stream_seq``, older than anything dispatched, into the
+        resume memory, in stream order (a broker at start, JetStream). Returns how many were kept."""
+
+
 class Broker(abc.ABC):
     """One source of messages for the hub."""
 
     #: ``"embedded"`` or ``"jetstream"``; shown in /health and logs.
     name: str = ""
+    #: Whether :meth:`history` can return what the hub's memory no longer holds.
+    keeps_history: bool = True
 
     @property
     @abc.abstractmethod

@@ -22,6 +22,7 @@ class NotRunning(RuntimeError):
 
 class EmbeddedBroker(Broker):
     name = "embedded"
+    keeps_history = False      # the hub's memory is the whole retained stream
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

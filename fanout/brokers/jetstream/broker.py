@@ -79,6 +79,9 @@ def _redact(url: str) -> str:
     return re.sub(r"//[^/@]*@", "//", url)
 
 
+WARM_CHUNK = 1000          # messages put into the resume memory per loop step when warming it at start
+
+
 class JetStreamBroker(Broker):
     """Feeds the hub from a JetStream stream through this node's own durable pull consumer.
 
@@ -138,6 +141,8 @@ class JetStreamBroker(Broker):
         self._ready_evt = asyncio.Event()
         self._seed_task: asyncio.Task[None] | None = None
         self._seeded_epoch = ""
+        self._warm_task: asyncio.Task[None] | None = None
+        self._warmed_epoch = ""
 
     # ------------------------------------------------------------ properties
     @property
@@ -257,6 +262,9 @@ class JetStreamBroker(Broker):
         seed, self._seed_task = self._seed_task, None
         if seed is not None and not seed.done():
             seed.cancel()
+        warm, self._warm_task = self._warm_task, None
+        if warm is not None and not warm.done():
+            warm.cancel()
         await self._pull.unsubscribe()
         nc, self._nc = self._nc, None
         self._reader.bind(None, None)
@@ -524,6 +532,10 @@ class JetStreamBroker(Broker):
         self._emit("ready", ready=True)
         log.info("JetStream consuming", extra={"fields": {
             "stream": self.stream, "consumer": self.consumer, "epoch": self._epoch, "after": start_after}})
+        if self._warmed_epoch != self._epoch and self.cfg.ws_history_size > 0 and start_after > 0:
+            # Once per stream incarnation: the resume memory from the stream's recent past.
+            self._warmed_epoch = self._epoch
+            self._warm_task = asyncio.create_task(self._warm(self._sink, start_after), name="jetstream-warm")
         if self._seeded_epoch != self._epoch and self.cfg.ws_snapshot_max_subjects > 0:
             # Once per stream incarnation, beside consumption (readiness does not wait for it).
             self._seeded_epoch = self._epoch
@@ -563,6 +575,44 @@ class JetStreamBroker(Broker):
                 extra={"fields": {"stream": self.stream, "seeded": put, "read": len(msgs), "upto": upto,
                                   "max_subjects": self.cfg.ws_snapshot_max_subjects, "complete": complete,
                                   "seconds": round(monotonic() - t0, 3)}})
+
+    async def _warm(self, sink: Sink, upto: int) -> None:
+        """Fill the hub's resume memory with the stream's last ``WS_HISTORY_SIZE`` positions up to ``upto``.
+
+        ``upto`` is where this consumer starts: after a restart, clients resume
+        from before it, and without this every such resume reads the stream
+        itself (one ephemeral consumer each, the restart storm). One range read
+        instead, beside consumption (resumes meanwhile read the stream as
+        usual). Memory then answers from the first message read on (the
+        stream's retention may have dropped older ones: not claimed). A failure
+        is logged and leaves resumes to read the stream.
+        """
+        seed_history = getattr(sink, "seed_history", None)
+        if seed_history is None or upto <= 0:
+            return
+        lo = max(0, upto - self.cfg.ws_history_size)
+        t0 = monotonic()
+        try:
+            msgs = await self._reader.read_range(None, lo, upto)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._set_error("warm", f"JetStream resume memory not warmed (resumes read the stream): "
+                                    f"{type(exc).__name__}: {exc}")
+            return
+        # Newest first, a chunk per loop step (live delivery goes on between them): each
+        # chunk extends memory one step further back, so memory is whole after every one.
+        kept = 0
+        for end in range(len(msgs), 0, -WARM_CHUNK):
+            chunk = msgs[max(0, end - WARM_CHUNK):end]
+            n = int(seed_history(chunk, chunk[0].stream_seq - 1))
+            kept += n
+            if n < len(chunk):
+                break            # memory full, or these too old: older ones would be too
+            await asyncio.sleep(0)
+        log.info("JetStream resume memory warmed", extra={"fields": {
+            "stream": self.stream, "read": len(msgs), "kept": kept, "upto": upto,
+            "seconds": round(monotonic() - t0, 3)}})
 
     def _denied(self, t0: float, what: str) -> Exception:
         """The error for a JetStream API call that timed out: a named permission if NATS denied one."""
