@@ -64,6 +64,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from nats.js.kv import KV_DEL, KV_OP
+
 from .codes import CloseCode
 from .config import Config
 from .log import event
@@ -77,11 +79,12 @@ __all__ = ["UserLimiter", "ClusterUserLimiter", "make_user_limiter", "user_token
 
 MAX_RAW_SUB = 96          # bytes of sub kept readable (base64url) in a key; longer ones are hashed
 MAX_VIEW_KEYS = 1_000_000  # connections in the cluster view; over it the node falls back to its own count
-KV_TIMEOUT = 2.0           # seconds for one KV call (they answer in ms)
+KV_TIMEOUT = 2.0           # seconds for one KV API call (they answer in ms)
+WRITE_DELAY = 0.005        # seconds the writer gathers writes before sending them
+CONFIRM = 2.0              # seconds for a write to come back through the watch; else it is sent again
 SETUP_TIMEOUT = 5.0        # seconds for bucket + watch + first snapshot when (re)activating
 RETRY = 1.0                # seconds between tries to (re)activate the cluster count
 CHECK = 0.25               # seconds between health checks of the connection and the watch
-WRITE_BATCH = 256          # KV writes in flight at once
 
 
 def user_token(sub: str) -> str:
@@ -191,7 +194,9 @@ class ClusterUserLimiter(UserLimiter):
         self.bucket = cfg.ws_user_limit_bucket
         self.ttl = cfg.ws_user_limit_ttl
         self.instance = os.urandom(6).hex()
-        self._value_node = cfg.node_name
+        node = json.dumps(cfg.node_name)
+        self._first_value = f'{{"node":{node}}}'.encode()   # a first write: its revision is the creation
+        self._value_head = f'{{"node":{node},"c":'.encode()
         self.active = False
         self.reason = "starting"
         #: user token -> {key: [creation revision, monotonic time last written]}
@@ -201,11 +206,11 @@ class ClusterUserLimiter(UserLimiter):
         self._mine: dict[str, Session] = {}        # and back
         self._created: dict[str, int] = {}         # key -> creation revision, once known
         self._ops: dict[str, bool] = {}            # pending writes: key -> True put / False delete
-        self._inflight: set[str] = set()
         self._sent: set[str] = set()               # keys written at least once (need a delete on close)
+        self._unconfirmed: dict[str, float] = {}   # key -> loop time by which its write must come back
+        self._prefix = f"$KV.{self.bucket}."
         self._evicted: set[str] = set()            # keys whose eviction was decided (counted once)
         self._wake = asyncio.Event()
-        self._kv: Any = None
         self._watcher: Any = None
         self._nc: Any = None
         self._reconnects = -1
@@ -247,7 +252,8 @@ class ClusterUserLimiter(UserLimiter):
         if key is not None:
             self._mine.pop(key, None)
             self._created.pop(key, None)
-            if key in self._sent or key in self._inflight:
+            self._unconfirmed.pop(key, None)
+            if key in self._sent:
                 self._sent.discard(key)
                 self._queue(key, False)
             else:
@@ -261,14 +267,12 @@ class ClusterUserLimiter(UserLimiter):
     async def stop(self) -> None:
         """Delete this node's keys (bounded by KV_TIMEOUT), then stop watching."""
         self._stopping = True
-        if self.active:
-            for key in list(self._mine):
-                if key in self._sent or key in self._inflight:
-                    self._queue(key, False)
-                else:
-                    self._ops.pop(key, None)
+        nc = self._nc
+        if self.active and nc is not None:
+            self._ops = {key: False for key in self._mine if key in self._sent}
             try:
                 await asyncio.wait_for(self._flush(), KV_TIMEOUT)
+                await nc.flush(KV_TIMEOUT)
             except (TimeoutError, Exception):
                 pass
         for t in self._tasks:
@@ -281,7 +285,7 @@ class ClusterUserLimiter(UserLimiter):
                 "cluster_connections": self.view_keys if self.active else None}
 
     # ------------------------------------------------------------ the view
-    def _on_entry(self, entry: Any, now: float, enforce: bool = True) -> None:
+    def _on_entry(self, entry: Any, now: float, snapshot: bool = False) -> None:
         key: str = entry.key
         token, dot, _ = key.partition(".")
         if not dot:
@@ -295,14 +299,16 @@ class ClusterUserLimiter(UserLimiter):
                     del self.view[token]
             return
         created = entry.revision
-        try:
-            c = json.loads(entry.value).get("c") if entry.value else None
-            if isinstance(c, int) and c > 0:
-                created = c
-        except (ValueError, AttributeError):
-            pass
+        value = entry.value
+        if value and b'"c"' in value:    # written again: the creation revision is in the value
+            try:
+                c = json.loads(value).get("c")
+                if isinstance(c, int) and c > 0:
+                    created = c
+            except (ValueError, AttributeError):
+                pass
         seen = now
-        if isinstance(entry.created, datetime):   # a snapshot entry may be older than now
+        if snapshot and isinstance(entry.created, datetime):   # a snapshot entry may be older than now
             age = time.time() - entry.created.replace(tzinfo=entry.created.tzinfo or UTC).timestamp()
             seen = now - min(max(0.0, age), self.ttl)
         if conns is None:
@@ -310,6 +316,7 @@ class ClusterUserLimiter(UserLimiter):
         have = conns.get(key)
         if have is not None:
             have[1] = max(have[1], seen)
+            self._unconfirmed.pop(key, None)
             return
         if self.view_keys >= MAX_VIEW_KEYS:
             raise OverflowError(f"view full: {MAX_VIEW_KEYS} connections")
@@ -317,7 +324,8 @@ class ClusterUserLimiter(UserLimiter):
         self.view_keys += 1
         if key in self._mine:
             self._created.setdefault(key, created)
-        if enforce and len(conns) > self.limit:
+            self._unconfirmed.pop(key, None)
+        if not snapshot and len(conns) > self.limit:
             self._enforce(conns)
 
     def _enforce(self, conns: dict[str, list[float]]) -> None:
@@ -369,19 +377,23 @@ class ClusterUserLimiter(UserLimiter):
         self._ops[key] = put
         self._wake.set()
 
-    async def _write(self, kv: Any, key: str, put: bool) -> None:
+    async def _write(self, nc: Any, key: str, put: bool, now: float) -> None:
+        """One KV write as nats-py's ``KeyValue.put``/``delete`` sends it (a publish on
+        ``$KV.<bucket>.<key>``; a delete carries ``KV-Operation: DEL``), without waiting for
+        the JetStream ack: the watch brings every write back with its revision, and a put not
+        back within CONFIRM s is sent again (a lost delete ends with the TTL). The acks cost
+        more than the rest of the limit together (see benchmarks/handshake_bench.py)."""
         try:
             if not put:
-                await kv.delete(key)
+                await nc.publish(self._prefix + key, b"", headers={KV_OP: KV_DEL})
                 return
+            if key not in self._mine:
+                return   # closed meanwhile
             created = self._created.get(key)
-            value = {"node": self._value_node, "c": created} if created else {"node": self._value_node}
-            rev = await kv.put(key, json.dumps(value, separators=(",", ":")).encode())
+            value = self._value_head + b"%d}" % created if created else self._first_value
+            await nc.publish(self._prefix + key, value)
             self._sent.add(key)
-            if key in self._mine:
-                self._created.setdefault(key, rev)
-            elif key not in self._ops:
-                self._queue(key, False)   # closed while the put was in flight
+            self._unconfirmed[key] = now + CONFIRM
         except Exception:
             self._write_errors += 1
             self.metrics.user_limit_kv_errors.labels("put" if put else "delete").inc()
@@ -389,20 +401,17 @@ class ClusterUserLimiter(UserLimiter):
                 self._ops[key] = True   # again next round (or after a reconnect)
 
     async def _flush(self) -> None:
-        while self._ops and self._kv is not None:
-            kv = self._kv
-            batch = []
-            for key in list(self._ops)[:WRITE_BATCH]:
-                batch.append((key, self._ops.pop(key)))
-                self._inflight.add(key)
-            try:
-                await asyncio.gather(*(self._write(kv, k, p) for k, p in batch))
-            finally:
-                self._inflight.difference_update(k for k, _ in batch)
+        while self._ops and self._nc is not None and self.active:
+            nc = self._nc
+            batch, self._ops = self._ops, {}
+            now = asyncio.get_running_loop().time()
+            for key, put in batch.items():
+                await self._write(nc, key, put, now)
 
     async def _writer(self) -> None:
         while True:
             await self._wake.wait()
+            await asyncio.sleep(WRITE_DELAY)   # one round for the handshakes of a burst, not one each
             self._wake.clear()
             if not self.active:
                 continue
@@ -410,6 +419,14 @@ class ClusterUserLimiter(UserLimiter):
             await self._flush()
             if self._write_errors > before:
                 await asyncio.sleep(0.2)     # failing writes: do not spin
+
+    def _resend_unconfirmed(self, now: float) -> None:
+        late = [k for k, t in self._unconfirmed.items() if t < now]
+        for key in late:
+            del self._unconfirmed[key]
+            if key in self._mine and key not in self._ops:
+                self.metrics.user_limit_kv_errors.labels("unconfirmed").inc()
+                self._queue(key, True)
 
     # --------------------------------------------------------- supervision
     async def _supervise(self) -> None:
@@ -425,9 +442,10 @@ class ClusterUserLimiter(UserLimiter):
                     if now >= self._next_refresh:
                         self._next_refresh = now + self.ttl / 3
                         for key in self._mine:
-                            if key not in self._ops and key not in self._inflight:
-                                self._ops[key] = True
+                            self._ops.setdefault(key, True)
                         self._wake.set()
+                    if self._unconfirmed:
+                        self._resend_unconfirmed(now)
                     if now >= self._next_sweep:
                         self._next_sweep = now + max(0.1, self.ttl / 10)
                         self._sweep(time.monotonic())
@@ -483,7 +501,7 @@ class ClusterUserLimiter(UserLimiter):
                 await asyncio.wait_for(watcher.stop(), 1.0)
             except (TimeoutError, Exception):
                 pass
-        self._kv = None
+        self._unconfirmed.clear()
 
     async def _bucket(self, js: Any) -> Any:
         from nats.js.api import KeyValueConfig, StorageType
@@ -524,8 +542,8 @@ class ClusterUserLimiter(UserLimiter):
             entry = await watcher.updates(timeout=SETUP_TIMEOUT)
             if entry is None:
                 break
-            self._on_entry(entry, now, enforce=False)
-        self._nc, self._reconnects, self._kv = nc, reconnects, kv
+            self._on_entry(entry, now, snapshot=True)
+        self._nc, self._reconnects = nc, reconnects
         self._watch_error = None
         self._watch_task = asyncio.get_running_loop().create_task(self._watch(watcher), name="user-limit-watch")
         self.active = True
