@@ -281,7 +281,16 @@ async def test_a_thousand_users_with_three_connections_over_three_nodes_no_false
     async def open_one(u: int, k: int) -> None:
         async with sem:
             node = trio[(u + k) % 3]
-            clients.append(await RawClient.connect(node.ws_port, f"/ws?auth={tokens[u]}"))
+            while True:
+                c = await RawClient.open(node.ws_port)
+                status = await c.handshake(f"/ws?auth={tokens[u]}")
+                if status == 101:
+                    clients.append(c)
+                    return
+                # A loaded test machine may trip the resource guard's brake (503): retry, as a client does.
+                c.close()
+                assert status == 503, (status, c.headers)
+                await asyncio.sleep(0.1)
 
     try:
         t0 = time.monotonic()
