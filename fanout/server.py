@@ -99,7 +99,7 @@ class Server:
         self._next_guard = 0.0
         #: WS_MAX_CONNECTIONS_PER_USER, per node or cluster-wide (fanout/userlimit.py); ``users`` is
         #: its registry of this node's sessions (token sub -> open sessions, oldest first).
-        self.user_limit = make_user_limiter(cfg, self.metrics, self.broker)
+        self.user_limit = make_user_limiter(cfg, self.metrics, self.broker, users=self.auth is not None)
         self.users: dict[str, list[Session]] = self.user_limit.local
         self.started = time.time()
         self._listener: socket.socket | None = None

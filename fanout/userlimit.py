@@ -576,10 +576,11 @@ class ClusterUserLimiter(UserLimiter):
             event(logging.ERROR, "per-user limit: KV watch failed", exc_info=True)
 
 
-def make_user_limiter(cfg: Config, metrics: Metrics, broker: Any) -> UserLimiter:
-    """The cluster-wide limiter in JetStream mode with WS_USER_LIMIT_SCOPE=cluster and a limit, else the node's own."""
+def make_user_limiter(cfg: Config, metrics: Metrics, broker: Any, *, users: bool = True) -> UserLimiter:
+    """The cluster-wide limiter in JetStream mode with WS_USER_LIMIT_SCOPE=cluster, a limit and
+    users (token auth on), else the node's own (which, without users, has nothing to count)."""
     connection = getattr(broker, "connection", None)
     if cfg.embedded or cfg.ws_user_limit_scope != "cluster" or cfg.ws_max_connections_per_user <= 0 \
-            or connection is None:
+            or connection is None or not users:
         return UserLimiter(cfg, metrics)
     return ClusterUserLimiter(cfg, metrics, connection)
