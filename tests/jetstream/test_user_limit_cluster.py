@@ -209,7 +209,7 @@ async def test_simultaneous_handshakes_on_two_nodes_close_the_same_connection(no
 
 
 async def test_a_node_killed_with_sigkill_frees_its_users_slots_within_the_ttl(nodes):
-    ttl = 3.0   # a recovery time: lowered so the test is short
+    ttl = 5.0   # a recovery time: lowered so the test is short
     a, b = nodes(2, WS_USER_LIMIT_POLICY="refuse_new", WS_USER_LIMIT_TTL=f"{ttl:g}s")
     await wait_health([a, b], lambda s: s["cluster"], what="cluster count in force")
     async with AsyncExitStack() as stack:
@@ -224,7 +224,7 @@ async def test_a_node_killed_with_sigkill_frees_its_users_slots_within_the_ttl(n
                 pass
         assert err.value.response.status_code == 429
         await seen_everywhere([b], 0, timeout=ttl + 5)   # ... until they were not refreshed for a TTL
-        assert time.monotonic() - killed <= ttl + 1.0
+        assert time.monotonic() - killed <= ttl + 1.5   # + the sweep (TTL/10) and the polling
         c = await stack.enter_async_context(connect(b, path("frank")))
         assert await alive(c)
 
