@@ -68,7 +68,7 @@ from nats.js.kv import KV_DEL, KV_OP
 
 from .codes import CloseCode
 from .config import Config
-from .log import event
+from .log import event, limited_event
 from .metrics import Metrics
 from .session import State
 
@@ -169,8 +169,8 @@ class UserLimiter:
             return
         live = [s for s in self.local.get(sub, ()) if s.state is State.OPEN]
         for old in live[:max(0, len(live) - self.limit)]:
-            event(logging.INFO, "per-user limit: oldest connection replaced", user=sub, client=old.id,
-                  new_client=session.id, limit=self.limit, scope="node")
+            limited_event(("user_limit", sub), logging.INFO, "per-user limit: oldest connection replaced",
+                          user=sub, client=old.id, new_client=session.id, limit=self.limit, scope="node")
             self.metrics.user_limit_evictions.labels(self.policy, "local").inc()
             old.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
 
@@ -311,15 +311,15 @@ class ClusterUserLimiter(UserLimiter):
         if snapshot and isinstance(entry.created, datetime):   # a snapshot entry may be older than now
             age = time.time() - entry.created.replace(tzinfo=entry.created.tzinfo or UTC).timestamp()
             seen = now - min(max(0.0, age), self.ttl)
-        if conns is None:
-            conns = self.view[token] = {}
-        have = conns.get(key)
+        have = conns.get(key) if conns is not None else None
         if have is not None:
             have[1] = max(have[1], seen)
             self._unconfirmed.pop(key, None)
             return
         if self.view_keys >= MAX_VIEW_KEYS:
             raise OverflowError(f"view full: {MAX_VIEW_KEYS} connections")
+        if conns is None:
+            conns = self.view[token] = {}
         conns[key] = [created, seen]
         self.view_keys += 1
         if key in self._mine:
@@ -347,12 +347,13 @@ class ClusterUserLimiter(UserLimiter):
                 continue
             sub = session.claims.sub if session.claims is not None else None
             if self.policy == "close_oldest":
-                event(logging.INFO, "per-user limit: oldest connection replaced", user=sub, client=session.id,
-                      limit=self.limit, scope="cluster", newest_here=caused_here)
+                limited_event(("user_limit", sub), logging.INFO, "per-user limit: oldest connection replaced",
+                              user=sub, client=session.id, limit=self.limit, scope="cluster", newest_here=caused_here)
                 session.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
             else:
-                event(logging.INFO, "per-user limit: newest connection closed (opened on two nodes at once)",
-                      user=sub, client=session.id, limit=self.limit, scope="cluster")
+                limited_event(("user_limit", sub), logging.INFO,
+                              "per-user limit: newest connection closed (opened on two nodes at once)",
+                              user=sub, client=session.id, limit=self.limit, scope="cluster")
                 session.close(CloseCode.REPLACED, "over the per-user connection limit")
 
     def _sweep(self, now: float) -> None:
