@@ -57,6 +57,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -221,6 +222,8 @@ class ClusterUserLimiter(UserLimiter):
         self._write_errors = 0
         self._watch_error: str | None = None
         self._next_refresh = 0.0
+        self._round: list[str] = []               # keys still to write again in this refresh round
+        self._per_tick = 1
         self._next_sweep = 0.0
 
     @property
@@ -406,8 +409,10 @@ class ClusterUserLimiter(UserLimiter):
             nc = self._nc
             batch, self._ops = self._ops, {}
             now = asyncio.get_running_loop().time()
-            for key, put in batch.items():
+            for i, (key, put) in enumerate(batch.items()):
                 await self._write(nc, key, put, now)
+                if i % 256 == 255:
+                    await asyncio.sleep(0)   # a big batch (back from an outage) must not hold the loop
 
     async def _writer(self) -> None:
         while True:
@@ -420,6 +425,23 @@ class ClusterUserLimiter(UserLimiter):
             await self._flush()
             if self._write_errors > before:
                 await asyncio.sleep(0.2)     # failing writes: do not spin
+
+    def _refresh(self, now: float) -> None:
+        """Write this node's keys again, each once per TTL/3, spread over the round in slices
+        (10,000 writes at once would hold the event loop for a fraction of a second)."""
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.ttl / 3
+            self._round = list(self._mine)
+            self._round.reverse()     # taken from the end: oldest first, each key at the same point
+            ticks = max(1.0, 0.8 * (self.ttl / 3) / CHECK)
+            self._per_tick = max(1, math.ceil(len(self._round) / ticks))
+        if self._round:
+            take = self._round[-self._per_tick:]
+            del self._round[-self._per_tick:]
+            for key in take:
+                if key in self._mine:
+                    self._ops.setdefault(key, True)
+            self._wake.set()
 
     def _resend_unconfirmed(self, now: float) -> None:
         late = [k for k, t in self._unconfirmed.items() if t < now]
@@ -440,11 +462,7 @@ class ClusterUserLimiter(UserLimiter):
                         await self._fall_back(problem)
                         continue
                     now = loop.time()
-                    if now >= self._next_refresh:
-                        self._next_refresh = now + self.ttl / 3
-                        for key in self._mine:
-                            self._ops.setdefault(key, True)
-                        self._wake.set()
+                    self._refresh(now)
                     if self._unconfirmed:
                         self._resend_unconfirmed(now)
                     if now >= self._next_sweep:
