@@ -17,8 +17,10 @@ else ``h`` + sha256(sub) in hex (a KV key allows only ``[-/_=.a-zA-Z0-9]``;
 a sub may hold anything), ``<instance>`` is random per node process and
 ``<connection>`` the session id. The node writes the key when the handshake
 succeeds (after the 101: the handshake never waits on NATS), writes it again
-every third of the bucket's TTL while the connection lives, and deletes it on
-close. The value is ``{"node": <node name>, "c": <creation revision>}``; the
+every third of the bucket's TTL while the connection lives (spread over that
+third), and deletes it on close. Writes leave in batches every
+:data:`WRITE_DELAY` s and are confirmed by the watch, not by JetStream's acks
+(see :meth:`ClusterUserLimiter._write`). The value is ``{"node": <node name>, "c": <creation revision>}``; the
 first write carries no ``c``: its own revision is the creation revision.
 
 Every node watches the whole bucket (nats-py's ``watchall``, an ordered
