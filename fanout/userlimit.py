@@ -441,7 +441,9 @@ class ClusterUserLimiter(UserLimiter):
             take = self._round[-self._per_tick:]
             del self._round[-self._per_tick:]
             for key in take:
-                if key in self._mine:
+                # A key whose write is not back yet is left to _resend_unconfirmed: written
+                # again now, before its revision is known, it would carry no creation revision.
+                if key in self._mine and key not in self._unconfirmed:
                     self._ops.setdefault(key, True)
             self._wake.set()
 
