@@ -253,13 +253,16 @@ async def test_nats_stopped_and_restarted_falls_back_to_the_node_count_and_back(
         await wait_health(both, lambda s: s["cluster"], timeout=15, what="cluster count back")
         # Back to the cluster count: of gina's 6, every node keeps the same newest 3.
         deadline = time.monotonic() + 10
-        while sum(await asyncio.to_thread(n.metric, "fanout_connections_closed_total", 'code="4002"')
-                  for n in both) < 1 + 3:    # the closes have no event to await
+        def closes() -> float:
+            return sum(n.metric("fanout_connections_closed_total", 'code="4002"') for n in both)
+
+        while await asyncio.to_thread(closes) < 1 + 3:    # the closes have no event to await
             assert time.monotonic() < deadline, "3 of gina's 6 not closed"
             await asyncio.sleep(0.05)
         await seen_everywhere(both, LIMIT, timeout=10)
         closed = [await closed_4002(c) for c in survivors]
         assert sum(closed) == 3, closed
+        assert closes() == 1 + 3
         assert any(d.get("msg") == "per-user limit: cluster-wide count in force" and d.get("previous")
                    for d in a.lines)
 
