@@ -1,7 +1,8 @@
 """The cluster-wide per-user limit (fanout/userlimit.py): real node processes on
 one real nats-server, real WebSocket clients, token auth, default policy and
-limit (3) unless a test is about the other policy. The KV bucket's TTL is
-lowered only where a test waits for it (a dead node's slots)."""
+limit (3) unless a test is about the other policy. The KV bucket's TTL (a
+recovery time) is lowered only where a test waits for it: a dead node's slots,
+key refreshes within the test."""
 
 from __future__ import annotations
 
@@ -277,7 +278,7 @@ async def test_a_thousand_users_with_three_connections_over_three_nodes_no_false
     if soft != resource.RLIM_INFINITY and soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     users = 1000
-    trio = nodes(3, WS_USER_LIMIT_TTL="3s", WS_MAX_PENDING_HANDSHAKES=5000)
+    trio = nodes(3, WS_USER_LIMIT_TTL="3s")
     await wait_health(trio, lambda s: s["cluster"], what="cluster count in force")
     tokens = [tok(f"user{u}") for u in range(users)]
     clients: list[RawClient] = []
