@@ -2,6 +2,7 @@
 guard's own cost (server CPU per delivery, guard on vs off), in one run.
 
     python -m benchmarks.handshake_bench [--handshakes 3000] [--clients 200] [--messages 2000]
+    python -m benchmarks.handshake_bench --only user-limit [--handshakes 3000] [--rounds 3]
 
 Every node is a real ``fanout serve`` process (benchmarks/peers/launch.py);
 clients are raw sockets on 127.0.0.1 driven by one asyncio loop, so the load
@@ -23,6 +24,14 @@ minute), alternating ``--rounds`` times; the difference in percent. On a
 shared 2-core machine that difference is within the run-to-run noise, so the
 node's CPU over 10 idle seconds is also reported with the guard on and off:
 the guard's absolute cost per second, to set against a loaded node's CPU.
+
+User limit: the cluster-wide per-user limit (fanout/userlimit.py) on and off
+(``WS_USER_LIMIT_SCOPE`` cluster / node) on one node in JetStream mode with a
+real nats-server, HS256 tokens with a different ``sub`` per handshake (so
+nothing is over the limit), alternating ``--rounds`` times; the median
+handshakes per second of each and their ratio (target: on >= 0.9 x off).
+With it on, every handshake writes a KV key and the close deletes it; the
+node's watch reads both back.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import os
 import statistics
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -59,8 +69,10 @@ def _request(extra: str) -> bytes:
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
 
 
-async def handshakes(port: int, n: int, concurrency: int, extra: str) -> tuple[int, int]:
-    """(ok, refused) of ``n`` handshakes."""
+async def handshakes(port: int, n: int, concurrency: int, extra: str | Callable[[], str],
+                     keep: list[asyncio.StreamWriter] | None = None) -> tuple[int, int]:
+    """(ok, refused) of ``n`` handshakes; ``extra`` is the extra header lines, or makes them per
+    handshake. Each connection is closed after the 101, or kept open in ``keep``."""
     left = n
     ok = bad = 0
 
@@ -69,13 +81,16 @@ async def handshakes(port: int, n: int, concurrency: int, extra: str) -> tuple[i
         while left > 0:
             left -= 1
             r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(_request(extra))
+            w.write(_request(extra if isinstance(extra, str) else extra()))
             head = await r.readuntil(b"\r\n\r\n")
             if head.startswith(b"HTTP/1.1 101"):
                 ok += 1
             else:
                 bad += 1
-            w.close()
+            if keep is None or not head.startswith(b"HTTP/1.1 101"):
+                w.close()
+            else:
+                keep.append(w)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ok, bad
@@ -170,6 +185,79 @@ def run_guard_cost(clients: int, messages: int, rounds: int) -> dict:
             "guard_cost_percent": round(100 * (on - off) / off, 2), "samples": per}
 
 
+def _wait_cluster(peer: Peer, want: bool, timeout: float = 15.0) -> None:
+    url = peer.publish_url + "/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            if json.loads(r.read())["user_limit"]["cluster"] is want:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"user limit cluster={want} not reached: {peer.log_tail()}")
+
+
+async def _storm(peer: Peer, port: int, n: int, concurrency: int,
+                 header: Callable[[], str], stay: bool) -> tuple[int, int, float, float]:
+    """(ok, refused, wall seconds, node CPU seconds) of ``n`` handshakes. ``stay``: the
+    connections stay open (a reconnect storm: each one's key is written and read back while
+    the next handshakes run) and are closed after the clock stops; else each is closed after
+    its 101 (its key's delete, if it was written, falls in the window too)."""
+    kept: list[asyncio.StreamWriter] = []
+    try:
+        cpu0, t0 = peer.cpu_seconds(), time.perf_counter()
+        ok, bad = await handshakes(port, n, concurrency, header, kept if stay else None)
+        await asyncio.sleep(0.05)     # the last keys' writes and their echoes
+        return ok, bad, time.perf_counter() - t0, peer.cpu_seconds() - cpu0
+    finally:
+        for w in kept:
+            w.close()
+
+
+def run_user_limit(n: int, concurrency: int, rounds: int, stay: bool = True) -> dict:
+    from tests.helpers.nats_server import NatsServer
+
+    exp = int(time.time()) + 3600
+    serial = iter(range(10**9))
+
+    def bearer() -> Iterator[str]:
+        while True:
+            yield f"Authorization: Bearer {jwt.encode({'sub': f'u{next(serial)}', 'exp': exp}, SECRET)}\r\n"
+
+    per: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    with TemporaryDirectory() as d:
+        server = NatsServer(Path(d) / "nats").start()
+        try:
+            for i in range(rounds):
+                for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                    peer = fanout_peer(extra_env={**GUARD_OFF, "WS_AUTH_SECRET": SECRET, "NATS_URL": server.url,
+                                                  "JS_STREAM_NAME": "BENCH_UL", "FANOUT_NODE_ID": f"bench-{mode}-{i}",
+                                                  "WS_USER_LIMIT_SCOPE": "cluster" if mode == "on" else "node"})
+                    peer.start()
+                    try:
+                        _wait_cluster(peer, mode == "on")
+                        port = _port(peer.ws_url)
+                        tokens = bearer()
+                        asyncio.run(handshakes(port, min(200, n), concurrency, tokens.__next__))   # warm-up
+                        heads = [next(tokens) for _ in range(n)]   # signed before the clock starts
+                        ok, bad, wall, used = asyncio.run(_storm(peer, port, n, concurrency, iter(heads).__next__, stay))
+                        if bad:
+                            raise RuntimeError(f"{bad} handshakes refused with the user limit {mode}")
+                        per[mode].append(ok / wall)
+                        cpu[mode].append(1000 * used / max(1, ok))
+                    finally:
+                        peer.stop()
+        finally:
+            server.kill()
+    on, off = statistics.median(per["on"]), statistics.median(per["off"])
+    return {"connections": "stay open" if stay else "closed after the 101",
+            "user_limit_handshakes_per_s_on": round(on), "user_limit_handshakes_per_s_off": round(off),
+            "ratio_on_off": round(on / off, 3),
+            "node_cpu_ms_per_handshake_on": round(statistics.median(cpu["on"]), 3),
+            "node_cpu_ms_per_handshake_off": round(statistics.median(cpu["off"]), 3),
+            "handshakes": n, "rounds": rounds, "samples": {k: [round(v) for v in vs] for k, vs in per.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--handshakes", type=int, default=3000)
@@ -178,7 +266,15 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--only", choices=("user-limit",), help="run only these rows")
     args = ap.parse_args()
+    if args.only == "user-limit":
+        ul = [run_user_limit(args.handshakes, args.concurrency, args.rounds, stay) for stay in (True, False)]
+        for row in ul:
+            print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"user_limit": ul}, indent=2))
+        return
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     exp = int(time.time()) + 3600
     rows = []
@@ -195,8 +291,11 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     guard = run_guard_cost(args.clients, args.messages, args.rounds)
     print(json.dumps(guard), flush=True)
+    ul = [run_user_limit(args.handshakes, args.concurrency, args.rounds, stay) for stay in (True, False)]
+    for row in ul:
+        print(json.dumps(row), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"handshakes": rows, "guard": guard}, indent=2))
+        args.json.write_text(json.dumps({"handshakes": rows, "guard": guard, "user_limit": ul}, indent=2))
 
 
 if __name__ == "__main__":

@@ -101,8 +101,11 @@ class Config:
     ws_max_pending_handshakes: int = _setting("WS_MAX_PENDING_HANDSHAKES", 1000, "connections still in their handshake (token checks included) beyond which new handshakes get 503", lo=1, hi=1_000_000)
     ws_max_concurrent_catchups: int = _setting("WS_MAX_CONCURRENT_CATCHUPS", 32, "history fetches from the broker (resume) running at once; more wait", lo=1, hi=100000)
     ws_catchup_wait: float = _setting("WS_CATCHUP_WAIT", 5.0, "seconds a resume waits for a history fetch slot; then it completes with complete:false", lo=0, hi=600, kind="duration")
-    ws_max_connections_per_user: int = _setting("WS_MAX_CONNECTIONS_PER_USER", 3, "connections one token sub may hold on this node (0 = no limit; without auth there is no user)", lo=0, hi=1_000_000)
+    ws_max_connections_per_user: int = _setting("WS_MAX_CONNECTIONS_PER_USER", 3, "connections one token sub may hold (0 = no limit; without auth there is no user); across all nodes or per node: WS_USER_LIMIT_SCOPE", lo=0, hi=1_000_000)
     ws_user_limit_policy: str = _setting("WS_USER_LIMIT_POLICY", "close_oldest", "over WS_MAX_CONNECTIONS_PER_USER: close_oldest (close 4002) or refuse_new (HTTP 429 + Retry-After)", choices=("close_oldest", "refuse_new"))
+    ws_user_limit_scope: str = _setting("WS_USER_LIMIT_SCOPE", "cluster", "where WS_MAX_CONNECTIONS_PER_USER counts: cluster = every node's connections through a JetStream KV bucket (JetStream mode; this node's own while NATS is away), node = this node's only (embedded mode is always node)", choices=("cluster", "node"))
+    ws_user_limit_bucket: str = _setting("WS_USER_LIMIT_BUCKET", "fanout_users", "JetStream KV bucket of the cluster-wide per-user count (one key per open connection; created in memory storage with WS_USER_LIMIT_TTL when missing)")
+    ws_user_limit_ttl: float = _setting("WS_USER_LIMIT_TTL", 30.0, "the bucket's TTL: a node writes its keys again every third of it; a dead node's connections stop counting within it", lo=3, hi=3600, kind="duration")
     ws_drain_seconds: float = _setting("WS_DRAIN_SECONDS", 10.0, "rolling drain window on SIGTERM or POST /drain: clients get a reconnect hint and 1001 spread over it (0 = all at once)", lo=0, hi=3600, kind="duration")
     ws_shutdown_timeout: float = _setting("WS_SHUTDOWN_TIMEOUT", 10.0, "seconds to flush and close clients on SIGTERM", lo=0, hi=3600, kind="duration")
     ws_throttle_enabled: bool = _setting("WS_THROTTLE_ENABLED", True, "degrade slow clients step by step (throttle_update) before closing them; false = close with 1008 after WS_SLOW_CLIENT_STRIKES")
@@ -337,6 +340,14 @@ def _check_nats_url(cfg: Config) -> str | None:
             return f"bad URL {url!r}: scheme must be one of {', '.join(s + '://' for s in _NATS_SCHEMES)}"
         if not parts.hostname:
             return f"bad URL {url!r}: no host"
+    return None
+
+
+@_check("WS_USER_LIMIT_BUCKET")
+def _check_user_bucket(cfg: Config) -> str | None:
+    # nats-py's bucket name rule (it becomes the stream KV_<bucket>).
+    if not re.fullmatch(r"[a-zA-Z0-9_-]+", cfg.ws_user_limit_bucket):
+        return f"invalid bucket name {cfg.ws_user_limit_bucket!r}: letters, digits, _ and - only"
     return None
 
 

@@ -106,6 +106,31 @@ class HistoryCollector:
         yield c
 
 
+USER_CONNECTION_BOUNDS = (1, 2, 3, 4, 5, 10)
+
+
+class UserLimitCollector:
+    """Users and connections per user as the per-user limit counts them (fanout/userlimit.py):
+    cluster-wide as this node sees them while the cluster count is in force, else this node's own."""
+
+    def __init__(self, per_user: Callable[[], list[int]]) -> None:
+        self._per_user = per_user
+
+    def collect(self) -> Iterator[Any]:
+        counts = self._per_user()
+        users = GaugeMetricFamily("fanout_user_limit_users",
+                                  "Users with an open connection, as the per-user limit counts them "
+                                  "(cluster-wide while fanout_user_limit_cluster is 1)")
+        users.add_metric([], len(counts))
+        yield users
+        h = GaugeHistogramMetricFamily("fanout_user_limit_connections_per_user",
+                                       "Users by their open connections, as the per-user limit counts them "
+                                       "(cluster-wide while fanout_user_limit_cluster is 1)")
+        buckets = [(str(b), sum(1 for c in counts if c <= b)) for b in USER_CONNECTION_BOUNDS]
+        h.add_metric([], buckets + [("+Inf", len(counts))], gsum_value=sum(counts))
+        yield h
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -160,6 +185,10 @@ class Metrics:
         self.catchup_fetches = Counter("fanout_catchup_fetches_total", "History reads from the broker for what the resume memory lacks on a catch-up's subjects", registry=r)
         self.catchup_wait_timeouts = Counter("fanout_catchup_wait_timeouts_total", "Resumes that gave up waiting for a history fetch slot (WS_MAX_CONCURRENT_CATCHUPS): complete false", registry=r)
         self.users = Gauge("fanout_users", "Distinct token subs with an open connection", registry=r)
+        # Per-user limit (fanout/userlimit.py); users and connections per user: UserLimitCollector.
+        self.user_limit_cluster = Gauge("fanout_user_limit_cluster", "1 while the per-user limit counts every node's connections (JetStream KV); 0 while it counts this node's own (WS_USER_LIMIT_SCOPE=node, embedded mode, or NATS away)", registry=r)
+        self.user_limit_evictions = Counter("fanout_user_limit_evictions_total", "Connections closed with 4002 by the per-user limit, by policy and where the closed one was (local: this node; remote: another node) - in cluster scope counted once, by the node holding the user's newest connection", ["policy", "where"], registry=r)
+        self.user_limit_kv_errors = Counter("fanout_user_limit_kv_errors_total", "Per-user limit KV writes that failed (retried)", ["op"], registry=r)
         self.cpu_percent = Gauge("fanout_cpu_percent", "Process CPU percent, one core = 100 (the guard's sample, every WS_GUARD_INTERVAL)", registry=r)
         self.memory_rss = Gauge("fanout_memory_rss_bytes", "Process resident memory (the guard's sample)", registry=r)
         # Throttling (names from the deployment plan).
@@ -178,6 +207,9 @@ class Metrics:
     def attach_client_lag(self, drops: Callable[[], dict[tuple[str, int], int]],
                           lag: Callable[[Any, Any], tuple[list[int], list[int], float, float]]) -> None:
         self.registry.register(ClientLagCollector(drops, lag))
+
+    def attach_user_limit(self, per_user: Callable[[], list[int]]) -> None:
+        self.registry.register(UserLimitCollector(per_user))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -43,6 +43,7 @@ from .protocol import reply
 from .ratelimit import TokenBucket
 from .session import Refusal, Session, State
 from .subjects import matches_any, subject_error
+from .userlimit import make_user_limiter
 
 __all__ = ["Server", "run"]
 
@@ -97,8 +98,10 @@ class Server:
         #: CPU, loop lag and memory: the brake, load shedding, memory shedding (fanout/guard.py).
         self.guard = Guard(cfg, self.metrics)
         self._next_guard = 0.0
-        #: Per-user registry (token sub -> open sessions, oldest first) for WS_MAX_CONNECTIONS_PER_USER.
-        self.users: dict[str, list[Session]] = {}
+        #: WS_MAX_CONNECTIONS_PER_USER, per node or cluster-wide (fanout/userlimit.py); ``users`` is
+        #: its registry of this node's sessions (token sub -> open sessions, oldest first).
+        self.user_limit = make_user_limiter(cfg, self.metrics, self.broker, users=self.auth is not None)
+        self.users: dict[str, list[Session]] = self.user_limit.local
         self.started = time.time()
         self._listener: socket.socket | None = None
         self._ops: asyncio.AbstractServer | None = None
@@ -133,6 +136,7 @@ class Server:
         if self.auth is not None:
             await self.auth.start()
         await self.broker.start(self.hub)
+        await self.user_limit.start(self.loop)
         self._ops = await serve_http(self.cfg.health_host, self.cfg.health_port, self._ops_request)
         self.health_port = self._ops.sockets[0].getsockname()[1]
         lsock = socket.create_server((self.cfg.ws_host, self.cfg.ws_port), backlog=4096, reuse_port=False)
@@ -177,16 +181,9 @@ class Server:
 
     def admit_user(self, claims: Claims) -> Refusal | None:
         """After the token check, before 101: WS_USER_LIMIT_POLICY=refuse_new refuses a user
-        already at WS_MAX_CONNECTIONS_PER_USER (HTTP 429). Per node: on N nodes behind a
-        load balancer a user may hold up to N times the limit."""
-        limit = self.cfg.ws_max_connections_per_user
-        if limit <= 0 or self.cfg.ws_user_limit_policy != "refuse_new":
-            return None
-        have = sum(1 for s in self.users.get(claims.sub, ()) if s.state is State.OPEN)
-        if have >= limit:
-            return (429, "user_limit", f"Too Many Requests: at most {limit} connections per user\n",
-                    random.randint(5, 15))
-        return None
+        already at WS_MAX_CONNECTIONS_PER_USER (HTTP 429), counted cluster-wide or on this
+        node (fanout/userlimit.py; a local lookup, never a wait on NATS)."""
+        return self.user_limit.admit(claims.sub)
 
     def opened(self, session: Session) -> None:
         self.open_count += 1
@@ -197,29 +194,10 @@ class Server:
 
     def _user_opened(self, session: Session, sub: str) -> None:
         """Register the session under its user; close_oldest closes the oldest over the limit (4002)."""
-        mine = self.users.setdefault(sub, [])
-        mine.append(session)
-        self.metrics.users.set(len(self.users))
-        limit = self.cfg.ws_max_connections_per_user
-        if limit <= 0 or self.cfg.ws_user_limit_policy != "close_oldest":
-            return
-        live = [s for s in mine if s.state is State.OPEN]
-        for old in live[:max(0, len(live) - limit)]:
-            event(logging.INFO, "per-user limit: oldest connection replaced", user=sub, client=old.id,
-                  new_client=session.id, limit=limit)
-            old.close(CloseCode.REPLACED, "replaced by a newer connection of this user")
+        self.user_limit.opened(session, sub)
 
     def _user_closed(self, session: Session, sub: str) -> None:
-        mine = self.users.get(sub)
-        if mine is None:
-            return
-        try:
-            mine.remove(session)
-        except ValueError:
-            return
-        if not mine:
-            del self.users[sub]
-        self.metrics.users.set(len(self.users))
+        self.user_limit.closed(session, sub)
 
     def closed(self, session: Session) -> None:
         if session not in self.sessions:
@@ -387,6 +365,10 @@ class Server:
         self._publishing = False
         deadline = time.monotonic() + self.cfg.ws_shutdown_timeout
         try:
+            await asyncio.wait_for(self.user_limit.stop(), max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            event(logging.WARNING, "per-user limit stop failed", error=str(exc))
+        try:
             await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
         except Exception as exc:
             event(logging.WARNING, "broker stop failed", error=str(exc))
@@ -421,6 +403,7 @@ class Server:
                                "connections": self.open_count,
                                "handshaking": len(self.sessions) - self.open_count, "epoch": self.hub.epoch,
                                "last_stream_seq": self.hub.last_stream_seq, **self.broker.status(),
+                               "user_limit": self.user_limit.status(),
                                "guard": {**self.guard.status(),
                                          "handshakes_pending": len(self.sessions) - self.open_count,
                                          "max_pending_handshakes": self.cfg.ws_max_pending_handshakes,

@@ -1,7 +1,8 @@
 """Per-user connection limits (WS_MAX_CONNECTIONS_PER_USER, WS_USER_LIMIT_POLICY)
 on a real node with token auth: the user is the token's ``sub``; the limit is
 per node. close_oldest closes the oldest with 4002; refuse_new answers the
-handshake with HTTP 429 + Retry-After. Another user is never affected."""
+handshake with HTTP 429 + Retry-After. Another user is never affected. (Across
+nodes, in JetStream mode: tests/jetstream/test_user_limit_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ async def test_close_oldest_replaces_the_oldest_with_4002(node_factory):
                 await a4.heartbeat()
                 await b1.heartbeat()
     assert node.metric("fanout_connections_closed_total", 'code="4002"') == 2
+    assert node.metric("fanout_user_limit_evictions_total", 'policy="close_oldest",where="local"') == 2
+    # Embedded mode counts per node (there is no cluster to count across).
+    health = json.loads(node.http("GET", "/health")[2])["user_limit"]
+    assert health["scope"] == "node" and health["cluster"] is False
+    assert node.metric("fanout_user_limit_cluster") == 0
     assert any(d.get("msg") == "per-user limit: oldest connection replaced" and d.get("user") == "alice"
                for d in node.lines)
 

@@ -164,6 +164,13 @@ class JetStreamBroker(Broker):
         """The last stream sequence this broker dispatched (or skipped as deleted or invalid)."""
         return self._pull.last
 
+    def connection(self) -> NATS | None:
+        """The NATS connection while it is connected, else None. The broker alone
+        opens, replaces and closes it; the cluster-wide per-user limit
+        (fanout/userlimit.py) borrows it for its KV bucket."""
+        nc = self._nc
+        return nc if nc is not None and nc.is_connected else None
+
     def pause_for(self, seconds: float) -> None:
         """Pause consumption (the resource guard, while the event loop lags); see PullConsumer.pause_for."""
         self._pull.pause_for(seconds)
