@@ -66,7 +66,7 @@ class Config:
     ws_client_queue_bytes: int = _setting("WS_CLIENT_QUEUE_BYTES", 262144, "per-client unsent byte limit before it counts as slow", lo=1024, hi=2**31)
     ws_slow_client_strikes: int = _setting("WS_SLOW_CLIENT_STRIKES", 3, "the least messages over the queue limit a throttle window must see besides its time, WS_THROTTLE_RAISE_SECONDS (the old name of the slow-client rule, still read: it used to be the whole rule, consecutive messages before a raise or a 1008)", lo=1, hi=1000)
     ws_slow_client_grace: float = _setting("WS_SLOW_CLIENT_GRACE", 2.0, "seconds a client may still fall behind (queue over its limit and not shrinking) at the heaviest throttle level, or with throttling off, before it is closed with 1008", lo=0.05, hi=3600, kind="duration")
-    ws_client_queue_hard_factor: int = _setting("WS_CLIENT_QUEUE_HARD_FACTOR", 8, "hard cap on a client's queue, in multiples of WS_CLIENT_QUEUE_BYTES: from one limit below it non-critical messages are dropped for that client; a message past it closes the client (1008)", lo=2, hi=1000)
+    ws_client_queue_hard_factor: int = _setting("WS_CLIENT_QUEUE_HARD_FACTOR", 8, "hard cap on a client's queue, in multiples of WS_CLIENT_QUEUE_BYTES: from half of it on, that client's non-critical messages are dropped (critical ones still queued); a message past it closes the client (1008) at once", lo=2, hi=1000)
     ws_replay_buffer: int = _setting("WS_REPLAY_BUFFER", 100, "data messages kept per client for replay", lo=1, hi=100000)
     ws_max_subscriptions: int = _setting("WS_MAX_SUBSCRIPTIONS", 256, "patterns one client may hold", lo=1, hi=100000)
     ws_control_rate: float = _setting("WS_CONTROL_RATE", 20.0, "client frames per second allowed (token bucket)", lo=0.1, hi=1e6)

@@ -116,7 +116,7 @@ cdef class Core:
     cdef readonly double raise_seconds  # a throttle window's length below the heaviest level
     cdef readonly double grace_seconds  # ... and at it (or with throttling off): then 1008
     cdef readonly Py_ssize_t hard_limit # a client's queue never grows past this (+ one message)
-    cdef Py_ssize_t soft_cap            # hard_limit - queue_limit: non-critical data dropped from here
+    cdef Py_ssize_t soft_cap            # hard_limit / 2: non-critical data dropped from here
     cdef double clock                   # fixed clock (tests, a hub on a fake clock) when fixed_clock
     cdef bint fixed_clock
     cdef int nwords

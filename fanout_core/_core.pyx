@@ -59,7 +59,7 @@ windows of time (``raise_seconds``, ``grace_seconds``; see
 shrink, and at the heaviest level (or with throttling off) it stops getting
 data and is reported by :meth:`Core.take_slow` (the caller closes it with
 1008). Its queue never holds more than ``hard_limit`` bytes plus one message:
-non-critical data is dropped from ``hard_limit - queue_limit`` on, and a
+non-critical data is dropped from half ``hard_limit`` on, and a
 message that passes ``hard_limit`` marks it slow at once.
 """
 
@@ -148,7 +148,7 @@ cdef class Core:
         self.raise_seconds = raise_seconds
         self.grace_seconds = grace_seconds
         self.hard_limit = hard_limit
-        self.soft_cap = hard_limit - queue_limit
+        self.soft_cap = hard_limit // 2
         self.fixed_clock = False
         self.clock = 0.0
         if not 1 <= flush_threads <= MAX_FLUSH_THREADS or parallel_min < 1:
@@ -579,8 +579,8 @@ cdef class Core:
                     self._mark_dirty(slot, c)
                     return 1
             elif c.queued >= self.soft_cap or not throttle_sample(self, c, m.priority):
-                # Sampled away, or a queue limit short of the hard cap (room
-                # kept for critical messages). A dropped message takes no
+                # Sampled away, or past half the hard cap (the other half
+                # is room for critical messages). A dropped message takes no
                 # seq: the client sees no false gap. It is still evidence.
                 count_drop(self, c, DROP_THROTTLED, m.priority)
                 throttle_check(self, slot, c, throttle_now(self, m))

@@ -79,7 +79,7 @@ cdef int throttle_check(Core self, int slot, Client *c, double now) except -1:
     ends the window. A stopped reader is thus closed about
     ``max_level * raise_seconds + grace_seconds`` after it passed the limit.
     A queue past ``hard_limit`` is closed at once (see _deliver: non-critical
-    data stops a queue limit before it)."""
+    data stops at half of it)."""
     if c.queued <= self.queue_limit:
         c.since = 0.0
         return 0
