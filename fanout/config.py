@@ -115,6 +115,7 @@ class Config:
     ws_priority_rules: str = _setting("WS_PRIORITY_RULES", "odin.token.*.metadata=low,odin.token.*.comment=medium,odin.token.*.update=high,odin.token.*.trade=critical", "subject pattern=priority rules for messages without a Fanout-Priority header (first match wins; default high)")
     ws_conflate_channels: str = _setting("WS_CONFLATE_CHANNELS", "", "subject patterns whose messages are latest-value state: for a throttled client a newer one replaces the older still queued (comma-separated)")
     ws_snapshot_max_subjects: int = _setting("WS_SNAPSHOT_MAX_SUBJECTS", 100000, "subjects whose newest message is kept for subscribe with snapshot:true (least recently updated evicted; 0 = off)", lo=0, hi=10_000_000)
+    ws_socket_notsent_lowat: int = _setting("WS_SOCKET_NOTSENT_LOWAT", 16384, "TCP_NOTSENT_LOWAT per client socket: unsent bytes the kernel holds beyond those in flight, so a slow reader's backlog stays in the node's queue, where throttling sees its real rate (0 = kernel default)", lo=0, hi=64 * 2**20)
     ws_socket_sndbuf: int = _setting("WS_SOCKET_SNDBUF", 262144, "SO_SNDBUF per client socket, so a stalled reader cannot hide megabytes in the kernel (0 = kernel autotuning)", lo=0, hi=64 * 2**20)
     # --- NATS / JetStream (set NATS_URL to use it; embedded bus otherwise) -----
     nats_url: str = _setting("NATS_URL", "", "NATS server URL(s), comma-separated (nats://, tls://, ws://, wss://); empty = embedded mode")

@@ -85,7 +85,7 @@ class ByteReader:
         self.replies: list[dict[str, Any]] = []
         self.close_code: int | None = None
 
-    def pump(self, allowance: int) -> int:
+    def pump(self, allowance: int, parse: bool = True) -> int:
         """Read at most ``allowance`` bytes (those there are), then parse them."""
         got = 0
         while got < allowance and not self.eof:
@@ -101,7 +101,7 @@ class ByteReader:
                 break
             self.data += chunk
             got += len(chunk)
-        if got:
+        if got and parse:
             self.parse()
         return got
 
@@ -192,8 +192,9 @@ class Pacer:
     bytes so far) every ``tick`` seconds, on one thread; a reader with no
     pace (or ``full`` set) reads all it can."""
 
-    def __init__(self, readers: list[ByteReader], stream: Stream, tick: float = 0.02) -> None:
+    def __init__(self, readers: list[ByteReader], stream: Stream, tick: float = 0.02, parse: bool = True) -> None:
         self.readers = readers
+        self.parse = parse          # False: the caller parses (r.parse()) when it looks
         self.stream = stream
         self.tick = tick
         self.full = False
@@ -208,9 +209,9 @@ class Pacer:
                 if r.eof:
                     continue
                 if r.pace is None or self.full:
-                    r.pump(1 << 24)
+                    r.pump(1 << 24, self.parse)
                 else:
-                    r.pump(int(r.pace * published) - len(r.data))
+                    r.pump(int(r.pace * published) - len(r.data), self.parse)
             time.sleep(self.tick)         # pacing the readers, not synchronisation
 
     def finish(self) -> None:
