@@ -114,8 +114,10 @@ def test_a_reader_the_heaviest_level_cannot_help_is_closed_in_bounded_time_and_m
         r.pace = None                       # read what is left, up to the close frame
         wait_for(lambda: r.closed, 10, "the close frame")
         pacer.finish()
-    # The documented bound: 3 windows and the grace time after its queue passed the limit.
-    assert over is not None and closed - over < 3 * RAISE + GRACE + 0.5, (closed - over, peak)
+    # The documented bound: 3 windows and the grace time after its queue passed the limit, a
+    # window ending at the first message (or periodic check, every second) after its time.
+    assert over is not None and closed - over < 3 * RAISE + GRACE + 1.5, (closed - over, peak)
+    print(f"closed {closed - over:.2f} s after passing the limit; peak queue {peak:.0f} B")
     assert peak <= HARD + FRAME + 200, peak                       # the hard cap holds its memory
     assert r.close_code == 1008
     # One step per level, and the last notice (level 3) reached it before the close.
