@@ -43,7 +43,11 @@ def steps(levels: list[int]) -> bool:
 
 
 def test_half_speed_reader_steps_up_comes_back_and_is_never_closed_a_fast_one_gets_all(node_factory):
-    node = node_factory(**ENV)
+    half_speed_scenario(node_factory(**ENV))
+
+
+def half_speed_scenario(node: Any) -> None:
+    """Also run against a JetStream node (tests/jetstream/test_throttle_js.py)."""
     fast = ByteReader(node.ws_port, [CH], None, rcvbuf=1 << 20)
     slow = ByteReader(node.ws_port, [CH], 0.5)
     subscribed(fast, slow)
@@ -174,8 +178,12 @@ def test_throttle_disabled_closes_a_stopped_reader_after_the_grace_time(node_fac
 
 
 def test_a_conflated_reader_at_30_percent_keeps_the_newest_value_of_every_subject(node_factory):
-    # 20 subjects of 4 KB: their newest values alone (80 KB) are more than the 64 KiB limit.
-    node = node_factory(**ENV, WS_CONFLATE_CHANNELS="odin.token.*.price")
+    conflated_scenario(node_factory(**ENV, WS_CONFLATE_CHANNELS="odin.token.*.price"))
+
+
+def conflated_scenario(node: Any) -> None:
+    """20 subjects of 4 KB: their newest values alone (80 KB) are more than the 64 KiB limit.
+    Also run against a JetStream node (tests/jetstream/test_throttle_js.py)."""
     subjects = [f"odin.token.t{i:02d}.price" for i in range(20)]
     r = ByteReader(node.ws_port, ["odin.token.*.price"], 0.3)
     subscribed(r)
