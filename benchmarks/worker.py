@@ -45,6 +45,7 @@ class WorkerConfig:
     slow_rcvbuf: int = 4096
     slow_pause_s: float = 2.0  # slow readers stop reading this long ...
     slow_read_s: float = 0.25  # ... then read this long, in a loop
+    slow_bps: int = 0          # > 0: slow readers read this many bytes/s instead (C engine), steadily
     connect_concurrency: int = 100
     connect_timeout: float = 15.0
     connect_retries: int = 2
@@ -322,6 +323,12 @@ class Worker:
         fills while paused)."""
         cfg = self.cfg
         eng = self.engine
+        tick = 0.05
+        while eng is not None and cfg.slow_bps > 0 and not self.stop.is_set():
+            # A steady reader at slow_bps: credit every tick, at most a few ticks' worth held.
+            for sl in list(self.slow_slots):
+                eng.credit(sl, int(cfg.slow_bps * tick), int(cfg.slow_bps * tick * 4))
+            await asyncio.sleep(tick)
         while eng is not None and not self.stop.is_set():
             slots = list(self.slow_slots)
             for sl in slots:
