@@ -50,12 +50,13 @@ cdef struct Client:
     uint8_t dirty             # already listed for the next flush
     uint8_t wbits             # permessage-deflate window bits; 0 = uncompressed
     uint8_t level             # throttle level 0..3
+    uint8_t over              # a throttle window is open (since, mark, lo valid): queue over the limit
     int strikes               # messages queued over the byte limit in the current window
     int credit                # throttle sampling budget (percent units)
     uint32_t dropped          # data messages not delivered since the last take_dropped()
     Py_ssize_t mark           # the window's reference: its lowest queue must go below this
     Py_ssize_t lo             # lowest queue size seen in the current window
-    double since              # when the current window began (0: under the limit, no window)
+    double since              # when the current window began
     int segcap
     Py_ssize_t alen
     Py_ssize_t acap

@@ -297,7 +297,7 @@ cdef class Core:
         cdef Client *c = self._check(slot)
         c.level = <uint8_t>level
         c.credit = 0
-        c.since = 0.0             # a new level: evidence starts again
+        c.over = 0                # a new level: evidence starts again
 
     def level(self, int slot):
         return self._check(slot).level
@@ -575,7 +575,7 @@ cdef class Core:
                     msg_compress(self, m, c.wbits)
                 if conflate_replace(self, c, m):
                     count_drop(self, c, DROP_CONFLATED, m.priority)
-                    throttle_check(self, slot, c, throttle_now(self, m))
+                    throttle_check(self, slot, c, m)
                     self._mark_dirty(slot, c)
                     return 1
             elif c.queued >= self.soft_cap or not throttle_sample(self, c, m.priority):
@@ -583,7 +583,7 @@ cdef class Core:
                 # is room for critical messages). A dropped message takes no
                 # seq: the client sees no false gap. It is still evidence.
                 count_drop(self, c, DROP_THROTTLED, m.priority)
-                throttle_check(self, slot, c, throttle_now(self, m))
+                throttle_check(self, slot, c, m)
                 return 0
         if c.ring == NULL:
             c.ring = <Msg **>calloc(self.replay_size, sizeof(Msg *))
@@ -598,7 +598,7 @@ cdef class Core:
         queue_data(self, c, c.seq, m)
         self.deliveries += 1
         if not catchup:
-            throttle_check(self, slot, c, throttle_now(self, m))
+            throttle_check(self, slot, c, m)
         self._mark_dirty(slot, c)
         return 1
 

@@ -63,7 +63,17 @@ cdef inline double throttle_now(Core self, Msg *m) noexcept:
     return self.clock if self.fixed_clock else m.t
 
 
-cdef int throttle_check(Core self, int slot, Client *c, double now) except -1:
+cdef inline int throttle_check(Core self, int slot, Client *c, Msg *m) except -1:
+    """After a live delivery (see throttle_over). The common case, a queue
+    under its limit with no window open, reads only the client's first cache
+    line."""
+    if c.queued <= self.queue_limit:
+        c.over = 0
+        return 0
+    return throttle_over(self, slot, c, throttle_now(self, m))
+
+
+cdef int throttle_over(Core self, int slot, Client *c, double now) except -1:
     """After a live delivery: the queue limit, the window of evidence, the hard cap.
 
     A client is behind while its queue holds more than ``queue_limit``. From
@@ -80,13 +90,10 @@ cdef int throttle_check(Core self, int slot, Client *c, double now) except -1:
     ``max_level * raise_seconds + grace_seconds`` after it passed the limit.
     A queue past ``hard_limit`` is closed at once (see _deliver: non-critical
     data stops at half of it)."""
-    if c.queued <= self.queue_limit:
-        c.since = 0.0
-        return 0
     if c.queued > self.hard_limit:
         throttle_mark_slow(self, slot, c)
         return 0
-    if c.since == 0.0:
+    if not c.over:
         throttle_window(c, now, c.queued)
     c.strikes += 1
     if c.queued < c.lo:
@@ -96,7 +103,8 @@ cdef int throttle_check(Core self, int slot, Client *c, double now) except -1:
 
 cdef inline void throttle_window(Client *c, double now, Py_ssize_t ref) noexcept:
     """Start a window of evidence, ``ref`` its reference queue size."""
-    c.since = now if now > 0.0 else 1e-9      # 0 means "no window"
+    c.over = 1
+    c.since = now
     c.mark = ref
     c.lo = c.queued
     c.strikes = 0
@@ -143,7 +151,7 @@ cdef int throttle_mark_slow(Core self, int slot, Client *c) except -1:
     if c.nodata:
         return 0
     c.nodata = 1
-    c.since = 0.0
+    c.over = 0
     self._slow.append(slot)
     self.slow_marked += 1
     return 0
@@ -160,9 +168,9 @@ cdef int throttle_sweep(Core self, double now) except -1:
         if not c.active or c.nodata:
             continue
         if c.queued <= self.queue_limit:
-            c.since = 0.0
+            c.over = 0
             continue
-        if c.since == 0.0:
+        if not c.over:
             throttle_window(c, now, c.queued)      # over by control replies alone, say
         elif c.queued < c.lo:
             c.lo = c.queued
