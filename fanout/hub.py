@@ -91,7 +91,8 @@ class Peer(Protocol):
         """A write failed: the connection is gone."""
 
     def on_slow(self) -> None:
-        """The client stayed over its queue limit; it gets no more data frames."""
+        """The client is still behind at the heaviest throttle level after the grace
+        time (or past the hard queue cap); it gets no more data frames."""
 
     def on_drained(self) -> None:
         """Everything queued was written (only after :meth:`Hub.watch_drain`)."""
