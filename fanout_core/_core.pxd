@@ -54,8 +54,7 @@ cdef struct Client:
     int strikes               # messages queued over the byte limit in the current window
     int credit                # throttle sampling budget (percent units)
     uint32_t dropped          # data messages not delivered since the last take_dropped()
-    Py_ssize_t mark           # the window's reference: its lowest queue must go below this
-    Py_ssize_t lo             # lowest queue size seen in the current window
+    Py_ssize_t mark           # the window's reference backlog (queue + the kernel's): judged against it
     double since              # when the current window began
     int segcap
     Py_ssize_t alen

@@ -57,6 +57,23 @@ cdef void count_drop(Core self, Client *c, int reason, int priority) noexcept:
     self.drops_by[reason][priority] += 1
 
 
+cdef extern from "sys/ioctl.h" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    unsigned long TIOCOUTQ                  # = SIOCOUTQ: bytes in a socket's send queue
+
+
+cdef Py_ssize_t throttle_backlog(Client *c) noexcept:
+    """What the client has yet to read: its queue here and its socket's send
+    queue in the kernel (one ioctl, at a window's start and end only). The
+    kernel part moves as the reader reads, byte by byte, where the queue here
+    moves only when the socket takes the next chunk: the sum shows the
+    reader's real rate within a window."""
+    cdef int outq = 0
+    if c.fd >= 0 and ioctl(c.fd, TIOCOUTQ, &outq) != 0:
+        outq = 0
+    return c.queued + outq
+
+
 cdef inline double throttle_now(Core self, Msg *m) noexcept:
     """The policy's clock: the time the message entered the core (one
     clock_gettime per message, already taken), or the fixed test clock."""
@@ -80,12 +97,11 @@ cdef int throttle_over(Core self, int slot, Client *c, double now) except -1:
     the first message over it, evidence is gathered in windows: a window
     lasts ``raise_seconds`` (``grace_seconds`` at the heaviest level, or with
     throttling off) and at least ``slow_strikes`` messages over the limit.
-    At its end the client is judged by the queue's trend: if the lowest
-    queue seen in the window went below the window's reference (the queue
-    when it went over the limit or changed level, else the previous window's
-    lowest), it drains at its level and a new window starts; if not, it goes
-    up one level (a new window, its reference the queue then), or at the
-    heaviest level it is marked slow (1008). A queue back under the limit
+    At its end the client is judged by its backlog's trend (its queue here
+    plus its socket's send queue, throttle_backlog): if the backlog is below
+    the window's reference (the backlog when the window began), it drains at
+    its level and a new window starts; if not, it goes up one level (a new
+    window), or at the heaviest level it is marked slow (1008). A queue back under the limit
     ends the window. A stopped reader is thus closed about
     ``max_level * raise_seconds + grace_seconds`` after it passed the limit.
     A queue past ``hard_limit`` is closed at once (see _deliver: non-critical
@@ -94,40 +110,40 @@ cdef int throttle_over(Core self, int slot, Client *c, double now) except -1:
         throttle_mark_slow(self, slot, c)
         return 0
     if not c.over:
-        throttle_window(c, now, c.queued)
+        throttle_window(c, now, throttle_backlog(c))
     c.strikes += 1
-    if c.queued < c.lo:
-        c.lo = c.queued
     return throttle_judge(self, slot, c, now, True)
 
 
 cdef inline void throttle_window(Client *c, double now, Py_ssize_t ref) noexcept:
-    """Start a window of evidence, ``ref`` its reference queue size."""
+    """Start a window of evidence, ``ref`` its reference backlog."""
     c.over = 1
     c.since = now
     c.mark = ref
-    c.lo = c.queued
     c.strikes = 0
 
 
 cdef int throttle_judge(Core self, int slot, Client *c, double now, bint live) except -1:
-    """The end of a window (see throttle_check); ``live``: a delivery, which
-    also needs ``slow_strikes`` messages (the periodic sweep does not: a
-    reader whose stream went quiet is judged by time alone)."""
+    """The end of a window (see throttle_check). A window needs its time and
+    ``slow_strikes`` messages; from the periodic sweep (``live`` false) a
+    window that lasted ``slow_strikes`` times its time without them ends
+    anyway: a reader whose stream went quiet is judged by time alone."""
     cdef bint top = not self.throttle_enabled or c.level >= self.max_level
-    if now - c.since < (self.grace_seconds if top else self.raise_seconds):
+    cdef double hold = self.grace_seconds if top else self.raise_seconds
+    if now - c.since < hold:
         return 0
-    if live and c.strikes < self.slow_strikes:
+    if c.strikes < self.slow_strikes and (live or now - c.since < hold * self.slow_strikes):
         return 0
-    if c.lo < c.mark or (c.level and c.queued - conflated_bytes(c) <= self.queue_limit):
+    cdef Py_ssize_t backlog = throttle_backlog(c)
+    if backlog < c.mark or (c.level and c.queued - conflated_bytes(c) <= self.queue_limit):
         # Draining at this level; or (throttled, so conflating) over the limit
         # only by conflated state, one newest version per subject replaced in
         # place: not behind.
-        throttle_window(c, now, c.lo)
+        throttle_window(c, now, backlog)
     elif not top:
         c.level += 1
         c.credit = 0
-        throttle_window(c, now, c.queued)
+        throttle_window(c, now, backlog)
         self._raised.append(slot)
         self.level_raises += 1
     else:
@@ -171,8 +187,7 @@ cdef int throttle_sweep(Core self, double now) except -1:
             c.over = 0
             continue
         if not c.over:
-            throttle_window(c, now, c.queued)      # over by control replies alone, say
-        elif c.queued < c.lo:
-            c.lo = c.queued
-        throttle_judge(self, s, c, now, False)
+            throttle_window(c, now, throttle_backlog(c))   # over by control replies alone, say
+        else:
+            throttle_judge(self, s, c, now, False)
     return 0

@@ -195,12 +195,14 @@ async def test_replies_over_the_queue_limit_count_like_data(hub):
     for _ in range(20):
         hub.reply(s, b'{"type":"error","pad":"' + b"x" * 1000 + b'"}')
     assert hub.queued(s) > hub.cfg.ws_client_queue_bytes and p.calls == []
-    for _ in range(40):
+    for _ in range(80):
         hub.clock.advance(0.25)
         hub.throttle_tick(hub.clock())
         if p.calls:
             break
     assert p.calls == ["slow"] and hub.throttle_level(s) == 3
+    # No messages: a window ends after 3 (WS_SLOW_CLIENT_STRIKES) times its time, from the first tick.
+    assert hub.clock() - 1000.0 == pytest.approx(0.25 + 3 * 3 * 1.0 + 3 * 2.0)
 
 
 async def test_subscription_limit_splits_accepted_and_refused():
