@@ -323,12 +323,15 @@ class Worker:
         fills while paused)."""
         cfg = self.cfg
         eng = self.engine
-        tick = 0.05
+        last = time.monotonic()
         while eng is not None and cfg.slow_bps > 0 and not self.stop.is_set():
-            # A steady reader at slow_bps: credit every tick, at most a few ticks' worth held.
+            # A steady reader at slow_bps: credit for the time that passed (a stall of this
+            # process does not make it slower), at most a second's worth held.
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
             for sl in list(self.slow_slots):
-                eng.credit(sl, int(cfg.slow_bps * tick), int(cfg.slow_bps * tick * 4))
-            await asyncio.sleep(tick)
+                eng.credit(sl, int(cfg.slow_bps * (now - last)), cfg.slow_bps)
+            last = now
         while eng is not None and not self.stop.is_set():
             slots = list(self.slow_slots)
             for sl in slots:
