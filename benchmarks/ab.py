@@ -98,6 +98,7 @@ def run_once(v: Variant, connections: int, rate: float, duration: float, extra: 
             time.sleep(0.05)
         t = proc.cpu_times()
         cpu = t.user + t.system - (cpu0 if cpu0 is not None else 0.0)
+        counters = _counters(ops)
         with open(out) as fh:
             s = json.load(fh)
         os.unlink(out)
@@ -114,7 +115,26 @@ def run_once(v: Variant, connections: int, rate: float, duration: float, extra: 
             "cpu_s_per_m": round(cpu / max(1, received) * 1e6, 3),
             "p50_ms": fast.get("p50_ms"), "p99_ms": fast.get("p99_ms"),
             "fast_received": fast.get("received"), "fast_expected": expected,
-            "gaps": s.get("gaps"), "dups": s.get("dups"), "open": s.get("open")}
+            "gaps": s.get("gaps"), "dups": s.get("dups"), "open": s.get("open"), **counters}
+
+
+def _counters(ops: int) -> dict[str, int]:
+    """What throttling did over the run: level changes (up and down), drops, 1008 closes."""
+    want = {"fanout_throttle_raises_total": "level_raises", "fanout_throttled_drops_total": "throttled_drops",
+            "fanout_slow_clients_total": "slow_closed"}
+    out = {v: 0 for v in want.values()}
+    out["level_changes"] = 0
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                if name in want:
+                    out[want[name]] = int(float(value))
+                elif name.startswith("ws_throttle_transitions_total{"):
+                    out["level_changes"] += int(float(line.rsplit(" ", 1)[1]))
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def compare(a: Variant, b: Variant, connections: int, rate: float, duration: float, rounds: int,
@@ -144,8 +164,16 @@ def preset(name: str, args: argparse.Namespace) -> tuple[Variant, Variant, list[
         return (Variant("throttle off", env={"WS_THROTTLE_ENABLED": "false"}),
                 Variant("throttle on", env={"WS_THROTTLE_ENABLED": "true"}), [])
     if name == "slow-readers":
-        return (Variant("no slow readers"),
-                Variant("1% slow readers", loadgen=["--slow-share", "0.01", "--slow-rcvbuf", "4096"]), [])
+        # Slow enough to be throttled: a steady 35 % of their stream's bytes (one hot
+        # subject at --rate, --payload-size 200 plus ~110 B of envelope); between the
+        # heaviest level's 25 % and level 2's 50 %, so they are held at levels 2-3.
+        # At 30 msg/s such a reader falls behind by ~6 KB/s: the default 256 KiB queue
+        # limit would take 40 s to reach, so both variants run with 32 KiB (~5 s).
+        bps = int(0.35 * args.rate * (200 + 110))
+        env = {"WS_CLIENT_QUEUE_BYTES": "32768"}
+        return (Variant("no slow readers", env=env),
+                Variant("1% slow readers", env=env, loadgen=["--slow-share", "0.01", "--slow-rcvbuf", "4096",
+                                                             "--slow-bps", str(bps)]), [])
     if name == "guard-cost":
         off = {"WS_CPU_REJECT_THRESHOLD": "0", "WS_CPU_THROTTLE_THRESHOLD": "0", "WS_MAX_LOOP_LAG_MS": "0",
                "WS_MEMORY_REJECT_PERCENT": "0", "WS_MEMORY_SHED_PERCENT": "0"}

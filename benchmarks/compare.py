@@ -50,7 +50,17 @@ class Scenario:
     size: int = 200
     deflate: bool = False
     slow_share: float = 0.0
+    slow_pace: float = 0.35  # slow readers read this share of their stream's bytes, steadily
     group: str = ""  # which plot it belongs to ("conns", "load")
+
+    def slow_bps(self) -> int:
+        """Bytes/s a slow reader reads: ``slow_pace`` of what one client of the
+        scenario gets (deliveries per client x frame size, ~110 B of envelope).
+        0.35 is below level 2's 50 % and above level 3's 25 %: really throttled,
+        held at the heaviest levels, not closed."""
+        if not self.slow_share:
+            return 0
+        return int(self.slow_pace * self.offered() / self.connections * (self.size + 110))
 
     def offered(self) -> float:
         """Deliveries per second offered (rate x subscribers per message)."""
@@ -144,7 +154,7 @@ async def run_scenario(peer: Peer, sc: Scenario, duration: float, *, engine: str
                            "rate": sc.rate, "size": sc.size, "deflate": sc.deflate, "dist": sc.dist.kind,
                            "slow_share": sc.slow_share, "offered_per_s": round(sc.offered())}
     cfg = LoadConfig(url=peer.ws_url, connections=sc.connections, proto=peer.proto, dist=sc.dist,
-                     deflate=sc.deflate, slow_share=sc.slow_share, engine=engine)
+                     deflate=sc.deflate, slow_share=sc.slow_share, slow_bps=sc.slow_bps(), engine=engine)
     lg = LoadGen(cfg)
     rss0 = peer.rss_bytes()
     await lg.start()
@@ -193,6 +203,10 @@ async def run_scenario(peer: Peer, sc: Scenario, duration: float, *, engine: str
             # Frames per sendmsg() (includes pings and control frames: a handful).
             row["frames_per_send"] = round((fc1["deliveries"] - fc0["deliveries"])
                                            / (fc1["send_calls"] - fc0["send_calls"]), 2)
+        if fc0 and fc1 and sc.slow_share:
+            # What the slow readers caused: throttle level changes, messages dropped, 1008 closes.
+            for key in ("level_raises", "throttled_drops", "slow_closed"):
+                row[key] = int(fc1.get(key, 0) - fc0.get(key, 0))
         pcpu = self_cpu() - pcpu0
         busy1 = machine_busy()
         busy, softirq = busy1[0] - busy0[0], busy1[1] - busy0[1]

@@ -56,6 +56,7 @@ class LoadConfig:
     slow_rcvbuf: int = 4096
     slow_pause_s: float = 2.0
     slow_read_s: float = 0.25
+    slow_bps: int = 0
     workers: int = 0  # 0: enough for per_worker, and at least min(2, cores)
     per_worker: int = 5000
     connect_concurrency: int = 100  # handshakes in flight per worker
@@ -152,6 +153,7 @@ class LoadGen:
             slow_rcvbuf=self.cfg.slow_rcvbuf,
             slow_pause_s=self.cfg.slow_pause_s,
             slow_read_s=self.cfg.slow_read_s,
+            slow_bps=self.cfg.slow_bps,
             connect_concurrency=self.cfg.connect_concurrency,
             connect_timeout=self.cfg.connect_timeout,
             engine=self.cfg.engine,
@@ -329,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-rcvbuf", type=int, default=4096)
     p.add_argument("--slow-pause", type=float, default=2.0)
     p.add_argument("--slow-read", type=float, default=0.25)
+    p.add_argument("--slow-bps", type=int, default=0,
+                   help="slow readers read this many bytes/s, steadily (C engine), instead of pausing")
     p.add_argument("--engine", choices=("c", "py"), default=_env("LOADGEN_ENGINE", "c"),
                    help="receive engine: compiled (default) or pure Python")
     p.add_argument("--workers", type=int, default=0)
@@ -367,6 +371,7 @@ async def sustained(args: argparse.Namespace) -> dict[str, Any]:
         slow_rcvbuf=args.slow_rcvbuf,
         slow_pause_s=args.slow_pause,
         slow_read_s=args.slow_read,
+        slow_bps=args.slow_bps,
         workers=args.workers,
         per_worker=args.per_worker,
         engine=args.engine,

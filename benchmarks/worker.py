@@ -45,6 +45,7 @@ class WorkerConfig:
     slow_rcvbuf: int = 4096
     slow_pause_s: float = 2.0  # slow readers stop reading this long ...
     slow_read_s: float = 0.25  # ... then read this long, in a loop
+    slow_bps: int = 0          # > 0: slow readers read this many bytes/s instead (C engine), steadily
     connect_concurrency: int = 100
     connect_timeout: float = 15.0
     connect_retries: int = 2
@@ -322,6 +323,15 @@ class Worker:
         fills while paused)."""
         cfg = self.cfg
         eng = self.engine
+        last = time.monotonic()
+        while eng is not None and cfg.slow_bps > 0 and not self.stop.is_set():
+            # A steady reader at slow_bps: credit for the time that passed (a stall of this
+            # process does not make it slower), at most a second's worth held.
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for sl in list(self.slow_slots):
+                eng.credit(sl, int(cfg.slow_bps * (now - last)), cfg.slow_bps)
+            last = now
         while eng is not None and not self.stop.is_set():
             slots = list(self.slow_slots)
             for sl in slots:

@@ -15,10 +15,14 @@ stayed over its queue limit; the hub passes each on to the slot's peer, plus
 :class:`~fanout.session.Session`) owns its socket, its fd registrations and its
 close; the hub never touches either.
 
-Backpressure: a client's queue may grow up to ``WS_CLIENT_QUEUE_BYTES``; a
-client over it for ``WS_SLOW_CLIENT_STRIKES`` consecutive messages, or over it
-after a control reply (a client that does not read its replies is slow like
-any other), is reported with :meth:`Peer.on_slow`.
+Backpressure: a client's queue may grow up to ``WS_CLIENT_QUEUE_BYTES``; over
+it, the core judges it over windows of time (``WS_THROTTLE_RAISE_SECONDS``):
+up one throttle level while its queue does not shrink, and a client still
+falling behind at the heaviest level for ``WS_SLOW_CLIENT_GRACE`` (or whose
+queue passes the hard cap, ``WS_CLIENT_QUEUE_HARD_FACTOR`` limits) is
+reported with :meth:`Peer.on_slow`. Control replies count like data: a
+client that does not read them is judged by the same rule (the periodic
+:meth:`Hub.throttle_tick` judges queues that get no more messages).
 
 Catch-up (``resume`` and ``replay``) is paced by the client's socket: history
 goes into the queue only while it holds less than half the queue limit, the
@@ -87,7 +91,8 @@ class Peer(Protocol):
         """A write failed: the connection is gone."""
 
     def on_slow(self) -> None:
-        """The client stayed over its queue limit; it gets no more data frames."""
+        """The client is still behind at the heaviest throttle level after the grace
+        time (or past the hard queue cap); it gets no more data frames."""
 
     def on_drained(self) -> None:
         """Everything queued was written (only after :meth:`Hub.watch_drain`)."""
@@ -133,11 +138,17 @@ class Hub:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
+        # The core's throttle windows run on CLOCK_MONOTONIC (time.monotonic); any other
+        # clock (a test's fake one) is handed to the core before each use.
+        self._core_clock = clock is not time.monotonic
         self.core = Core(
             cfg.ws_max_connections,
             replay_size=cfg.ws_replay_buffer,
             queue_limit=cfg.ws_client_queue_bytes,
             slow_strikes=cfg.ws_slow_client_strikes,
+            raise_seconds=cfg.ws_throttle_raise_seconds,
+            grace_seconds=cfg.ws_slow_client_grace,
+            hard_limit=cfg.ws_client_queue_bytes * cfg.ws_client_queue_hard_factor,
             throttle_percents=cfg.throttle_percents,
             throttle=cfg.ws_throttle_enabled,
             max_level=cfg.ws_throttle_max_level,
@@ -310,9 +321,15 @@ class Hub:
             return
         subjects, tails, prios = self._pending_subjects, self._pending_tails, self._pending_priorities
         self._pending_subjects, self._pending_tails, self._pending_priorities = [], [], []
+        if self._core_clock:
+            self.core.set_clock(self.clock())
         t0 = time.perf_counter()
         self.core.publish_batch(subjects, tails, prios)
         self.metrics.dispatch_seconds.observe((time.perf_counter() - t0) / len(subjects))
+        self._take_reports()
+
+    def _take_reports(self) -> None:
+        """Tell the peers what the core decided: level raises (a notice each), slow clients."""
         if self.core.level_raises != self._raises_seen:
             self._raises_seen = self.core.level_raises
             for slot in self.core.take_raised():       # one entry per one-step raise, in order
@@ -345,7 +362,8 @@ class Hub:
 
     def _notify(self, slot: int, level: int, message: str, **extra: str) -> None:
         """Queue a ``throttle_update`` past the queue limit on purpose: the client
-        must learn it, in order with its data."""
+        must learn it, in order with its data (a 1008 close keeps it: the core's
+        truncate drops data frames only)."""
         self.core.send_text(slot, reply("throttle_update", None, level=level,
                                         rate_percent=self.cfg.throttle_percents[level],
                                         dropped=int(self.core.take_dropped(slot)), message=message, **extra))
@@ -364,8 +382,15 @@ class Hub:
         self.metrics.throttled_heavy.set(counts[3])
 
     def throttle_tick(self, now: float) -> None:
-        """Periodic: a throttled client that kept up (queue under its limit) for
+        """Periodic: the core judges the queues over their limit as they are now
+        (a reader whose stream went quiet is still raised or closed in time);
+        a throttled client that kept up (queue under its limit) for
         WS_THROTTLE_RECOVERY_SECONDS goes down one level; one over it restarts the wait."""
+        self.publish_pending()
+        if self._core_clock:
+            self.core.set_clock(now)
+        self.core.throttle_tick()
+        self._take_reports()
         limit = self.cfg.ws_client_queue_bytes
         recovery = self.cfg.ws_throttle_recovery_seconds
         for slot, (level, since) in list(self._throttled.items()):
@@ -505,7 +530,9 @@ class Hub:
         self.publish_pending()
         self.core.send_text(slot, payload)
         self.schedule_flush()
-        if self.core.queued(slot) > self.cfg.ws_client_queue_bytes:
+        # Over the queue limit a reply counts like data: the throttle windows (and
+        # throttle_tick) judge it; only past the hard cap is it closed at once.
+        if self.core.queued(slot) > self.core.hard_limit:
             peer = self._peers[slot]
             if peer is not None:
                 peer.on_slow()

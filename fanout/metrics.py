@@ -31,7 +31,7 @@ _CORE = {
     "send_calls": ("fanout_send_syscalls_total", "send() calls made to client sockets", "counter"),
     "send_blocked": ("fanout_send_blocked_total", "send() calls that found a full socket buffer", "counter"),
     "route_misses": ("fanout_route_cache_misses_total", "Subjects whose recipient set had to be computed", "counter"),
-    "slow_marked": ("fanout_slow_clients_total", "Clients over their queue limit for too many messages", "counter"),
+    "slow_marked": ("fanout_slow_clients_total", "Clients closed as too slow (1008): still behind at the heaviest throttle level for WS_SLOW_CLIENT_GRACE, or past the hard queue cap", "counter"),
     "compressions": ("fanout_compressions_total", "Message bodies deflated (once per message and window size)", "counter"),
     "patterns": ("fanout_subscription_patterns", "Distinct subscribed patterns", "gauge"),
     "routes": ("fanout_route_cache_subjects", "Subjects in the recipient cache", "gauge"),

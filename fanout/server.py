@@ -45,6 +45,9 @@ from .session import Refusal, Session, State
 from .subjects import matches_any, subject_error
 from .userlimit import make_user_limiter
 
+#: Linux's TCP_NOTSENT_LOWAT (the socket module names it only where the platform has it).
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
 __all__ = ["Server", "run"]
 
 SHED_MIN_BYTES = 65536     # a client with less queued is not worth closing for memory
@@ -234,6 +237,11 @@ class Server:
                 # Bounded kernel buffering: a stalled reader shows up in our
                 # queue (and its throttle level) instead of in kernel memory.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.cfg.ws_socket_sndbuf)
+            if self.cfg.ws_socket_notsent_lowat:
+                # Little unsent data in the kernel: the reader's real rate shows
+                # in our queue within a window (fine-grained writable events,
+                # not a third of SO_SNDBUF at a time), which throttling judges.
+                conn.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, self.cfg.ws_socket_notsent_lowat)
             self.sessions.add(Session(self, conn, addr))
             self._empty.clear()
 

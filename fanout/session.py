@@ -608,7 +608,9 @@ class Session:
         self.abort(why)
 
     def on_slow(self) -> None:
-        """Over the queue limit: drop what was not begun, close with 1008."""
+        """Still behind at the heaviest throttle level (or past the hard queue cap):
+        drop the data frames not begun (control frames, the last throttle_update
+        among them, are kept so the client learns why), close with 1008."""
         if self.slot is None or self.closing:
             return
         dropped = self.hub.discard_queued(self.slot)

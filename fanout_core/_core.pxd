@@ -50,10 +50,12 @@ cdef struct Client:
     uint8_t dirty             # already listed for the next flush
     uint8_t wbits             # permessage-deflate window bits; 0 = uncompressed
     uint8_t level             # throttle level 0..3
-    int strikes               # consecutive messages enqueued over the byte limit
+    uint8_t over              # a throttle window is open (since, mark, lo valid): queue over the limit
+    int strikes               # messages queued over the byte limit in the current window
     int credit                # throttle sampling budget (percent units)
     uint32_t dropped          # data messages not delivered since the last take_dropped()
-    Py_ssize_t mark           # queue size at the last level change: strikes count above it
+    Py_ssize_t mark           # the window's reference backlog (queue + the kernel's): judged against it
+    double since              # when the current window began
     int segcap
     Py_ssize_t alen
     Py_ssize_t acap
@@ -111,6 +113,12 @@ cdef class Core:
     cdef readonly int replay_size
     cdef readonly Py_ssize_t queue_limit
     cdef readonly int slow_strikes
+    cdef readonly double raise_seconds  # a throttle window's length below the heaviest level
+    cdef readonly double grace_seconds  # ... and at it (or with throttling off): then 1008
+    cdef readonly Py_ssize_t hard_limit # a client's queue never grows past this (+ one message)
+    cdef Py_ssize_t soft_cap            # hard_limit / 2: non-critical data dropped from here
+    cdef double clock                   # fixed clock (tests, a hub on a fake clock) when fixed_clock
+    cdef bint fixed_clock
     cdef int nwords
     cdef int *dirty
     cdef int ndirty

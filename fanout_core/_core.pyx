@@ -53,9 +53,14 @@ the flush threads), ``routes.pxi`` (patterns and the route cache),
 ``throttle.pxi`` (the throttle and conflation policy). This file holds the
 ``Core`` class: the Python-facing API and the match-and-enqueue loops.
 
-Limits: a client's queue grows past ``queue_limit`` only for ``slow_strikes``
-consecutive messages; then the client stops getting data and is reported by
-:meth:`Core.take_slow` (the caller closes it with 1008, or later throttles it).
+Limits: a client whose queue stays over ``queue_limit`` is judged over
+windows of time (``raise_seconds``, ``grace_seconds``; see
+``throttle_check`` in throttle.pxi): up one level while its queue does not
+shrink, and at the heaviest level (or with throttling off) it stops getting
+data and is reported by :meth:`Core.take_slow` (the caller closes it with
+1008). Its queue never holds more than ``hard_limit`` bytes plus one message:
+non-critical data is dropped from half ``hard_limit`` on, and a
+message that passes ``hard_limit`` marks it slow at once.
 """
 
 from libc.stdlib cimport malloc, calloc, realloc, free
@@ -130,9 +135,22 @@ cdef class Core:
     def __cinit__(self, int capacity, int replay_size=100, Py_ssize_t queue_limit=262144,
                   int slow_strikes=3, int max_routes=65536, int compress_level=6,
                   throttle_percents=(100, 75, 50, 25), bint throttle=False, int max_level=3,
-                  conflate=(), int flush_threads=1, int parallel_min=PARALLEL_MIN):
+                  conflate=(), int flush_threads=1, int parallel_min=PARALLEL_MIN,
+                  double raise_seconds=0.5, double grace_seconds=2.0, Py_ssize_t hard_limit=0):
         if capacity < 1 or replay_size < 1 or queue_limit < 1 or slow_strikes < 1:
             raise ValueError("capacity, replay_size, queue_limit and slow_strikes must be >= 1")
+        if raise_seconds < 0 or grace_seconds < 0:
+            raise ValueError("raise_seconds and grace_seconds must be >= 0")
+        if hard_limit == 0:
+            hard_limit = 8 * queue_limit
+        if hard_limit < 2 * queue_limit:
+            raise ValueError("hard_limit must be at least twice queue_limit (0: 8 times)")
+        self.raise_seconds = raise_seconds
+        self.grace_seconds = grace_seconds
+        self.hard_limit = hard_limit
+        self.soft_cap = hard_limit // 2
+        self.fixed_clock = False
+        self.clock = 0.0
         if not 1 <= flush_threads <= MAX_FLUSH_THREADS or parallel_min < 1:
             raise ValueError(f"flush_threads must be 1..{MAX_FLUSH_THREADS} and parallel_min >= 1")
         self.flush_threads = flush_threads
@@ -279,11 +297,27 @@ cdef class Core:
         cdef Client *c = self._check(slot)
         c.level = <uint8_t>level
         c.credit = 0
-        c.strikes = 0
-        c.mark = c.queued if level else 0
+        c.over = 0                # a new level: evidence starts again
 
     def level(self, int slot):
         return self._check(slot).level
+
+    def set_clock(self, now):
+        """Fix the throttle policy's clock at ``now`` (seconds; tests, or a hub
+        on a fake clock), or with None go back to CLOCK_MONOTONIC."""
+        if now is None:
+            self.fixed_clock = False
+        else:
+            self.fixed_clock = True
+            self.clock = float(now)
+
+    def throttle_tick(self):
+        """Judge every client whose queue is over the limit on the queue as it
+        is now (periodic: a reader whose stream went quiet is still raised or
+        closed in time). Raises and slow clients are reported as after a
+        publish (take_raised, take_slow)."""
+        self._idle()
+        throttle_sweep(self, self.clock if self.fixed_clock else mono_now())
 
     def take_raised(self):
         """Slots whose throttle level the core raised (one step each) since the
@@ -343,7 +377,8 @@ cdef class Core:
         return qb, ab, qsum, asum
 
     def take_slow(self):
-        """Slots that stayed over the queue limit for ``slow_strikes`` messages.
+        """Slots still behind at the heaviest level after the grace time, or
+        past the hard limit (see the module docstring).
 
         They get no more data; the caller decides what to do (close with 1008).
         """
@@ -532,7 +567,7 @@ cdef class Core:
         if self.shed_low and m.priority == 0 and not catchup:
             count_drop(self, c, DROP_THROTTLED, 0)
             return 0
-        if c.level and m.priority < PRIORITY_CRITICAL and not catchup:
+        if (c.level or c.queued >= self.soft_cap) and m.priority < PRIORITY_CRITICAL and not catchup:
             if m.conflate:
                 # Latest value per subject: never sampled away (it may be the
                 # newest), but it replaces an older version still queued.
@@ -540,11 +575,15 @@ cdef class Core:
                     msg_compress(self, m, c.wbits)
                 if conflate_replace(self, c, m):
                     count_drop(self, c, DROP_CONFLATED, m.priority)
+                    throttle_check(self, slot, c, m)
                     self._mark_dirty(slot, c)
                     return 1
-            elif not throttle_sample(self, c, m.priority):
-                # A dropped message takes no seq: the client sees no false gap.
+            elif c.queued >= self.soft_cap or not throttle_sample(self, c, m.priority):
+                # Sampled away, or past half the hard cap (the other half
+                # is room for critical messages). A dropped message takes no
+                # seq: the client sees no false gap. It is still evidence.
                 count_drop(self, c, DROP_THROTTLED, m.priority)
+                throttle_check(self, slot, c, m)
                 return 0
         if c.ring == NULL:
             c.ring = <Msg **>calloc(self.replay_size, sizeof(Msg *))
@@ -559,7 +598,7 @@ cdef class Core:
         queue_data(self, c, c.seq, m)
         self.deliveries += 1
         if not catchup:
-            throttle_strike(self, slot, c)
+            throttle_check(self, slot, c, m)
         self._mark_dirty(slot, c)
         return 1
 
@@ -627,19 +666,25 @@ cdef class Core:
                 self._mark_dirty(s, c)
 
     def truncate(self, int slot):
-        """Drop queued frames not yet begun (keep the one partly written), e.g.
-        before a 1008 close of a slow client. Returns the bytes dropped."""
+        """Drop the queued data frames not yet begun (keep the one partly
+        written, and every control frame: replies, throttle_update notices,
+        pongs), e.g. before a 1008 close of a slow client, so the client can
+        still learn why. Returns the bytes dropped."""
         cdef Client *c = self._check(slot)
-        cdef int i, cut
+        cdef int i, cut, keep
         cdef Py_ssize_t dropped = 0
         cut = c.shead + 1 if c.sdone > 0 else c.shead
         while cut < c.nseg and not seg_boundary(&c.segs[cut]):
             cut += 1
-        for i in range(cut, c.nseg):
-            dropped += seg_len(c, &c.segs[i])
+        keep = cut if cut > c.shead else c.shead
+        for i in range(keep, c.nseg):
             if c.segs[i].m != NULL:
+                dropped += seg_len(c, &c.segs[i])
                 msg_decref(c.segs[i].m)
-        c.nseg = cut if cut > c.shead else c.shead
+            else:
+                c.segs[keep] = c.segs[i]        # inline: its arena bytes stay where they are
+                keep += 1
+        c.nseg = keep
         c.queued -= dropped
         if c.shead == c.nseg:
             clear_queue(c)

@@ -77,6 +77,7 @@ def load() -> ctypes.CDLL:
     lib.eng_state.restype = i
     lib.eng_state.argtypes = [vp, i]
     lib.eng_pause.argtypes = [vp, i, i]
+    lib.eng_credit.argtypes = [vp, i, ctypes.c_int64, ctypes.c_int64]
     lib.eng_close.argtypes = [vp, i, i]
     lib.eng_open_count.restype = i
     lib.eng_open_count.argtypes = [vp]
@@ -122,6 +123,10 @@ class Engine:
 
     def pause(self, slot: int, paused: bool) -> None:
         self.lib.eng_pause(self.ptr, slot, 1 if paused else 0)
+
+    def credit(self, slot: int, nbytes: int, cap: int) -> None:
+        """Let a (slow) reader read ``nbytes`` more, its credit capped at ``cap``."""
+        self.lib.eng_credit(self.ptr, slot, nbytes, cap)
 
     def close(self, slot: int, code: int = 1000) -> None:
         self.lib.eng_close(self.ptr, slot, code)

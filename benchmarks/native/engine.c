@@ -64,6 +64,8 @@ typedef struct {
 typedef struct {
     int fd, slot;
     int flags, state, paused;
+    int metered;         /* reads only the bytes eng_credit gave it (slow readers at a set rate) */
+    int64_t credit;
     int frag_active, frag_comp, frag_op;
     int64_t next_seq;
     buf_t in;    /* incomplete WebSocket frame bytes */
@@ -485,6 +487,25 @@ void eng_pause(eng_t *e, int slot, int paused) {
     pthread_mutex_unlock(&e->mu);
 }
 
+/* A metered reader: may read `bytes` more (then it pauses until the next
+ * credit). The credit is capped at `cap`, so a reader that got nothing to
+ * read for a while does not then read a burst. */
+void eng_credit(eng_t *e, int slot, int64_t bytes, int64_t cap) {
+    pthread_mutex_lock(&e->mu);
+    conn_t *c = slot < e->nconns ? e->conns[slot] : NULL;
+    if (c && (c->state == S_OPEN || c->state == S_READY)) {
+        c->metered = 1;
+        c->credit += bytes;
+        if (c->credit > cap) c->credit = cap;
+        if (c->credit > 0 && c->paused) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)slot};
+            epoll_ctl(e->ep, EPOLL_CTL_MOD, c->fd, &ev);
+            c->paused = 0;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
 /* Close from the Python side: a close frame with `code`, then the socket
  * (no wait for the server's answer). No notification. */
 void eng_close(eng_t *e, int slot, int code) {
@@ -552,8 +573,19 @@ void eng_run(eng_t *e) {
             conn_t *c = slot < e->nconns ? e->conns[slot] : NULL;
             if (!c || (c->state != S_OPEN && c->state != S_READY) || c->paused) continue;
             for (int rounds = 0; rounds < 4; rounds++) {
-                ssize_t r = recv(c->fd, e->rbuf, RBUF, MSG_DONTWAIT);
+                size_t want = RBUF;
+                if (c->metered) {
+                    if (c->credit <= 0) {
+                        struct epoll_event ev = {.events = 0, .data.u32 = (uint32_t)slot};
+                        epoll_ctl(e->ep, EPOLL_CTL_MOD, c->fd, &ev);
+                        c->paused = 1;
+                        break;
+                    }
+                    if ((int64_t)want > c->credit) want = (size_t)c->credit;
+                }
+                ssize_t r = recv(c->fd, e->rbuf, want, MSG_DONTWAIT);
                 if (r > 0) {
+                    if (c->metered) c->credit -= r;
                     feed(e, c, e->rbuf, (size_t)r, now);
                     if (c->state == S_CLOSED || r < RBUF) break;
                 } else if (r == 0) {

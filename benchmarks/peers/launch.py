@@ -193,7 +193,9 @@ def fanout_counters(peer: Peer) -> dict[str, float]:
     (frames per syscall over a window); empty for other peers or on error."""
     if not peer.name.startswith("fanout"):
         return {}
-    want = {"fanout_deliveries_total": "deliveries", "fanout_send_syscalls_total": "send_calls"}
+    want = {"fanout_deliveries_total": "deliveries", "fanout_send_syscalls_total": "send_calls",
+            "fanout_throttle_raises_total": "level_raises", "fanout_throttled_drops_total": "throttled_drops",
+            "fanout_slow_clients_total": "slow_closed"}
     out: dict[str, float] = {}
     try:
         with urllib.request.urlopen(peer.publish_url + "/metrics", timeout=5) as r:

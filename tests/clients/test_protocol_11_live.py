@@ -80,12 +80,10 @@ async def test_js_drain_hint_from_the_node(node_factory, js):  # noqa: F811
 
 
 async def test_python_throttle_update_from_a_slow_reader(node_factory):
-    # A 4 KiB send buffer on the node; the client's receive buffer is the kernel's (autotuned up to
-    # tcp_rmem's max, 32 MiB here), so how much it absorbs varies: publish until the node reports
-    # the raise (bounded), then read up to the notice. The metric is polled every 50 publishes, and
-    # with the default 3 strikes a batch could carry the client on to level 3 and its 1008 close,
-    # which discards the queued notice: 100 strikes per level keep it at level 1.
-    node = node_factory(WS_CLIENT_QUEUE_BYTES="4096", WS_SOCKET_SNDBUF="4096", WS_SLOW_CLIENT_STRIKES="100")
+    # The default throttle rule (a level per second of evidence); a small queue limit. The client's
+    # receive buffer is the kernel's (autotuned), so how much it absorbs varies: publish until the
+    # node reports the raise (bounded), then read up to the notice.
+    node = node_factory(WS_CLIENT_QUEUE_BYTES="4096")
     seen: list[dict] = []
     dropped_connection: list[object] = []
 
@@ -105,6 +103,9 @@ async def test_python_throttle_update_from_a_slow_reader(node_factory):
         async def until_throttled() -> None:
             while not seen:
                 await client.__anext__()
+        # The notice's callback runs inside the iteration, which returns with a data
+        # message: one more (critical: never sampled away) follows the notice.
+        await asyncio.to_thread(node.publish, CH, {"i": "last"}, "critical")
         await asyncio.wait_for(until_throttled(), 20)
         assert seen[0]["level"] == 1 and "dropped" in seen[0] and "rate_percent" in seen[0]
         assert not dropped_connection

@@ -102,12 +102,17 @@ def test_throttle_drops_take_no_seq_and_critical_always_passes():
     assert core.throttled_drops == 5 + 5
 
 
-def test_slow_client_marked_after_strikes_and_gets_no_more_data():
-    core = Core(4, queue_limit=1000, slow_strikes=3)
+def test_slow_client_marked_after_the_grace_time_and_gets_no_more_data():
+    # Throttling off: over the limit and not shrinking for grace_seconds (here on a fixed clock).
+    core = Core(4, queue_limit=1000, slow_strikes=3, grace_seconds=2.0, hard_limit=100_000)
+    core.set_clock(10.0)
     slow, ok = core.add_client(-1), core.add_client(-1)
     core.subscribe(slow, "a.b")
     for i in range(12):
         core.publish("a.b", tail(i, 200))
+    assert core.take_slow() == []
+    core.set_clock(12.0)
+    core.publish("a.b", tail(12, 200))
     assert core.take_slow() == [slow]
     assert core.take_slow() == []
     queued = core.queued(slow)

@@ -192,7 +192,7 @@ async def test_memory_brake_then_shed_the_most_queued_client(node_factory):
     node = node_factory(WS_MEMORY_LIMIT_BYTES=limit, WS_MEMORY_REJECT_PERCENT=75, WS_MEMORY_SHED_PERCENT=90,
                         WS_CPU_REJECT_THRESHOLD=0, WS_CPU_THROTTLE_THRESHOLD=0, WS_MAX_LOOP_LAG_MS=0,
                         WS_HISTORY_SIZE=0, WS_REPLAY_BUFFER=1, WS_CLIENT_QUEUE_BYTES=1 << 30,
-                        WS_SLOW_CLIENT_STRIKES=1000, WS_COMPRESSION="false", **FAST)
+                        WS_COMPRESSION="false", **FAST)
     big = b'"' + b"m" * 900_000 + b'"'
     hog = await RawClient.connect(node.ws_port, rcvbuf=4096)           # never reads
     hog.send_text({"type": "subscribe", "channels": ["odin.token.hog.x"]})

@@ -1,6 +1,7 @@
 """A client that stops reading is closed with 1008 once its queue stays over
-WS_CLIENT_QUEUE_BYTES (at once with WS_THROTTLE_ENABLED=false, after the
-heaviest throttle level otherwise); the others on the same subject get everything."""
+WS_CLIENT_QUEUE_BYTES without shrinking (after WS_SLOW_CLIENT_GRACE with
+WS_THROTTLE_ENABLED=false, after the heaviest throttle level otherwise); the
+others on the same subject get everything."""
 
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ async def test_slow_client_is_closed_and_fast_client_gets_everything(node_factor
             await fast.subscribe(SUBJECT)
             reader = asyncio.create_task(fast.recv_until(lambda m: m["data"] == "end", timeout=30))
             # The slow client reads nothing while messages pile up in the kernel
-            # buffers, then in its queue; stop once the node says it closed it.
+            # buffers, then in its queue; stop once the node says it closed it
+            # (or all are out: the periodic check judges a queue with no new
+            # messages too: 3 windows of 3 s and 3 x the grace time, the documented bound).
             sent = 0
             for _ in range(MAX_MESSAGES):
                 await apublish(node, SUBJECT, {"i": sent, "pad": BIG})
                 sent += 1
                 if any(d.get("msg") == "slow client closed" for d in list(node.lines)):
                     break
-            else:
-                raise AssertionError(f"slow client not closed after {sent} messages of 64 KiB")
+            await asyncio.to_thread(node.wait_log, lambda d: d.get("msg") == "slow client closed", 20)
             await apublish(node, SUBJECT, "end")
             # Reading at last (before the node's close timeout): whole frames, a
             # gapless prefix of the stream, then 1008.

@@ -50,8 +50,7 @@ def throttled_client(recovery: float) -> tuple[Hub, FakeClock, RecPeer, int]:
     """A hub on a fake clock and a client that does not read, published to until it is at level 1."""
     import asyncio
     clock = FakeClock()
-    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=4096, WS_SLOW_CLIENT_STRIKES=2, WS_THROTTLE_RECOVERY_SECONDS=recovery),
-            Metrics(), clock)
+    h = Hub(make_cfg(WS_CLIENT_QUEUE_BYTES=4096, WS_THROTTLE_RECOVERY_SECONDS=recovery), Metrics(), clock)
     h.bind(asyncio.get_running_loop(), None)
     p = RecPeer(rcvbuf=4096)
     s = h.attach(p, 0)
@@ -61,6 +60,7 @@ def throttled_client(recovery: float) -> tuple[Hub, FakeClock, RecPeer, int]:
         i += 1
         h.dispatch(msg(i, size=500))
         h.publish_pending()
+        clock.advance(0.05)
     return h, clock, p, s
 
 
@@ -161,22 +161,48 @@ async def test_a_dead_socket_is_reported(hub):
     assert p.calls == ["dead"]
 
 
-async def test_a_client_over_its_limit_for_the_strikes_is_reported_slow(hub):
+async def test_a_reader_that_stops_steps_up_each_window_then_is_slow_and_keeps_its_last_notice(hub):
+    clock = hub.clock
     p = RecPeer(rcvbuf=4096)
     s = hub.attach(p, 0)
     hub.subscribe(s, [CH])
-    for i in range(1, 60):
+    levels, when = [], []
+    for i in range(1, 400):                   # 20 msg/s of ~1 KiB on the fake clock; it never reads
         hub.dispatch(msg(i, size=1000))
         hub.publish_pending()
-    assert "slow" in p.calls
+        if hub.throttle_level(s) != (levels[-1] if levels else 0):
+            levels.append(hub.throttle_level(s))
+            when.append(clock())
+        if "slow" in p.calls:
+            break
+        clock.advance(0.05)
+    assert levels == [1, 2, 3] and p.calls == ["slow"]
+    steps = [b - a for a, b in zip(when, when[1:], strict=False)] + [clock() - when[-1]]
+    assert steps == [pytest.approx(x, abs=0.06) for x in (1.0, 1.0, 2.0)]   # WS_THROTTLE_RAISE_SECONDS, then the grace
+    # The session's 1008 close: data not begun is dropped, the notices are kept before the close frame.
+    hub.stop_data(s)
+    hub.discard_queued(s)
+    hub.send_raw(s, b"\x88\x02\x03\xf0")
+    data = await read_until_empty(hub, p, s)
+    notices = [f for f in frames(data[:-4]) if f.get("type") == "throttle_update"]
+    assert [n["level"] for n in notices] == [1, 2, 3] and data.endswith(b"\x88\x02\x03\xf0")
 
 
-async def test_replies_over_the_queue_limit_make_the_client_slow(hub):
+async def test_replies_over_the_queue_limit_count_like_data(hub):
+    # A client that does not read its replies is judged over time like any other (no 1008 at once).
     p = RecPeer(rcvbuf=4096)
     s = hub.attach(p, 0)
     for _ in range(20):
         hub.reply(s, b'{"type":"error","pad":"' + b"x" * 1000 + b'"}')
-    assert "slow" in p.calls
+    assert hub.queued(s) > hub.cfg.ws_client_queue_bytes and p.calls == []
+    for _ in range(80):
+        hub.clock.advance(0.25)
+        hub.throttle_tick(hub.clock())
+        if p.calls:
+            break
+    assert p.calls == ["slow"] and hub.throttle_level(s) == 3
+    # No messages: a window ends after 3 (WS_SLOW_CLIENT_STRIKES) times its time, from the first tick.
+    assert hub.clock() - 1000.0 == pytest.approx(0.25 + 3 * 3 * 1.0 + 3 * 2.0)
 
 
 async def test_subscription_limit_splits_accepted_and_refused():
