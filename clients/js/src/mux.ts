@@ -403,7 +403,10 @@ export class Mux {
   private tokenFor(p: Peer, id: number, have: string | undefined): void {
     const t = this.token;
     const exp = tokenExp(t ?? null);
-    if (t && t !== have && (exp === null || exp * 1000 > Date.now())) return p.post({ o: 'tok', to: p.id, id, token: t });
+    const mine = tokenExp(have ?? null);
+    if (t && t !== have && (exp === null || (exp * 1000 > Date.now() && (mine === null || exp > mine)))) {
+      return p.post({ o: 'tok', to: p.id, id, token: t });
+    }
     if (this.fetcher) return void this.waiting.push([p, id, have]);
     this.fetcher = p.id;
     p.post({ o: 'tok', to: p.id, id, fetch: true });
