@@ -151,9 +151,9 @@ export class Mux {
       if (s === 'connected') for (const p of this.peers.values()) if (p.vc && !p.open) this.ack(p);
     });
     hub.on('disconnected', (i) => {
-      // A waiting tunnel waits on, except for a 4001: its tab brings the new token.
+      // Every tunnel, open or waiting, closes as a connection of its own would (a refused reconnect too).
       for (const p of this.peers.values()) {
-        if (p.vc && (p.open || i.code === 4001)) {
+        if (p.vc) {
           p.post({ o: 'close', to: p.id, vc: p.vc, code: i.code, reason: i.reason });
           this.closed(p);
         }
