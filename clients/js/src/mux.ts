@@ -16,7 +16,7 @@
 import { FanoutClient, tokenExp, type ErrorInfo, type Subscription } from './client.js';
 import { subjectMatches, type DataMessage } from './tracker.js';
 
-type Msg = Record<string, any>;     // eslint-disable-line @typescript-eslint/no-explicit-any
+type Msg = Record<string, any>;
 type Post = (m: Msg) => void;
 
 const RING = 4096;
@@ -103,6 +103,7 @@ export class Mux {
   }
 
   private gone(tab: string): void {
+    this.watched.delete(tab);
     for (const p of [...this.peers.values()]) {
       if (p.tab !== tab) continue;
       for (const c of [...p.subs.keys()]) this.drop(p, c);
