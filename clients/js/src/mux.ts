@@ -217,8 +217,9 @@ export class Mux {
     this.raw(p, JSON.stringify(obj));
   }
 
-  private raw(p: Peer, d: string): void {
-    p.post({ o: 'msg', to: p.id, vc: p.vc, d, ss: this.hub?.lastStreamSeq ?? 0, ep: this.hub?.epoch });
+  /** `ss`: every message up to it was sent to this tunnel before this frame (the tab's `seen`). */
+  private raw(p: Peer, d: string, ss = this.hub?.lastStreamSeq ?? 0): void {
+    p.post({ o: 'msg', to: p.id, vc: p.vc, d, ss, ep: this.hub?.epoch });
   }
 
   private toAll(obj: unknown): void {
@@ -231,7 +232,7 @@ export class Mux {
     const d = JSON.stringify({ seq, ...rest });
     p.sent.push([seq, d]);
     if (p.sent.length > SENT) p.sent.shift();
-    this.raw(p, d);
+    this.raw(p, d, m.stream_seq);     // not the hub's position: it may be ahead, within one delivered batch
   }
 
   // ------------------------------------------------------ subscriptions
