@@ -43,6 +43,7 @@ export function clientOptions(opts, WebSocket, network) {
   const shared = opts.shared === '1' && !opts.drop;
   return {
     WebSocket: shared ? undefined : faultyWebSocket(WebSocket, new Set((opts.drop || '').split(',').filter(Boolean).map(Number))),
+    shared: opts.worker || undefined,       // where fanout-worker.js is (default: next to the client)
     network,
     token: opts.token || undefined,
     getToken: tokens ? async () => tokens[Math.min(next++, tokens.length - 1)] : undefined,
