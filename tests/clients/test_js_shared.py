@@ -275,10 +275,10 @@ async def test_closing_tabs_leaves_the_others_whole(node, browser):
 
 async def test_leader_election_without_shared_worker_fails_over_without_a_gap(node, browser):
     leader = await browser.open(node.ws_url, nosw=1)
+    await leader.cmd("subscribe", channels=[CH, OTHER])    # held before the others join: they learn it anyway
     tabs = [leader, await browser.open(node.ws_url, nosw=1), await browser.open(node.ws_url, nosw=1)]
-    for tab in tabs:
-        await tab.cmd("subscribe", channels=[CH])
-    await tabs[1].cmd("subscribe", channels=[OTHER])
+    await tabs[1].cmd("subscribe", channels=[CH, OTHER])
+    await tabs[2].cmd("subscribe", channels=[CH])
     assert connections(node) == 1
     n = 300
     pub = asyncio.create_task(publish(node, n))

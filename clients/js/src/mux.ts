@@ -136,6 +136,12 @@ export class Mux {
   private ack(p: Peer): void {
     p.open = true;
     p.post({ o: 'open', to: p.id, vc: p.vc });
+    this.channels();      // a tab that joins hears the channels too
+  }
+
+  /** Leader mode: every tab learns the connection's channels, to go on with them if it leads next. */
+  private channels(): void {
+    if (this.leader) this.bcast?.({ o: 'ch', ch: [...this.refs.keys()] });
   }
 
   private closed(p: Peer): void {
@@ -244,7 +250,7 @@ export class Mux {
     void s.ready.then(() => {
       if (this.refs.get(c) && !this.since.has(c)) this.since.set(c, this.hub?.lastStreamSeq ?? 0);
     });
-    if (this.leader) this.bcast?.({ o: 'ch', ch: [...this.refs.keys()] });
+    this.channels();
   }
 
   private unref(c: string): void {
@@ -252,7 +258,7 @@ export class Mux {
     if (n > 0) return void this.refs.set(c, n);
     this.refs.delete(c);
     this.since.delete(c);
-    if (this.leader) this.bcast?.({ o: 'ch', ch: [...this.refs.keys()] });
+    this.channels();
   }
 
   /** The tab's hub subscription of `c` (a new one when it asks for a snapshot). */
