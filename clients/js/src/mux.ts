@@ -80,7 +80,16 @@ export class Mux {
     }
     switch (m.o) {
       case 'open': return this.open(p, m);
-      case 'send': if (m.vc === p.vc && p.open) this.request(p, m.vc, JSON.parse(m.d)); return;
+      case 'send': {
+        if (m.vc !== p.vc || !p.open) return;
+        let r: Msg;
+        try {
+          r = JSON.parse(m.d);
+        } catch {
+          r = {};
+        }
+        return this.request(p, m.vc, r && typeof r === 'object' ? r : {});
+      }
       case 'close':
         if (m.vc !== p.vc) return;
         this.closed(p);
@@ -120,6 +129,9 @@ export class Mux {
     this.hub = null;
     this.ring = [];
     this.ringFrom = 0;
+    this.epoch = null;
+    this.refs.clear();
+    this.since.clear();
   }
 
   private open(p: Peer, m: Msg): void {
@@ -187,6 +199,7 @@ export class Mux {
       const off = hub.on('connected', () => {
         off();
         setTimeout(() => {
+          if (this.hub !== hub) return;      // let go already (no tab left)
           sub.unsubscribe();
           for (const c of seed.ch) this.unref(c);
         }, SEED_GRACE);
