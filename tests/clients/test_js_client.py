@@ -3,7 +3,10 @@
 A driver (clients/js/test/driver/driver.mjs) runs the built client: commands in, every
 event the client reports out, one JSON object each. Under Node.js it is
 run_client.mjs on stdin/stdout; in Chromium it is a page served from here
-that talks to the test over a WebSocket. Every test runs once per runtime.
+that talks to the test over a WebSocket. Every test runs once per runtime, and
+in Chromium a second time at the client's default, one connection per browser
+(``chromium-shared``: the tunnel to the SharedWorker that owns the connection
+must give the same events).
 
 The client's TCP connection runs through a small proxy here, so a test can cut
 it (both sides aborted, no close frame) or refuse reconnects for a while,
