@@ -950,7 +950,7 @@ class Client:
                     log.warning("fanout client: frame is not JSON: %.200r", raw)
                     continue
                 if isinstance(msg, dict):
-                    if self.delta and msg.get("type") == "message":
+                    if (self.delta or self.tracker.keep_raw) and msg.get("type") == "message":
                         msg[_PAYLOAD] = _payload_bytes(raw, msg)     # taken off again by _on_data
                     if not await self._on_frame(ws, msg):
                         return
