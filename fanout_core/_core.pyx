@@ -59,7 +59,7 @@ consecutive messages; then the client stops getting data and is reported by
 """
 
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcpy, memmove, memset, memcmp
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t, uint32_t, uint8_t
 cimport cython
@@ -121,6 +121,8 @@ include "frames.pxi"
 include "flush.pxi"
 include "routes.pxi"
 include "throttle.pxi"
+include "fossil.pxi"
+include "delta.pxi"
 
 
 cdef class Core:
@@ -130,7 +132,8 @@ cdef class Core:
     def __cinit__(self, int capacity, int replay_size=100, Py_ssize_t queue_limit=262144,
                   int slow_strikes=3, int max_routes=65536, int compress_level=6,
                   throttle_percents=(100, 75, 50, 25), bint throttle=False, int max_level=3,
-                  conflate=(), int flush_threads=1, int parallel_min=PARALLEL_MIN):
+                  conflate=(), int flush_threads=1, int parallel_min=PARALLEL_MIN,
+                  delta=(), Py_ssize_t delta_min_bytes=0):
         if capacity < 1 or replay_size < 1 or queue_limit < 1 or slow_strikes < 1:
             raise ValueError("capacity, replay_size, queue_limit and slow_strikes must be >= 1")
         if not 1 <= flush_threads <= MAX_FLUSH_THREADS or parallel_min < 1:
@@ -177,6 +180,7 @@ cdef class Core:
         self._conflate_tokens = [str(p).split(".") for p in conflate]
         self._route_ids = 0
         self._raised = []
+        delta_init(self, delta, delta_min_bytes)
 
     def __dealloc__(self):
         cdef int s
@@ -187,6 +191,7 @@ cdef class Core:
         free(self.dirty)
         free(self._work)
         free(self._res)
+        delta_core_free(self)
         if self._pool != NULL and fo_pool_owned(<fo_pool *>self._pool):
             fo_pool_free(<fo_pool *>self._pool)    # parked workers: stop and join them
 
@@ -249,6 +254,7 @@ cdef class Core:
         c.acap = c.segcap = 0
         if c.wbits:
             self.wbits_count[c.wbits] -= 1
+        delta_client_free(self, c)
         c.active = 0
 
     cdef Client *_check(self, int slot) except NULL:
@@ -351,11 +357,14 @@ cdef class Core:
         return out
 
     # ------------------------------------------------------------ subscriptions
-    def subscribe(self, int slot, str pattern):
-        """Add a (valid) pattern for a client; False if it already had it."""
+    def subscribe(self, int slot, str pattern, bint delta=False):
+        """Add a (valid) pattern for a client; False if it already had it.
+        ``delta``: it takes Fossil deltas on this pattern's subjects (where
+        the core's ``delta`` patterns allow them); a repeat updates that."""
         self._check(slot)
         cdef set subs = self._subs[slot]
         if pattern in subs:
+            delta_subscribed(self, self._patterns[pattern], slot, delta)
             return False
         cdef _Pattern p = self._patterns.get(pattern)
         if p is None:
@@ -369,6 +378,7 @@ cdef class Core:
         for subject in p.routes:
             r = self._routes[subject]
             r.bits[w] |= mask
+        delta_subscribed(self, p, slot, delta)
         return True
 
     def unsubscribe(self, int slot, str pattern):
@@ -384,6 +394,7 @@ cdef class Core:
         cdef int w = slot >> 6
         cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
         cdef bint still
+        delta_unsubscribed(self, p, slot)
         p.bits[w] &= ~mask
         p.count -= 1
         for subject in p.routes:
@@ -447,6 +458,11 @@ cdef class Core:
         cdef Msg *m = msg_new(tail, priority)
         m.subject = r.id
         m.conflate = r.conflate
+        try:
+            delta_prepare(self, r, m)
+        except BaseException:
+            msg_decref(m)
+            raise
         cdef int w, b, words = (self._next_slot + 63) >> 6
         cdef uint64_t word
         cdef int count = 0
@@ -492,6 +508,7 @@ cdef class Core:
                     msgs[k].subject = r.id
                     msgs[k].conflate = r.conflate
                     k += 1
+                    delta_prepare(self, r, msgs[k - 1])
                 for w in range(words):
                     word = 0
                     for j in range(k):
@@ -556,7 +573,7 @@ cdef class Core:
             msg_decref(c.ring[idx])
         c.ring[idx] = m
         m.refcnt += 1
-        queue_data(self, c, c.seq, m)
+        delta_queue(self, c, slot, c.seq, m, catchup)
         self.deliveries += 1
         if not catchup:
             throttle_strike(self, slot, c)
@@ -663,6 +680,8 @@ cdef class Core:
         if c.nodata:
             return 0, missing
         s = from_seq if from_seq > lo else lo
+        if s <= hi:
+            delta_forget(self, c)     # replayed messages are full and reset the client's bases
         while s <= hi:
             queue_data(self, c, s, c.ring[s % self.replay_size])
             sent += 1
@@ -858,3 +877,10 @@ cdef class Core:
             "patterns": len(self._patterns),
             "routes": len(self._routes),
         }
+
+    def delta_stats(self):
+        """Delta counters and memory: computed, seconds, refused_not_smaller,
+        refused_not_utf8, bytes_full/bytes_delta and frames_full/frames_delta
+        (data frames queued, as on the wire), bases (subjects holding one),
+        base_bytes, table_bytes (the clients' delta tables)."""
+        return delta_stats(self)

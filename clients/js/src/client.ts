@@ -10,6 +10,7 @@
  * connection: give `getToken` so each retry after a failed open gets a fresh
  * token.
  */
+import { share } from './shared.js';
 import { type DataMessage, Tracker, subjectMatches } from './tracker.js';
 
 export type ConnectionState = 'disconnected' | 'connecting' | 'connected';
@@ -119,6 +120,13 @@ export interface ClientOptions {
   maxQueue?: number;
   network?: NetworkMonitor;
   logger?: Pick<Console, 'info' | 'warn' | 'error'>;
+  /**
+   * One connection per browser (default on in browsers, see README "One
+   * connection per browser"): the tabs of an origin share one WebSocket per
+   * URL and user. A string or URL names where `fanout-worker.js` is served;
+   * false: this client opens its own. Off when `WebSocket` is given.
+   */
+  shared?: boolean | string | URL;
 }
 
 const DEFAULTS = {
@@ -364,6 +372,7 @@ export class FanoutClient extends Emitter<ClientEvents> {
   connect(url?: string): this {
     if (url) this.url = url;
     if (!this.url) throw new Error('fanout: connect() needs a url');
+    share(this.options);
     if (typeof (this.options.WebSocket || globalThis.WebSocket) !== 'function') {
       throw new Error('fanout: no WebSocket here: pass options.WebSocket (e.g. the ws package on Node.js < 22)');
     }
@@ -455,6 +464,14 @@ export class FanoutClient extends Emitter<ClientEvents> {
     }
     if (fresh.length && this.connected && this.ws) this.sendSubscribe(this.ws, fresh);
     return sub;
+  }
+
+  /** @internal (mux.ts) Go on with another client's stream: hold `channels` from `position` of `epoch`; the connection resumes them. */
+  _adopt(epoch: string, position: number, channels: string[]): Subscription {
+    this.tracker.setEpoch(epoch);
+    this.tracker.position = position;
+    for (const c of channels) this.confirmed.add(c);
+    return this.subscribe(channels);
   }
 
   /** @internal Called by Subscription.unsubscribe(). */

@@ -39,8 +39,10 @@ export function clientOptions(opts, WebSocket, network) {
   const num = (k, d) => (opts[k] !== undefined ? Number(opts[k]) : d);
   const tokens = opts.tokens ? opts.tokens.split(',') : null;
   let next = 0;
+  // shared=1: the client's default, one connection per browser (a given WebSocket class turns it off).
+  const shared = opts.shared === '1' && !opts.drop;
   return {
-    WebSocket: faultyWebSocket(WebSocket, new Set((opts.drop || '').split(',').filter(Boolean).map(Number))),
+    WebSocket: shared ? undefined : faultyWebSocket(WebSocket, new Set((opts.drop || '').split(',').filter(Boolean).map(Number))),
     network,
     token: opts.token || undefined,
     getToken: tokens ? async () => tokens[Math.min(next++, tokens.length - 1)] : undefined,
