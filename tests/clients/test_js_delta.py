@@ -1,0 +1,118 @@
+"""@fanout/client and delta messages (PROTOCOL 1.2) against a real node, under
+Node.js and in headless Chromium (the drivers of test_js_client.py), at the
+client's and the node's defaults (deltas on).
+
+- every payload comes out right: its value, and under Node.js its bytes (the
+  client's own rebuilt payload, read from its delta base) against what was
+  published, non-ASCII text included;
+- a delta that fails its checksum is never shown: it is fetched again with
+  ``replay``; when the replay cannot serve it, the client resumes on a new
+  connection; either way every value arrives, in order, exactly once;
+- ``delta: false`` gets full messages only.
+
+The corruption is done by the driver's WebSocket class (``corrupt=<seq>``):
+it changes one literal byte of that data message's delta, keeping its length,
+so that only the checksum can tell (``drop-copy=1`` also loses the replayed
+copy). Skips like the other JS client tests (tests/clients/jsenv.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+from tests.clients.test_js_client import js  # noqa: F401  (fixture)
+from tests.helpers.delta_check import token_stream
+
+PATTERN = "odin.token.*.update"
+S1, S2 = "odin.token.one.update", "odin.token.two.update"
+
+
+def streams(n: int, start: int = 0) -> tuple[dict[str, list[bytes]], list[tuple[str, bytes]]]:
+    """Token updates for S1 and S2, published interleaved (S1, S2, S1, ...); S2's carry non-ASCII text."""
+    uni = '"name":"Tökén ✓ 🚀 '.encode()
+    want = {S1: token_stream(start + n, 1)[start:],
+            S2: [p.replace(b'"name":"', uni, 1) for p in token_stream(start + n, 2)[start:]]}
+    return want, [(s, want[s][i]) for i in range(n) for s in (S1, S2)]
+
+
+async def publish(node: Any, items: list[tuple[str, bytes]]) -> dict[int, bytes]:
+    return await asyncio.to_thread(lambda: {node.publish(s, p): p for s, p in items})
+
+
+def by_subject(msgs: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {S1: [], S2: []}
+    for m in msgs:
+        out[m["channel"]].append(m["data"])
+    return out
+
+
+def values(want: dict[str, list[bytes]]) -> dict[str, list[Any]]:
+    return {s: [json.loads(p) for p in ps] for s, ps in want.items()}
+
+
+def assert_once_in_order(msgs: list[dict[str, Any]]) -> None:
+    ss = [m["stream_seq"] for m in msgs]
+    assert ss == sorted(set(ss)), ss
+
+
+async def test_every_payload_rebuilt_from_the_nodes_deltas(node, js):  # noqa: F811
+    c = await js(node.ws_url, bytes=1)
+    await c.cmd("subscribe", channels=[PATTERN])
+    want, items = streams(40)
+    published = await publish(node, items)
+    msgs = await c.messages(80)
+    assert by_subject(msgs) == values(want)
+    assert_once_in_order(msgs)
+    if c.impl == "node":
+        # Byte for byte: what the client rebuilt (its delta base right after each message) is what was published.
+        assert [base64.b64decode(m["b64"]) for m in msgs] == [published[m["stream_seq"]] for m in msgs]
+    state = await c.cmd("state")
+    assert state["deltaFailures"] == 0
+    assert state["deltas"] == 78 == node.metric("fanout_sent_frames_total", 'kind="delta"')    # all but each first
+
+
+async def test_a_corrupted_delta_is_replayed_never_shown(node, js):  # noqa: F811
+    c = await js(node.ws_url, corrupt=5)                  # seq 5: S1's third message, a delta
+    await c.cmd("subscribe", channels=[PATTERN])
+    want, items = streams(8)
+    await publish(node, items)
+    msgs = await c.messages(16)
+    assert [m["seq"] for m in msgs] == list(range(1, 17))
+    assert by_subject(msgs) == values(want)               # nothing wrong, nothing skipped, nothing twice
+    state = await c.cmd("state")
+    assert state["deltaFailures"] == 1 and state["reconnects"] == 0 and state["missing"] == []
+    assert node.metric("fanout_replays_total", 'result="full"') == 1
+    assert not c.of("missing") and not c.of("reset")
+
+
+async def test_a_corrupted_delta_that_cannot_be_replayed_is_resumed(node, js):  # noqa: F811
+    c = await js(node.ws_url, corrupt=5, drop_copy=1)
+    await c.cmd("subscribe", channels=[PATTERN])
+    want, items = streams(8)
+    await publish(node, items)
+    msgs = await c.messages(16)
+    assert by_subject(msgs) == values(want)
+    assert_once_in_order(msgs)
+    state = await c.cmd("state")
+    assert state["deltaFailures"] == 1 and state["reconnects"] == 1 and state["missing"] == []
+    assert [e["complete"] for e in c.of("resumed")] == [True] and not c.of("reset")
+    # Live messages after the recovery come as deltas again, and right.
+    before = state["deltas"]
+    more, items2 = streams(5, start=8)
+    await publish(node, items2)
+    msgs = await c.messages(26)
+    assert by_subject(msgs[16:]) == values(more)
+    assert (await c.cmd("state"))["deltas"] >= before + 8
+
+
+async def test_delta_false_gets_full_messages(node, js):  # noqa: F811
+    c = await js(node.ws_url, delta=0)
+    await c.cmd("subscribe", channels=[PATTERN])
+    want, items = streams(6)
+    await publish(node, items)
+    assert by_subject(await c.messages(12)) == values(want)
+    assert (await c.cmd("state"))["deltas"] == 0
+    assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 0
