@@ -8,7 +8,10 @@ client's and the node's defaults (deltas on).
 - a delta that fails its checksum is never shown: it is fetched again with
   ``replay``; when the replay cannot serve it, the client resumes on a new
   connection; either way every value arrives, in order, exactly once;
-- ``delta: false`` gets full messages only.
+- ``delta: false`` gets full messages only;
+- with one connection per browser (tabs in Chromium, test_js_shared.py's
+  browser), the owner of the one WebSocket (SharedWorker, or the leader tab)
+  applies the deltas and the tabs get full data.
 
 The corruption is done by the driver's WebSocket class (``corrupt=<seq>``):
 it changes one literal byte of that data message's delta, keeping its length,
@@ -23,7 +26,10 @@ import base64
 import json
 from typing import Any
 
+import pytest
+
 from tests.clients.test_js_client import js  # noqa: F401  (fixture)
+from tests.clients.test_js_shared import browser  # noqa: F401  (fixture)
 from tests.helpers.delta_check import token_stream
 
 PATTERN = "odin.token.*.update"
@@ -116,3 +122,20 @@ async def test_delta_false_gets_full_messages(node, js):  # noqa: F811
     assert by_subject(await c.messages(12)) == values(want)
     assert (await c.cmd("state"))["deltas"] == 0
     assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 0
+
+
+@pytest.mark.parametrize("owner", ["sharedworker", "leader"])
+async def test_tabs_get_full_data_the_one_connection_gets_deltas(node, browser, owner):  # noqa: F811
+    opts = {"nosw": 1} if owner == "leader" else {}
+    tabs = [await browser.open(node.ws_url, **opts) for _ in range(2)]
+    for tab in tabs:
+        assert (await tab.cmd("subscribe", channels=[PATTERN]))["channels"] == [PATTERN]
+    assert node.metric("fanout_connections") == 1
+    want, items = streams(30)
+    await publish(node, items)
+    for tab in tabs:
+        msgs = await tab.messages(60)
+        assert by_subject(msgs) == values(want)
+        assert_once_in_order(msgs)
+        assert (await tab.cmd("state"))["deltas"] == 0           # full data through the tunnel
+    assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 58    # the one connection: deltas
