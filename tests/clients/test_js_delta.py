@@ -11,7 +11,11 @@ client's and the node's defaults (deltas on).
 - ``delta: false`` gets full messages only;
 - with one connection per browser (tabs in Chromium, test_js_shared.py's
   browser), the owner of the one WebSocket (SharedWorker, or the leader tab)
-  applies the deltas and the tabs get full data.
+  applies the deltas and the tabs get full data;
+- the React hooks, used as an app uses them (nothing about deltas), show the
+  right values in Chromium over 1,000 token updates and 100 trending lists
+  that came as deltas (clients/js/test/driver/react_delta.mjs): every message
+  and every rendered value, byte for byte as published.
 
 The corruption is done by the driver's WebSocket class (``corrupt=<seq>``):
 it changes one literal byte of that data message's delta, keeping its length,
@@ -24,10 +28,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
 from typing import Any
 
 import pytest
 
+from tests.clients.jsenv import PKG, chromium_setup, node_bin, react_app_setup
 from tests.clients.test_js_client import js  # noqa: F401  (fixture)
 from tests.clients.test_js_shared import browser  # noqa: F401  (fixture)
 from tests.helpers.delta_check import token_stream
@@ -139,3 +146,29 @@ async def test_tabs_get_full_data_the_one_connection_gets_deltas(node, browser, 
         assert_once_in_order(msgs)
         assert (await tab.cmd("state"))["deltas"] == 0           # full data through the tunnel
     assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 58    # the one connection: deltas
+
+
+def is_subsequence(part: list[Any], whole: list[Any]) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
+
+
+@pytest.mark.parametrize("shared", ["1", "0"], ids=["sharedworker", "page"])
+async def test_react_hooks_show_the_right_values_over_1000_deltas(node, shared):
+    react_app_setup()                     # React and react-dom come from examples/react-app
+    env = {**os.environ, "CHROMIUM": chromium_setup(), "WS_URL": node.ws_url, "OPS_URL": node.ops_url,
+           "N": "1000", "M": "100", "SHARED": shared}
+    script = PKG / "test" / "driver" / "react_delta.mjs"
+    res = await asyncio.to_thread(subprocess.run, [node_bin(), str(script)], cwd=script.parent, env=env,
+                                  capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["errors"] == []
+    tokens, lists = out["published"], out["publishedTrending"]
+    assert len(tokens) == 1000 and len(lists) == 100
+    assert out["all"] == tokens                       # every message, in order, byte for byte as published
+    assert out["trendingAll"] == lists
+    assert out["final"] == tokens[-1] and out["trendingFinal"] == lists[-1]
+    # React may skip renders of values superseded before it rendered; what it rendered is right and in order.
+    assert out["rendered"][-1] == tokens[-1] and is_subsequence(out["rendered"], tokens)
+    assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 999 + 99     # all but each subject's first
