@@ -16,7 +16,9 @@ const DIGITS = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~
 /** Fossil's checksum: the bytes as big-endian 32-bit words (the last one padded with zeros), summed mod 2^32. */
 export function checksum(b: Uint8Array): number {
   let s = 0;
-  for (let i = 0; i < b.length; i++) s = (s + (b[i]! << (24 - 8 * (i & 3)))) | 0;
+  let i = 0;
+  for (const n = b.length - 3; i < n; i += 4) s = (s + ((b[i]! << 24) | (b[i + 1]! << 16) | (b[i + 2]! << 8) | b[i + 3]!)) | 0;
+  for (; i < b.length; i++) s = (s + (b[i]! << (24 - 8 * (i & 3)))) | 0;
   return s >>> 0;
 }
 

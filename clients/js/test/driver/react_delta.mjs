@@ -55,13 +55,13 @@ createRoot(document.getElementById('root')).render(h(FanoutProvider, { url: q.ge
 /** The trending list: 100 entries, ~4 KB; each update moves a few prices and volumes, sometimes the order. */
 function trendingStream(n, random) {
   const list = Array.from({ length: 100 }, (_, i) => ({
-    id: `tok${i}`, symbol: `SYM${i}`, price: Math.round(random() * 1e6) / 1e6, volume: Math.floor(random() * 1e6),
+    id: `tok${i}`, price: Math.round(random() * 1e4) / 1e4, volume: Math.floor(random() * 1e6),
   }));
   const out = [];
   for (let k = 0; k < n; k++) {
     for (let j = 0; j < 8; j++) {
       const e = list[Math.floor(random() * 100)];
-      e.price = Math.round(e.price * (0.95 + random() / 10) * 1e6) / 1e6;
+      e.price = Math.round(e.price * (0.95 + random() / 10) * 1e4) / 1e4;
       e.volume += Math.floor(random() * 999);
     }
     if (random() < 0.3) {
