@@ -494,12 +494,14 @@ cdef class Core:
         cdef _Route r
         if len(tails) != n or len(priorities) != n:
             raise ValueError("subjects, tails and priorities differ in length")
+        cdef list alive = []           # the batch's routes: a route cache reset mid-batch must not free their bitsets
         start = 0
         while start < n:
             k = 0
             try:
                 for j in range(start, min(n, start + BATCH)):
                     r = route_get(self, subjects[j])
+                    alive.append(r)
                     self.published += 1
                     if r.bits == NULL:
                         continue

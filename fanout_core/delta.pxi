@@ -302,7 +302,7 @@ cdef int delta_queue(Core self, Client *c, int slot, uint64_t seq, Msg *m, bint 
     cdef DSeen *e
     cdef Py_ssize_t before = c.queued
     cdef int k
-    if catchup:
+    if catchup or m.subject == 0:
         delta_forget(self, c)         # history: the client's bases move outside the table
     elif m.dbits != NULL and (m.dbits[slot >> 6] >> (slot & 63)) & 1:
         e = dseen_entry(self, c, m.subject)
