@@ -218,6 +218,7 @@ cdef class Core:
         c.dirty = was_dirty
         c.fd = fd
         c.active = 1
+        delta_forget(self, c)     # the slot's previous client may be in the subjects' delta bitsets
         if 9 <= wbits <= 15:
             c.wbits = <uint8_t>wbits
             self.wbits_count[wbits] += 1
@@ -254,7 +255,6 @@ cdef class Core:
         c.acap = c.segcap = 0
         if c.wbits:
             self.wbits_count[c.wbits] -= 1
-        delta_client_free(self, c)
         c.active = 0
 
     cdef Client *_check(self, int slot) except NULL:
@@ -884,5 +884,5 @@ cdef class Core:
         """Delta counters and memory: computed, seconds, refused_not_smaller,
         refused_not_utf8, bytes_full/bytes_delta and frames_full/frames_delta
         (data frames queued, as on the wire), bases (subjects holding one),
-        base_bytes, table_bytes (the clients' delta tables)."""
+        base_bytes, seen_bytes (the subjects' bitsets of who was sent the base)."""
         return delta_stats(self)
