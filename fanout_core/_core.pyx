@@ -50,8 +50,12 @@ asyncpg's ``protocol/``): ``pool.pxi`` (the flush thread pool, C),
 ``queue.pxi`` (messages and per-client output queues), ``frames.pxi``
 (frame headers, compress-once), ``flush.pxi`` (gather + ``sendmsg``, run on
 the flush threads), ``routes.pxi`` (patterns and the route cache),
-``throttle.pxi`` (the throttle and conflation policy). This file holds the
-``Core`` class: the Python-facing API and the match-and-enqueue loops.
+``throttle.pxi`` (the throttle and conflation policy), ``fossil.pxi`` (the
+Fossil delta encoder, C) and ``delta.pxi`` (PROTOCOL 1.2 delta messages: one
+delta per message and subject, and who may get it; a message's delta is a
+message of its own that the full one holds, freed with it, atomically, like
+any reference a flush thread drops). This file holds the ``Core`` class: the
+Python-facing API and the match-and-enqueue loops.
 
 Limits: a client's queue grows past ``queue_limit`` only for ``slow_strikes``
 consecutive messages; then the client stops getting data and is reported by
