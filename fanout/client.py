@@ -1,4 +1,4 @@
-"""An asyncio client for a fanout node (PROTOCOL.md, version 1.1), on ``websockets``.
+"""An asyncio client for a fanout node (PROTOCOL.md, version 1.2), on ``websockets``.
 
 ::
 
@@ -47,6 +47,20 @@ What it does for you
   delivered with ``"snapshot": True`` (exempt from the ``stream_seq`` dedupe:
   they are older state by design). A node before 1.1 ignores it and the reply
   carries no ``snapshot`` count.
+* **Deltas** (1.2), on by default: every ``subscribe`` and ``resume`` asks for
+  ``delta: "fossil"``, and the client turns each delta message back into the
+  full payload (``msg["data"]``, as for a full message), checking Fossil's
+  checksum; ``Client(url, delta=False)`` asks for full messages only. It keeps
+  the last payload per subject on the connection (forgotten on
+  ``unsubscribe`` and on reconnect) and the last ``stream_seq`` per subject.
+  A delta that cannot be applied (bad checksum, no base) is never shown: the
+  client asks ``replay`` for its ``seq`` (a replayed message is full) and
+  holds what follows until it arrives; if the node can no longer replay it,
+  the client unsubscribes the patterns that cover the subject and resumes
+  them from the oldest last ``stream_seq`` of their subjects, dropping per
+  subject what it already delivered. ``keep_raw=True`` adds ``msg["raw"]``:
+  the payload bytes as rebuilt (the text of ``data``). Counters:
+  :attr:`Tracker.deltas`, :attr:`Tracker.delta_failures`.
 * **Tokens.** ``token`` may be a callable (sync or async): it is called at
   every connect, and, when the token is a JWT with ``exp``, again
   ``refresh_before`` seconds before it expires to send ``refresh`` on the

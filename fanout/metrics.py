@@ -113,7 +113,7 @@ class DeltaCollector:
         for name, key, help_text in (
                 ("fanout_delta_bases", "bases", "Subjects holding a base message for deltas (bounded by the route cache)"),
                 ("fanout_delta_base_bytes", "base_bytes", "Bytes of those base messages (mostly shared with the replay rings)"),
-                ("fanout_delta_table_bytes", "table_bytes", "Memory of the per-client delta tables (at most 8 KiB per client that asked)")):
+                ("fanout_delta_seen_bytes", "seen_bytes", "Memory of the per-subject bitsets of who was sent the base (2 bits per client slot per subject)")):
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], st.get(key, 0))
             yield g

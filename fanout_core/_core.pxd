@@ -27,15 +27,13 @@ cdef struct Msg:
     # one of its subject, a message of its own (its tail "delta":"..." and
     # compressed tails) that frames share like any other; owned by this one.
     Msg *delta
-    uint32_t rseq             # its place among its subject's publishes (0: none)
-    uint64_t *dbits           # during publish only: the route's delta opt-ins, or NULL
-
-
-cdef struct DSeen:
-    # One entry of a client's delta table: the last message of a subject
-    # (route id, rseq) queued to the client.
-    uint32_t route
-    uint32_t rseq
+    uint64_t dtime            # its place in the core's publish order (delta.pxi's clock)
+    # During its publish only (NULL otherwise): the route's delta opt-ins,
+    # who was sent the previous message of the subject, who gets this one.
+    uint64_t *dbits
+    uint64_t *dgot_prev
+    uint64_t *dgot_cur
+    uint64_t dprev_time       # dtime of that previous message
 
 
 cdef struct Seg:
@@ -73,8 +71,7 @@ cdef struct Client:
     Py_ssize_t sdone          # bytes of segs[shead] already written
     int fd
     uint32_t fepoch           # reach window this client was last flushed in (take_reach)
-    DSeen *dseen              # delta table (delta.pxi), only for clients with delta subscriptions
-    uint32_t dmask            # its size - 1
+    uint64_t dforget          # delta clock when its bases last changed outside live publishes (delta.pxi)
 
 
 cdef struct FlushAcc:
@@ -120,9 +117,10 @@ cdef class _Route:
     cdef uint64_t *bits         # OR of their bitsets; NULL while no pattern matches
     # deltas (delta.pxi)
     cdef bint dallow            # WS_DELTA_CHANNELS matches this subject
-    cdef uint32_t dseq          # publishes on this subject (the rseq of the last)
+    cdef uint32_t dseq          # publishes on this subject
     cdef Msg *dprev             # the last one, the base of the next delta (a reference); NULL: none
     cdef uint64_t *dbits        # OR of the patterns' dbits; NULL while none asked
+    cdef uint64_t *dgot         # 2 x nwords: who was sent message dseq (by its parity); NULL: no base kept
 
 
 @cython.final
@@ -183,7 +181,7 @@ cdef class Core:
     cdef uint64_t delta_refused[2]      # [not smaller, not UTF-8]
     cdef uint64_t kind_bytes[2]         # data frame bytes queued: [full, delta]
     cdef uint64_t kind_frames[2]
-    cdef uint64_t dseen_bytes           # memory of the clients' delta tables
+    cdef uint64_t _dclock               # delta clock: +1 per message published to a route
     cdef unsigned char *_dbuf           # encoder scratch: output
     cdef Py_ssize_t _dbuf_cap
     cdef int *_dhash                    # encoder scratch: hash table

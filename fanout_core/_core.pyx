@@ -50,8 +50,12 @@ asyncpg's ``protocol/``): ``pool.pxi`` (the flush thread pool, C),
 ``queue.pxi`` (messages and per-client output queues), ``frames.pxi``
 (frame headers, compress-once), ``flush.pxi`` (gather + ``sendmsg``, run on
 the flush threads), ``routes.pxi`` (patterns and the route cache),
-``throttle.pxi`` (the throttle and conflation policy). This file holds the
-``Core`` class: the Python-facing API and the match-and-enqueue loops.
+``throttle.pxi`` (the throttle and conflation policy), ``fossil.pxi`` (the
+Fossil delta encoder, C) and ``delta.pxi`` (PROTOCOL 1.2 delta messages: one
+delta per message and subject, and who may get it; a message's delta is a
+message of its own that the full one holds, freed with it, atomically, like
+any reference a flush thread drops). This file holds the ``Core`` class: the
+Python-facing API and the match-and-enqueue loops.
 
 Limits: a client's queue grows past ``queue_limit`` only for ``slow_strikes``
 consecutive messages; then the client stops getting data and is reported by
@@ -218,6 +222,7 @@ cdef class Core:
         c.dirty = was_dirty
         c.fd = fd
         c.active = 1
+        delta_forget(self, c)     # the slot's previous client may be in the subjects' delta bitsets
         if 9 <= wbits <= 15:
             c.wbits = <uint8_t>wbits
             self.wbits_count[wbits] += 1
@@ -254,7 +259,6 @@ cdef class Core:
         c.acap = c.segcap = 0
         if c.wbits:
             self.wbits_count[c.wbits] -= 1
-        delta_client_free(self, c)
         c.active = 0
 
     cdef Client *_check(self, int slot) except NULL:
@@ -494,12 +498,14 @@ cdef class Core:
         cdef _Route r
         if len(tails) != n or len(priorities) != n:
             raise ValueError("subjects, tails and priorities differ in length")
+        cdef list alive = []           # the batch's routes: a route cache reset mid-batch must not free their bitsets
         start = 0
         while start < n:
             k = 0
             try:
                 for j in range(start, min(n, start + BATCH)):
                     r = route_get(self, subjects[j])
+                    alive.append(r)
                     self.published += 1
                     if r.bits == NULL:
                         continue
@@ -882,5 +888,5 @@ cdef class Core:
         """Delta counters and memory: computed, seconds, refused_not_smaller,
         refused_not_utf8, bytes_full/bytes_delta and frames_full/frames_delta
         (data frames queued, as on the wire), bases (subjects holding one),
-        base_bytes, table_bytes (the clients' delta tables)."""
+        base_bytes, seen_bytes (the subjects' bitsets of who was sent the base)."""
         return delta_stats(self)

@@ -4,6 +4,7 @@
 // alias: @fanout/client is a file: dependency (a symlink to clients/js, which has its own
 // dev copy of react in its node_modules); its `react` import must resolve to this app's
 // react: two Reacts in one page break hooks. (An app that installs the npm tarball has one.)
+import { copyFileSync, mkdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname } from 'node:path';
 import * as esbuild from 'esbuild';
@@ -23,6 +24,11 @@ const options = {
   define: { 'process.env.NODE_ENV': '"production"' },
   logLevel: 'info',
 };
+
+// One connection per browser: the client loads fanout-worker.js from next to the bundle
+// (new URL('./fanout-worker.js', import.meta.url)); esbuild does not copy it, so do it here.
+mkdirSync('dist', { recursive: true });
+copyFileSync(here.resolve('@fanout/client/fanout-worker.js'), 'dist/fanout-worker.js');
 
 if (process.argv.includes('--serve')) {
   const ctx = await esbuild.context(options);

@@ -92,7 +92,8 @@ def react_app_setup() -> None:
         _why["app"] = _npm_ci(APP)
     if _why["app"]:
         pytest.skip(_why["app"])
-    _build(APP, [APP / "src", APP / "index.html", APP / "build.mjs", PKG / "dist" / "react.js"],
+    _build(APP, [APP / "src", APP / "index.html", APP / "build.mjs", PKG / "dist" / "react.js",
+                 PKG / "dist" / "fanout-worker.js"],
            APP / "dist" / "app.js")
 
 

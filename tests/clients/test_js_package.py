@@ -5,7 +5,8 @@
   themselves (``python -m fanout serve`` with this interpreter, $FANOUT_PYTHON);
 - ``tsc --strict`` over a type-test file (clients/js/test/types/usage.tsx, with
   ``@ts-expect-error`` lines that must stay errors) and over examples/react-app;
-- the size budget: dist/fanout-client.min.js at most 8 KiB gzipped;
+- the size budgets: dist/fanout-client.min.js at most 8 KiB gzipped, the worker
+  file dist/fanout-worker.js (one connection per browser) at most 12 KiB;
 - ``npm pack`` output installs into a fresh app with ``--offline`` (nothing
   from the registry: the package has no runtime dependencies) and imports
   through its ``exports`` map.
@@ -25,6 +26,7 @@ from pathlib import Path
 from tests.clients.jsenv import APP, PKG, js_setup, node_bin, react_app_setup
 
 BUDGET = 8 * 1024
+WORKER_BUDGET = 12 * 1024
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
@@ -60,6 +62,14 @@ def test_core_bundle_size_budget():
     assert size <= BUDGET, f"core bundle {size} bytes min+gzip > {BUDGET}"
 
 
+def test_worker_file_size_budget():
+    js_setup()
+    data = (PKG / "dist" / "fanout-worker.js").read_bytes()
+    size = len(gzip.compress(data, 9))
+    print(f"fanout-worker.js: {len(data)} bytes, {size} gzipped")
+    assert size <= WORKER_BUDGET, f"worker file {size} bytes min+gzip > {WORKER_BUDGET}"
+
+
 def test_npm_pack_installs_into_a_fresh_app_offline(tmp_path):
     js_setup()
     npm = shutil.which("npm")
@@ -68,7 +78,7 @@ def test_npm_pack_installs_into_a_fresh_app_offline(tmp_path):
     info = json.loads(out.stdout)[0]
     files = {f["path"] for f in info["files"]}
     assert {"dist/index.js", "dist/index.d.ts", "dist/react.js", "dist/react.d.ts",
-            "dist/fanout-client.min.js", "package.json", "README.md"} <= files
+            "dist/fanout-client.min.js", "dist/fanout-worker.js", "package.json", "README.md"} <= files
     assert not any(f.startswith(("test/", "node_modules/")) for f in files), sorted(files)
     app = tmp_path / "app"
     app.mkdir()
@@ -80,10 +90,12 @@ def test_npm_pack_installs_into_a_fresh_app_offline(tmp_path):
         "import { connect, FanoutClient, subjectMatches } from '@fanout/client';\n"
         "const c = new FanoutClient();\n"
         "console.log(JSON.stringify({ connect: typeof connect, state: c.state,"
-        " match: subjectMatches('a.*', 'a.b'), react: import.meta.resolve('@fanout/client/react') }));\n")
+        " match: subjectMatches('a.*', 'a.b'), react: import.meta.resolve('@fanout/client/react'),"
+        " worker: import.meta.resolve('@fanout/client/fanout-worker.js') }));\n")
     got = json.loads(run([node_bin(), "main.mjs"], app).stdout)
     assert got["connect"] == "function" and got["state"] == "disconnected" and got["match"] is True
     assert got["react"].endswith("/node_modules/@fanout/client/dist/react.js")
+    assert got["worker"].endswith("/node_modules/@fanout/client/dist/fanout-worker.js")     # for an app to serve
     # The types resolve through the exports map too (Node16 resolution, as a TypeScript app would).
     (app / "check.ts").write_text(
         "import { connect, type DataMessage } from '@fanout/client';\n"

@@ -13,6 +13,7 @@ from fanout.publisher import Publisher
 from tests.helpers.delta_check import Rebuilder, token_stream
 from tests.jetstream.test_node import start_node
 from tests.server.support import connect
+from tests.server.test_delta import base_rule_on_one_connection
 
 S = "odin.token.djs.update"
 DELTA = {"delta": "fossil"}
@@ -79,3 +80,15 @@ async def test_deltas_then_resume_on_another_node_starts_full(nats_server):
     finally:
         a.stop()
         b.stop()
+
+
+async def test_base_rule_on_one_connection_with_jetstream(nats_server):
+    node = start_node(nats_server.url, "a")
+    try:
+        async with Publisher(servers=[nats_server.url], timeout=10) as pub:
+            async def publish(items: list[tuple[str, bytes]], published: dict[int, bytes]) -> None:
+                for subject, payload in items:
+                    published[await pub.publish(subject, payload)] = payload
+            await base_rule_on_one_connection(node, publish)
+    finally:
+        node.stop()

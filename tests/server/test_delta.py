@@ -65,10 +65,23 @@ async def test_every_payload_rebuilt_and_only_who_asked_gets_deltas(node):
 
 
 async def test_base_rule_on_one_connection(node):
+    async def pub(items: list[tuple[str, bytes]], published: dict[int, bytes]) -> None:
+        await publish_all(node, items, published)
+    await base_rule_on_one_connection(node, pub)
+
+
+async def base_rule_on_one_connection(node: Any, publish: Any) -> None:
+    """Overlapping patterns, replay, unsubscribe and subscribe again, binary
+    payloads, on one connection; ``publish(items, published)`` publishes (the
+    node's endpoint, or JetStream) and records stream_seq -> payload."""
     s = UPD.format("aaa")
     stream = token_stream(12, 7)
     published: dict[int, bytes] = {}
     r = Rebuilder()
+
+    async def publish_all(_node: Any, items: list[tuple[str, bytes]], into: dict[int, bytes]) -> None:
+        await publish(items, into)
+
     async with connect(node) as a:
         # Two overlapping patterns: one delivery per message, still deltas.
         assert (await a.request({"type": "subscribe", "channels": [UPD.format("*")], **DELTA}))["delta"] == "fossil"

@@ -1,13 +1,15 @@
 /**
- * fanout-worker.js (built from this file, with the client bundled in): the
- * owner of a browser's one connection (mux.ts). Run as a SharedWorker (named
- * by shared.ts with the key: URL and user), it serves each tab's port; loaded
- * with import() by the leader tab where there is no SharedWorker, it gives the
- * tab the `Mux` to run.
+ * fanout-worker.js (built from this file, the client bundled in): one
+ * connection per browser. Run as a SharedWorker (named by tab.ts with the
+ * key: URL and user), it owns the connection (mux.ts) and serves each tab's
+ * port. Loaded with import() by the core (shared.ts), it gives the tab its
+ * side (tab.ts: `tunnel`, `token`), which runs the owner itself when the tab
+ * is elected leader where there is no SharedWorker.
  */
 import { Mux } from './mux.js';
 
 export { Mux };
+export { token, tunnel } from './tab.js';
 
 const g = globalThis as Record<string, any>;     // eslint-disable-line @typescript-eslint/no-explicit-any
 if (typeof g.SharedWorkerGlobalScope === 'function' && g instanceof g.SharedWorkerGlobalScope) {
