@@ -1,11 +1,13 @@
 /**
- * The fanout client (PROTOCOL.md 1.1): one WebSocket, reference-counted
- * subscriptions, ordered exactly-once delivery across gaps and reconnects.
+ * The fanout client (PROTOCOL.md 1.2): one WebSocket, reference-counted
+ * subscriptions, ordered exactly-once delivery across gaps and reconnects,
+ * delta messages applied (on by default; README "Delta messages").
  *
  * Limits: at most `maxHeld` messages wait behind an unanswered seq gap (then
  * the connection is replaced and resumed); the latest message of at most
  * `maxLatest` subjects is cached for snapshots; an async iterator buffers at
- * most `maxQueue` messages (the oldest are dropped and counted). Browsers
+ * most `maxQueue` messages (the oldest are dropped and counted); delta bases
+ * are kept for at most MAX_BASES (2048) subjects per connection. Browsers
  * cannot read a refused handshake's status, so a 401 looks like a failed
  * connection: give `getToken` so each retry after a failed open gets a fresh
  * token.
