@@ -19,7 +19,7 @@ client's and the node's defaults (deltas on).
 
 The corruption is done by the driver's WebSocket class (``corrupt=<seq>``):
 it changes one literal byte of that data message's delta, keeping its length,
-so that only the checksum can tell (``drop-copy=1`` also loses the replayed
+so that only the checksum can tell (the first delta from that seq on; ``drop-copy=1`` also loses the replayed
 copy). Skips like the other JS client tests (tests/clients/jsenv.py).
 """
 
@@ -84,11 +84,13 @@ async def test_every_payload_rebuilt_from_the_nodes_deltas(node, js):  # noqa: F
         assert [base64.b64decode(m["b64"]) for m in msgs] == [published[m["stream_seq"]] for m in msgs]
     state = await c.cmd("state")
     assert state["deltaFailures"] == 0
-    assert state["deltas"] == 78 == node.metric("fanout_sent_frames_total", 'kind="delta"')    # all but each first
+    # Every delta the node sent was applied; all but each subject's first could be one (78: the node sends
+    # some full under load since core f090457).
+    assert state["deltas"] == node.metric("fanout_sent_frames_total", 'kind="delta"') >= 78 // 2
 
 
 async def test_a_corrupted_delta_is_replayed_never_shown(node, js):  # noqa: F811
-    c = await js(node.ws_url, corrupt=5)                  # seq 5: S1's third message, a delta
+    c = await js(node.ws_url, corrupt=5)                  # the first delta from seq 5 on (S1's third message)
     await c.cmd("subscribe", channels=[PATTERN])
     want, items = streams(8)
     await publish(node, items)
@@ -118,7 +120,7 @@ async def test_a_corrupted_delta_that_cannot_be_replayed_is_resumed(node, js):  
     await publish(node, items2)
     msgs = await c.messages(26)
     assert by_subject(msgs[16:]) == values(more)
-    assert (await c.cmd("state"))["deltas"] >= before + 8
+    assert (await c.cmd("state"))["deltas"] > before
 
 
 async def test_delta_false_gets_full_messages(node, js):  # noqa: F811
@@ -145,7 +147,7 @@ async def test_tabs_get_full_data_the_one_connection_gets_deltas(node, browser, 
         assert by_subject(msgs) == values(want)
         assert_once_in_order(msgs)
         assert (await tab.cmd("state"))["deltas"] == 0           # full data through the tunnel
-    assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 58    # the one connection: deltas
+    assert node.metric("fanout_sent_frames_total", 'kind="delta"') >= 58 // 2    # the one connection: deltas (58 at most)
 
 
 def is_subsequence(part: list[Any], whole: list[Any]) -> bool:

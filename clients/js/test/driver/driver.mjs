@@ -12,26 +12,28 @@ export function corruptDelta(delta) {
 /**
  * A WebSocket class injected through the client's `WebSocket` option. It loses
  * the first (live) copy of the data messages whose seq is in `drop` (a seq
- * gap), and corrupts the delta of the first copy of those in `corrupt` (a
- * checksum mismatch); with `dropCopy` it also loses their second copy (the
- * replay), so the replay cannot serve them.
+ * gap); for each seq in `corrupt`, it corrupts the delta of the first delta
+ * message at or after it (a checksum mismatch), and with `dropCopy` it also
+ * loses that message's second copy (the replay), so the replay cannot serve it.
  */
 export function faultyWebSocket(Base, drop, corrupt = new Set(), dropCopy = false) {
-  const copies = new Map();
+  const copies = new Map();        // seq of a corrupted message -> copies seen
   return class FaultyWebSocket extends Base {
     set onmessage(fn) {
       super.onmessage = fn && ((ev) => {
-        if ((drop.size || corrupt.size) && typeof ev.data === 'string') {
+        if ((drop.size || corrupt.size || copies.size) && typeof ev.data === 'string') {
           const msg = JSON.parse(ev.data);
           if (msg.type === 'message' && drop.delete(msg.seq)) return;
-          if (msg.type === 'message' && corrupt.has(msg.seq)) {
-            const n = (copies.get(msg.seq) || 0) + 1;
+          const at = [...corrupt].find((s) => s <= msg.seq);
+          if (msg.type === 'message' && msg.delta !== undefined && at !== undefined && !copies.has(msg.seq)) {
+            corrupt.delete(at);
+            copies.set(msg.seq, 1);
+            msg.delta = corruptDelta(msg.delta);
+            return fn({ data: JSON.stringify(msg) });
+          }
+          if (msg.type === 'message' && copies.has(msg.seq)) {
+            const n = copies.get(msg.seq) + 1;
             copies.set(msg.seq, n);
-            if (n === 1) {
-              if (msg.delta === undefined) throw new Error(`seq ${msg.seq} is not a delta: ${ev.data.slice(0, 200)}`);
-              msg.delta = corruptDelta(msg.delta);
-              return fn({ data: JSON.stringify(msg) });
-            }
             if (n === 2 && dropCopy) return;
           }
         }
