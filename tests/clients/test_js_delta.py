@@ -18,9 +18,10 @@ client's and the node's defaults (deltas on).
   and every rendered value, byte for byte as published.
 
 The corruption is done by the driver's WebSocket class (``corrupt=<seq>``):
-it changes one literal byte of that data message's delta, keeping its length,
-so that only the checksum can tell (the first delta from that seq on; ``drop-copy=1`` also loses the replayed
-copy). Skips like the other JS client tests (tests/clients/jsenv.py).
+it changes one literal byte of the delta of the first delta message from that
+seq on, keeping its length, so that only the checksum can tell
+(``drop-copy=1`` also loses the replayed copy). Skips like the other JS
+client tests (tests/clients/jsenv.py).
 """
 
 from __future__ import annotations
