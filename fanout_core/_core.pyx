@@ -550,6 +550,7 @@ cdef class Core:
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
         cdef Client *c = &self.clients[slot]
+        delta_visit(c, slot, m)
         if c.nodata or not c.active:
             return 0
         if self.shed_low and m.priority == 0 and not catchup:

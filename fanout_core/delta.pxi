@@ -94,9 +94,12 @@ cdef int delta_route_bit(Core self, _Route r, int slot) except -1:
             r.dbits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
             if r.dbits == NULL:
                 raise MemoryError()
-        r.dbits[w] |= mask
-    elif r.dbits != NULL:
+        if not (r.dbits[w] & mask):
+            r.dbits[w] |= mask
+            delta_forget(self, &self.clients[slot])     # newly opted in here: start with full messages
+    elif r.dbits != NULL and (r.dbits[w] & mask):
         r.dbits[w] &= ~mask
+        delta_forget(self, &self.clients[slot])
     return 0
 
 
@@ -125,6 +128,8 @@ cdef int delta_subscribed(Core self, _Pattern p, int slot, bint on) except -1:
             p.dbits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
             if p.dbits == NULL:
                 raise MemoryError()
+        if p.dbits[w] & mask:
+            return 0
         p.dbits[w] |= mask
     elif p.dbits != NULL:
         if not (p.dbits[w] & mask):
@@ -243,7 +248,6 @@ cdef int delta_prepare(Core self, _Route r, Msg *m) except -1:
     becomes the subject's next base."""
     cdef int w, words = (self._next_slot + 63) >> 6
     cdef bint wanted = False
-    cdef uint64_t *cur
     self._dclock += 1
     m.dtime = self._dclock
     if r.dbits != NULL:
@@ -263,10 +267,12 @@ cdef int delta_prepare(Core self, _Route r, Msg *m) except -1:
         if r.dgot == NULL:
             raise MemoryError()
     r.dseq += 1
-    cur = r.dgot + (r.dseq & 1) * self.nwords
-    memset(cur, 0, words * sizeof(uint64_t))
+    # This message's bitset is the one of two messages ago: each recipient's
+    # bit is cleared when the message reaches it (delta_visit) and set once it
+    # is queued (delta_queue), so several messages of one subject in one
+    # publish_batch (each client visited in message order) chain correctly.
     m.dbits = r.dbits
-    m.dgot_cur = cur
+    m.dgot_cur = r.dgot + (r.dseq & 1) * self.nwords
     m.dgot_prev = r.dgot + ((r.dseq + 1) & 1) * self.nwords
     if r.dprev != NULL:
         m.dprev_time = r.dprev.dtime
@@ -278,6 +284,13 @@ cdef int delta_prepare(Core self, _Route r, Msg *m) except -1:
 
 
 # ---------------------------------------------------------------- per client
+
+cdef inline void delta_visit(Client *c, int slot, Msg *m) noexcept:
+    """A message reaches a recipient (first thing in _deliver): until it is
+    queued, the client is not one that was sent it."""
+    if m.dgot_cur != NULL:
+        m.dgot_cur[slot >> 6] &= ~((<uint64_t>1) << (slot & 63))
+
 
 cdef int delta_queue(Core self, Client *c, int slot, uint64_t seq, Msg *m, bint catchup) except -1:
     """Queue data frame ``seq``: the delta form of ``m`` when this client asked

@@ -239,6 +239,7 @@ class _StaticHandler(BaseHTTPRequestHandler):
         "/": (BROWSER_PAGE, "text/html"),
         "/fanout-client.js": (PKG / "dist" / "fanout-client.min.js", "text/javascript"),
         "/driver.mjs": (DRIVER_DIR / "driver.mjs", "text/javascript"),
+        "/fanout-worker.js": (PKG / "dist" / "fanout-worker.js", "text/javascript"),
     }
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -327,18 +328,22 @@ class BrowserDriver(Driver):
         self._tmp.cleanup()
 
 
-@pytest.fixture(params=["node", "chromium"])
+@pytest.fixture(params=["node", "chromium", "chromium-shared"])
 async def js(request):
     """``await js(url, drop="3,7", heartbeat_interval=100, ...)`` starts a client driver
-    (options as in run_client.mjs), under Node.js or in headless Chromium; all stop at teardown."""
+    (options as in run_client.mjs), under Node.js or in headless Chromium; all stop at teardown.
+    ``chromium-shared``: the browser client at its default, one connection per browser (its
+    SharedWorker owns the connection; tests/clients/test_js_shared.py has the tests with several
+    tabs), except where a test injects lost frames (``drop``: a WebSocket class of its own)."""
     js_setup()
-    if request.param == "chromium":
+    if request.param != "node":
         chromium_setup()
     kind = NodeDriver if request.param == "node" else BrowserDriver
+    extra = {"shared": "1"} if request.param == "chromium-shared" else {}
     started: list[Driver] = []
 
     async def make(url: str, **opts: Any) -> Driver:
-        d = await kind.start(url, {k.replace("_", "-"): str(v) for k, v in opts.items()})
+        d = await kind.start(url, {k.replace("_", "-"): str(v) for k, v in {**extra, **opts}.items()})
         started.append(d)
         await d.wait(lambda e: e["ev"] == "connected")
         return d

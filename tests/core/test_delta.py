@@ -341,3 +341,45 @@ def test_route_cache_reset_mid_batch_keeps_deltas_right():
         sent += [p for _, p in batch]
     # Every reset drops the routes and their bases: full messages, never a wrong base.
     assert [p for _, p in r.feed(core.take_dirty()[c])] == sent
+
+
+def test_several_messages_of_a_subject_in_one_batch_chain_deltas():
+    core = Core(8, delta=[">"], throttle=True)
+    c, slow = core.add_client(-1), core.add_client(-1)
+    for s in (c, slow):
+        core.subscribe(s, "a.*", delta=True)
+    ps = stream(12)
+    core.publish_batch(["a.b"] * 6, [tail_for("a.b", i + 1, p) for i, p in enumerate(ps[:6])], [2] * 6)
+    r = Reader()
+    assert [p for _, p in r.feed(core.take_dirty()[c])] == ps[:6]
+    assert r.kinds == ["full"] + ["delta"] * 5
+    # A client that drops some of a batch (throttled) gets a full message after each gap.
+    core.set_level(slow, 2)
+    core.publish_batch(["a.b"] * 6, [tail_for("a.b", i + 7, p) for i, p in enumerate(ps[6:])], [2] * 6)
+    out = core.take_dirty()
+    assert [p for _, p in r.feed(out[c])] == ps[6:]
+    assert r.kinds[6:] == ["delta"] * 6
+    rs = Reader()
+    got = rs.feed(out[slow])
+    assert 0 < len(got) < 6 and rs.kinds[0] == "full"
+    published = {p: i for i, p in enumerate(ps)}
+    for (_, p), kind, prev in zip(got, rs.kinds, [None, *got[:-1]], strict=True):
+        if kind == "delta":                      # only right after the message before it
+            assert prev is not None and published[p] == published[prev[1]] + 1
+
+
+def test_turning_deltas_off_and_on_again_starts_full():
+    core = Core(4, delta=[">"])
+    c = core.add_client(-1)
+    core.subscribe(c, "a.*", delta=True)
+    ps = stream(6)
+    r = Reader()
+    for i in range(2):
+        core.publish("a.b", tail_for("a.b", i + 1, ps[i]))
+    core.subscribe(c, "a.*", delta=False)      # the same pattern again, without deltas
+    core.publish("a.b", tail_for("a.b", 3, ps[2]))
+    core.subscribe(c, "a.*", delta=True)
+    for i in (3, 4, 5):
+        core.publish("a.b", tail_for("a.b", i + 1, ps[i]))
+    assert [p for _, p in r.feed(core.take_dirty()[c])] == ps
+    assert r.kinds == ["full", "delta", "full", "full", "delta", "delta"]

@@ -16,7 +16,7 @@
 import { FanoutClient, tokenExp, type ErrorInfo, type Subscription } from './client.js';
 import { subjectMatches, type DataMessage } from './tracker.js';
 
-type Msg = Record<string, any>;     // eslint-disable-line @typescript-eslint/no-explicit-any
+type Msg = Record<string, any>;
 type Post = (m: Msg) => void;
 
 const RING = 4096;
@@ -103,6 +103,7 @@ export class Mux {
   }
 
   private gone(tab: string): void {
+    this.watched.delete(tab);
     for (const p of [...this.peers.values()]) {
       if (p.tab !== tab) continue;
       for (const c of [...p.subs.keys()]) this.drop(p, c);
@@ -151,9 +152,9 @@ export class Mux {
       if (s === 'connected') for (const p of this.peers.values()) if (p.vc && !p.open) this.ack(p);
     });
     hub.on('disconnected', (i) => {
-      // A waiting tunnel waits on, except for a 4001: its tab brings the new token.
+      // Every tunnel, open or waiting, closes as a connection of its own would (a refused reconnect too).
       for (const p of this.peers.values()) {
-        if (p.vc && (p.open || i.code === 4001)) {
+        if (p.vc) {
           p.post({ o: 'close', to: p.id, vc: p.vc, code: i.code, reason: i.reason });
           this.closed(p);
         }

@@ -9,7 +9,7 @@
  */
 import type { ClientOptions, WebSocketLike } from './client.js';
 
-const g = globalThis as Record<string, any>;     // eslint-disable-line @typescript-eslint/no-explicit-any
+const g = globalThis as Record<string, any>;
 const TAB = Math.random().toString(36).slice(2);
 let clients = 0;
 const loaded = new Map<string, Promise<TabSide>>();

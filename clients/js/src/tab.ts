@@ -15,7 +15,7 @@
 import { Mux } from './mux.js';
 import type { Peer, Tunnel } from './shared.js';
 
-type Msg = Record<string, any>;     // eslint-disable-line @typescript-eslint/no-explicit-any
+type Msg = Record<string, any>;
 const g = globalThis as Msg;
 /** This tab's id: the prefix of its clients' ids (shared.ts makes them). */
 let TAB = '';
@@ -189,7 +189,7 @@ class VirtualSocket {
 
 /** Connect a client's socket to this browser's owner for its URL and user. */
 export function tunnel(s: Tunnel, url: string, peer: Peer): void {
-  new VirtualSocket(s, url, peer);     // eslint-disable-line no-new
+  new VirtualSocket(s, url, peer);
 }
 
 /** A client's getToken: the owner's newer token, else this tab fetches one (with the app's `fetch`) for all. */

@@ -11,7 +11,7 @@ import { Mux } from './mux.js';
 export { Mux };
 export { token, tunnel } from './tab.js';
 
-const g = globalThis as Record<string, any>;     // eslint-disable-line @typescript-eslint/no-explicit-any
+const g = globalThis as Record<string, any>;
 if (typeof g.SharedWorkerGlobalScope === 'function' && g instanceof g.SharedWorkerGlobalScope) {
   const mux = new Mux(g.name);
   g.onconnect = (e: MessageEvent) => {

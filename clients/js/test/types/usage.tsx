@@ -22,6 +22,12 @@ async function iterate(): Promise<number> {
 }
 void iterate();
 sub.unsubscribe();
+// One connection per browser: on by default; off, or the worker file's URL.
+connect('ws://127.0.0.1:3004/ws', { shared: false }).disconnect();
+connect('ws://127.0.0.1:3004/ws', { shared: '/static/fanout-worker.js' }).disconnect();
+connect('ws://127.0.0.1:3004/ws', { shared: new URL('https://app.example/fanout-worker.js') }).disconnect();
+// @ts-expect-error: not a URL
+connect('ws://127.0.0.1:3004/ws', { shared: 3 });
 
 function Price({ id }: { id: string }) {
   const t = useLatest<Token>(`odin.token.${id}.update`);
