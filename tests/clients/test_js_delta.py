@@ -1,5 +1,7 @@
 """@fanout/client and delta messages (PROTOCOL 1.2) against a real node, under
-Node.js and in headless Chromium (the drivers of test_js_client.py), at the
+Node.js and in headless Chromium (the drivers of test_js_client.py: a page
+with its own connection, and one at the default, sharing through its
+SharedWorker, which then applies the deltas), at the
 client's and the node's defaults (deltas on).
 
 - every payload comes out right: its value, and under Node.js its bytes (the
@@ -72,7 +74,8 @@ def assert_once_in_order(msgs: list[dict[str, Any]]) -> None:
     assert ss == sorted(set(ss)), ss
 
 
-async def test_every_payload_rebuilt_from_the_nodes_deltas(node, js):  # noqa: F811
+async def test_every_payload_rebuilt_from_the_nodes_deltas(node, js, request):  # noqa: F811
+    shared = request.node.callspec.params["js"] == "chromium-shared"     # the page's SharedWorker applies them
     c = await js(node.ws_url, bytes=1)
     await c.cmd("subscribe", channels=[PATTERN])
     want, items = streams(40)
@@ -85,9 +88,9 @@ async def test_every_payload_rebuilt_from_the_nodes_deltas(node, js):  # noqa: F
         assert [base64.b64decode(m["b64"]) for m in msgs] == [published[m["stream_seq"]] for m in msgs]
     state = await c.cmd("state")
     assert state["deltaFailures"] == 0
-    # Every delta the node sent was applied; all but each subject's first could be one (78: the node sends
-    # some full under load since core f090457).
-    assert state["deltas"] == node.metric("fanout_sent_frames_total", 'kind="delta"') >= 78 // 2
+    # All but each subject's first came as deltas, and the client (or its SharedWorker) applied every one.
+    assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 78
+    assert state["deltas"] == (0 if shared else 78)
 
 
 async def test_a_corrupted_delta_is_replayed_never_shown(node, js):  # noqa: F811
@@ -148,7 +151,7 @@ async def test_tabs_get_full_data_the_one_connection_gets_deltas(node, browser, 
         assert by_subject(msgs) == values(want)
         assert_once_in_order(msgs)
         assert (await tab.cmd("state"))["deltas"] == 0           # full data through the tunnel
-    assert node.metric("fanout_sent_frames_total", 'kind="delta"') >= 58 // 2    # the one connection: deltas (58 at most)
+    assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 58    # the one connection: all but 2 firsts
 
 
 def is_subsequence(part: list[Any], whole: list[Any]) -> bool:
@@ -174,5 +177,5 @@ async def test_react_hooks_show_the_right_values_over_1000_deltas(node, shared):
     assert out["final"] == tokens[-1] and out["trendingFinal"] == lists[-1]
     # React may skip renders of values superseded before it rendered; what it rendered is right and in order.
     assert out["rendered"][-1] == tokens[-1] and is_subsequence(out["rendered"], tokens)
-    # Deltas it was (all but each subject's first could be, 1,098; since core f090457 the node sends some of them full).
-    assert node.metric("fanout_sent_frames_total", 'kind="delta"') >= (999 + 99) // 2
+    # Deltas it was: all but each subject's first.
+    assert node.metric("fanout_sent_frames_total", 'kind="delta"') == 999 + 99

@@ -82,8 +82,7 @@ test('deltas (on by default): every payload rebuilt exactly, most messages came 
     // JSON.stringify of JSON that JSON.stringify wrote gives the same text: byte for byte.
     subjects.forEach((s, t) => assert.deepEqual(got.get(s), streams[t]));
     assert.equal(client.deltaFailures, 0);
-    // All but each subject's first could come as deltas (298); the node sends some full (core f090457, under load).
-    assert.ok(client.deltas >= 149, `deltas applied: ${client.deltas}`);
+    assert.equal(client.deltas, 2 * 149, 'all but each subject\'s first came as deltas');
     assert.equal(await node.metric('fanout_sent_frames_total', 'kind="delta"') - before, client.deltas);
   } finally {
     client.disconnect();
