@@ -30,15 +30,24 @@ Targets (issue 20), delta + deflate against today's deflate: token updates
 <= 0.6x, trending <= 0.2x. Also reported: the time to compute one delta (the
 core's own counter). Bounded: a fixed number of messages, no network.
 
-    python -m benchmarks.delta_bench [--messages 600] [--json out.json]
+    python -m benchmarks.delta_bench [--messages 600] [--core-clients 10000] [--json out.json]
+
+``--core-clients N`` also times match-and-enqueue alone (no sockets) with N
+clients on deflate, full against deltas.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import select
+import selectors
+import socket
+import statistics
 import sys
+import time
 from typing import Any
 
 from fanout.protocol import message_tail
@@ -132,12 +141,106 @@ def measure(messages: list[tuple[str, bytes]]) -> dict[str, Any]:
     }
 
 
+def core_cost(clients: int, messages: int = 3000, rounds: int = 2) -> dict[str, float]:
+    """Match-and-enqueue alone (no sockets), ns per delivery: ``clients``
+    clients with deflate on ``odin.token.*.update``, token updates over 30
+    subjects, published 30 per batch as the hub does; full vs deltas, the
+    better of ``rounds`` alternating runs (CPU time of this process)."""
+    gen = TokenPayloads()
+    subjects = [f"odin.token.t{j:03d}.update" for j in range(30)]
+    tails = [message_tail(subjects[i % 30], 1000 + i, 1_764_284_630_000 + i,
+                          gen.make(subjects[i % 30], 0, i, stamp=False)) for i in range(messages)]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, delta in (("full", False), ("delta", True)):
+            core = Core(clients, delta=[">"] if delta else (), delta_min_bytes=128)
+            for _ in range(clients):
+                core.subscribe(core.add_client(-1, 15), "odin.token.*.update", delta)
+            t0 = time.process_time()
+            for k in range(0, messages, 30):
+                core.publish_batch(subjects, tails[k:k + 30], [2] * 30)
+                core.discard_queued()
+            ns = (time.process_time() - t0) / (messages * clients) * 1e9
+            best[name] = round(min(best.get(name, ns), ns), 1)
+    best["ratio"] = round(best["delta"] / best["full"], 3)
+    return best
+
+
+def _drain(fds: list[int], deadline: float) -> None:
+    """The clients' side (a child process): read everything until every socket closes."""
+    sel = selectors.DefaultSelector()
+    for fd in fds:
+        sel.register(fd, selectors.EVENT_READ)
+    left = len(fds)
+    while left and time.monotonic() < deadline:
+        for key, _ in sel.select(1.0):
+            try:
+                data = os.read(key.fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                sel.unregister(key.fd)
+                left -= 1
+
+
+def socket_cost(clients: int, messages: int = 300, rounds: int = 3, per_flush: int = 1) -> dict[str, Any]:
+    """The node's path with real sockets: token updates over 30 subjects,
+    ``per_flush`` published (``publish_batch``) per ``flush()`` (``sendmsg`` to
+    one Unix socket per client, read by a child process); 1 is what a node
+    does at 30 msg/s (each message leaves in its own flush). Deflate on; CPU
+    time of this process per delivery, full against deltas, alternating
+    rounds. Bounded: ``messages`` per run, every wait has a deadline."""
+    gen = TokenPayloads()
+    subjects = [f"odin.token.t{j:03d}.update" for j in range(30)]
+    tails = [message_tail(subjects[i % 30], 1000 + i, 1_764_284_630_000 + i,
+                          gen.make(subjects[i % 30], 0, i, stamp=False)) for i in range(messages)]
+    runs: dict[str, list[float]] = {"full": [], "delta": []}
+    for rnd in range(rounds):
+        order = (("full", False), ("delta", True)) if rnd % 2 == 0 else (("delta", True), ("full", False))
+        for name, delta in order:
+            core = Core(clients, delta=[">"] if delta else (), delta_min_bytes=128)
+            pairs = [socket.socketpair() for _ in range(clients)]
+            for a, _ in pairs:
+                a.setblocking(False)
+                core.subscribe(core.add_client(a.fileno(), 15), "odin.token.*.update", delta)
+            pid = os.fork()
+            if pid == 0:                                   # the clients: read until closed
+                for a, _ in pairs:
+                    a.close()
+                _drain([b.fileno() for _, b in pairs], time.monotonic() + 120)
+                os._exit(0)
+            for _, b in pairs:
+                b.close()
+            deadline = time.monotonic() + 120
+            t0 = time.process_time()
+            for k in range(0, messages, per_flush):
+                batch = tails[k:k + per_flush]
+                core.publish_batch([subjects[(k + j) % 30] for j in range(len(batch))], batch, [2] * len(batch))
+                blocked, _ = core.flush()
+                for slot in blocked or ():
+                    while core.flush_slot(slot) == 1 and time.monotonic() < deadline:
+                        poll = select.poll()
+                        poll.register(pairs[slot][0].fileno(), select.POLLOUT)
+                        poll.poll(1000)
+            cpu = time.process_time() - t0
+            for a, _ in pairs:
+                a.close()
+            os.waitpid(pid, 0)
+            runs[name].append(round(cpu / (messages * clients) * 1e9, 1))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"runs_ns": runs, "median_ns": med, "ratio": round(med["delta"] / med["full"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=600, help="messages per stream")
     ap.add_argument("--trending-trades-in-top", action="store_true",
                     help="every trade of a tick hits a top-100 token (a busier list)")
     ap.add_argument("--trades", type=int, default=TRADES_PER_TICK, help="trades per 5 s tick (the plan: 60)")
+    ap.add_argument("--core-clients", type=int, default=0,
+                    help="also time match-and-enqueue alone with this many clients (e.g. 10000)")
+    ap.add_argument("--socket-clients", type=int, default=0,
+                    help="also time publish + flush to real sockets with this many clients (e.g. 2000)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     res = {"token": measure(token_messages(args.messages)),
@@ -153,6 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{r['bytes_per_delivery'][v]:,.0f}" for v in VARIANTS)
         print(f"| {name} | {r['payload_bytes']:,.0f} | {cells} | {ratio:.3f}x | <= {TARGETS[name]}x "
               f"{'met' if met else 'MISSED'} | {r['us_per_delta']} |")
+    if args.core_clients > 0:
+        res["core_ns_per_delivery"] = core_cost(args.core_clients)
+        c = res["core_ns_per_delivery"]
+        print(f"\nmatch-and-enqueue, {args.core_clients:,} clients: full {c['full']} ns, "
+              f"delta {c['delta']} ns per delivery ({c['ratio']}x)")
+    if args.socket_clients > 0:
+        res["socket_ns_per_delivery"] = s = socket_cost(args.socket_clients)
+        print(f"publish + flush to sockets, {args.socket_clients:,} clients: full {s['median_ns']['full']} ns, "
+              f"delta {s['median_ns']['delta']} ns per delivery ({s['ratio']}x; runs {s['runs_ns']})")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)

@@ -11,6 +11,8 @@ its metrics (``fanout_connections``).
 
 - ``nosw=1`` hides SharedWorker from the page: the tabs elect a leader with
   Web Locks and talk over a BroadcastChannel;
+- ``nolocks=1`` hides the Web Locks API, ``worker=/missing.js`` points the
+  client at a worker file that is not there: each tab connects alone;
 - ``nobye=1`` swallows the page's ``pagehide`` before the client sees it, so
   the owner can learn that the tab is gone only from its Web Lock.
 
@@ -45,6 +47,7 @@ SHARED_PAGE = b"""<!doctype html><meta charset="utf-8"><title>fanout shared clie
 const q = new URLSearchParams(location.search);
 if (q.get('nosw')) delete window.SharedWorker;
 if (q.get('nobye')) addEventListener('pagehide', (e) => e.stopImmediatePropagation());
+if (q.get('nolocks')) Object.defineProperty(navigator, 'locks', { value: undefined });
 const { FanoutClient } = await import('/fanout-client.js');
 const { clientOptions, drive, switchableNetwork } = await import('/driver.mjs');
 const opts = Object.fromEntries(q.entries());
@@ -272,10 +275,10 @@ async def test_closing_tabs_leaves_the_others_whole(node, browser):
 
 async def test_leader_election_without_shared_worker_fails_over_without_a_gap(node, browser):
     leader = await browser.open(node.ws_url, nosw=1)
+    await leader.cmd("subscribe", channels=[CH, OTHER])    # held before the others join: they learn it anyway
     tabs = [leader, await browser.open(node.ws_url, nosw=1), await browser.open(node.ws_url, nosw=1)]
-    for tab in tabs:
-        await tab.cmd("subscribe", channels=[CH])
-    await tabs[1].cmd("subscribe", channels=[OTHER])
+    await tabs[1].cmd("subscribe", channels=[CH, OTHER])
+    await tabs[2].cmd("subscribe", channels=[CH])
     assert connections(node) == 1
     n = 300
     pub = asyncio.create_task(publish(node, n))
@@ -296,6 +299,18 @@ async def test_leader_election_without_shared_worker_fails_over_without_a_gap(no
     await publish(node, 1, start=n)
     for tab in tabs[1:]:
         await tab.wait(lambda e, tab=tab: len(got(tab, CH)) == n + 1)
+
+
+async def test_without_web_locks_or_the_worker_file_each_tab_connects_alone(node, browser):
+    tabs = [await browser.open(node.ws_url, nolocks=1), await browser.open(node.ws_url, worker="/missing.js"),
+            await browser.open(node.ws_url, nosw=1, worker="/missing.js")]
+    for tab in tabs:
+        await tab.cmd("subscribe", channels=[CH])
+    assert connections(node) == 3
+    await publish(node, 3)
+    for tab in tabs:
+        await tab.wait(lambda e, tab=tab: len(got(tab, CH)) == 3)
+        assert got(tab, CH) == [0, 1, 2]
 
 
 def _token(sub: str, exp: float, **claims: str) -> str:

@@ -80,7 +80,16 @@ export class Mux {
     }
     switch (m.o) {
       case 'open': return this.open(p, m);
-      case 'send': if (m.vc === p.vc && p.open) this.request(p, m.vc, JSON.parse(m.d)); return;
+      case 'send': {
+        if (m.vc !== p.vc || !p.open) return;
+        let r: Msg;
+        try {
+          r = JSON.parse(m.d);
+        } catch {
+          r = {};
+        }
+        return this.request(p, m.vc, r && typeof r === 'object' ? r : {});
+      }
       case 'close':
         if (m.vc !== p.vc) return;
         this.closed(p);
@@ -120,6 +129,9 @@ export class Mux {
     this.hub = null;
     this.ring = [];
     this.ringFrom = 0;
+    this.epoch = null;
+    this.refs.clear();
+    this.since.clear();
   }
 
   private open(p: Peer, m: Msg): void {
@@ -136,6 +148,12 @@ export class Mux {
   private ack(p: Peer): void {
     p.open = true;
     p.post({ o: 'open', to: p.id, vc: p.vc });
+    this.channels();      // a tab that joins hears the channels too
+  }
+
+  /** Leader mode: every tab learns the connection's channels, to go on with them if it leads next. */
+  private channels(): void {
+    if (this.leader) this.bcast?.({ o: 'ch', ch: [...this.refs.keys()] });
   }
 
   private closed(p: Peer): void {
@@ -181,6 +199,7 @@ export class Mux {
       const off = hub.on('connected', () => {
         off();
         setTimeout(() => {
+          if (this.hub !== hub) return;      // let go already (no tab left)
           sub.unsubscribe();
           for (const c of seed.ch) this.unref(c);
         }, SEED_GRACE);
@@ -217,8 +236,9 @@ export class Mux {
     this.raw(p, JSON.stringify(obj));
   }
 
-  private raw(p: Peer, d: string): void {
-    p.post({ o: 'msg', to: p.id, vc: p.vc, d, ss: this.hub?.lastStreamSeq ?? 0, ep: this.hub?.epoch });
+  /** `ss`: every message up to it was sent to this tunnel before this frame (the tab's `seen`). */
+  private raw(p: Peer, d: string, ss = this.hub?.lastStreamSeq ?? 0): void {
+    p.post({ o: 'msg', to: p.id, vc: p.vc, d, ss, ep: this.hub?.epoch });
   }
 
   private toAll(obj: unknown): void {
@@ -231,7 +251,7 @@ export class Mux {
     const d = JSON.stringify({ seq, ...rest });
     p.sent.push([seq, d]);
     if (p.sent.length > SENT) p.sent.shift();
-    this.raw(p, d);
+    this.raw(p, d, m.stream_seq);     // not the hub's position: it may be ahead, within one delivered batch
   }
 
   // ------------------------------------------------------ subscriptions
@@ -243,7 +263,7 @@ export class Mux {
     void s.ready.then(() => {
       if (this.refs.get(c) && !this.since.has(c)) this.since.set(c, this.hub?.lastStreamSeq ?? 0);
     });
-    if (this.leader) this.bcast?.({ o: 'ch', ch: [...this.refs.keys()] });
+    this.channels();
   }
 
   private unref(c: string): void {
@@ -251,7 +271,7 @@ export class Mux {
     if (n > 0) return void this.refs.set(c, n);
     this.refs.delete(c);
     this.since.delete(c);
-    if (this.leader) this.bcast?.({ o: 'ch', ch: [...this.refs.keys()] });
+    this.channels();
   }
 
   /** The tab's hub subscription of `c` (a new one when it asks for a snapshot). */

@@ -67,6 +67,7 @@ export function clientOptions(opts, WebSocket, network) {
   return {
     WebSocket: shared ? undefined : faultyWebSocket(WebSocket, seqs(opts.drop), seqs(opts.corrupt), opts['drop-copy'] === '1'),
     delta: opts.delta !== '0',
+    shared: opts.worker || undefined,       // where fanout-worker.js is (default: next to the client)
     network,
     token: opts.token || undefined,
     getToken: tokens ? async () => tokens[Math.min(next++, tokens.length - 1)] : undefined,
