@@ -51,7 +51,7 @@ from .log import event
 from .memstream import Entry, LatestStore, MemoryStream, View
 from .metrics import Metrics
 from .protocol import message_tail, reply
-from .subjects import matches, matches_any
+from .subjects import matches, matches_any, overlaps
 
 __all__ = ["Hub", "Peer", "Resumed"]
 
@@ -131,6 +131,7 @@ class _CatchUp:
     replay_next: int = 0
     replay_to: int = -1
     missing: tuple[int, int] | None = None
+    delta: bool = False              # the subscription asked for deltas (PROTOCOL 1.2)
 
 
 class Hub:
@@ -154,8 +155,11 @@ class Hub:
             max_level=cfg.ws_throttle_max_level,
             conflate=cfg.conflate_patterns,
             flush_threads=cfg.flush_threads,
+            delta=cfg.delta_patterns,
+            delta_min_bytes=cfg.ws_delta_min_bytes,
         )
         metrics.attach_core(self.core.stats)
+        metrics.attach_delta(self.core.delta_stats)
         metrics.attach_client_lag(self.core.drops, self.core.lag_histogram)
         self._peers: list[Peer | None] = [None] * cfg.ws_max_connections
         self.recent = MemoryStream(cfg.ws_history_size, cfg.js_stream_max_age, clock, cfg.ws_history_subjects)
@@ -570,12 +574,22 @@ class Hub:
                 over.append(ch)
         return ok, over
 
-    def subscribe(self, slot: int, patterns: list[str]) -> tuple[list[str], list[str]]:
-        """Subscribe valid, permitted patterns; returns (accepted, over the subscription limit)."""
+    def delta_reply(self, patterns: list[str], asked: str | None) -> str | None:
+        """The ``delta`` field of a subscribed/resumed reply: "fossil" when asked
+        for and WS_DELTA_CHANNELS lets some subject of these patterns carry
+        deltas, else None (the field is left out; the client gets full messages)."""
+        if asked != "fossil":
+            return None
+        allowed = self.cfg.delta_patterns
+        return "fossil" if any(overlaps(p, d) for p in patterns for d in allowed) else None
+
+    def subscribe(self, slot: int, patterns: list[str], delta: bool = False) -> tuple[list[str], list[str]]:
+        """Subscribe valid, permitted patterns; returns (accepted, over the subscription limit).
+        ``delta``: the client takes Fossil deltas on them (where allowed)."""
         self.publish_pending()
         ok, over = self._split_limit(slot, patterns)
         for ch in ok:
-            if self.core.subscribe(slot, ch):
+            if self.core.subscribe(slot, ch, delta):
                 self.subscription_count += 1
         self.metrics.subscriptions.set(self.subscription_count)
         return ok, over
@@ -621,7 +635,7 @@ class Hub:
         self._start(cu)
 
     def resume(self, slot: int, patterns: list[str], after: int, epoch: str | None,
-               on_done: Callable[[Resumed], None]) -> None:
+               on_done: Callable[[Resumed], None], delta: bool = False) -> None:
         """Deliver retained messages after ``after`` on ``patterns``, paced, then
         subscribe and call ``on_done`` in the same loop step (so its reply
         precedes every live message of the new subscriptions).
@@ -640,7 +654,8 @@ class Hub:
             self.metrics.resumes.labels(str(cu.complete).lower()).inc()
             on_done(Resumed(ok, over, cu.complete))
 
-        cu = _CatchUp(slot, done, patterns=ok, already=list(self.core.subscriptions(slot)), cursor=after)
+        cu = _CatchUp(slot, done, patterns=ok, already=list(self.core.subscriptions(slot)), cursor=after,
+                      delta=delta)
         if epoch is not None and epoch != self.epoch:
             # seqs of another stream incarnation mean nothing here
             cu.complete = False
@@ -648,7 +663,7 @@ class Hub:
         self._start(cu)
 
     def snapshot(self, slot: int, patterns: list[str],
-                 on_done: Callable[[list[str], list[str], int], None]) -> None:
+                 on_done: Callable[[list[str], list[str], int], None], delta: bool = False) -> None:
         """``subscribe`` with ``snapshot: true``: the newest retained message of
         every subject matching ``patterns`` (oldest update first, each a data
         message with its own seq), paced like any catch-up, then what was
@@ -664,7 +679,7 @@ class Hub:
             on_done(ok, over, cu.delivered)
 
         cu = _CatchUp(slot, done, kind="snapshot", patterns=ok, already=list(self.core.subscriptions(slot)),
-                      cursor=self._stream_position())
+                      cursor=self._stream_position(), delta=delta)
         cu.pending.extend(self.latest.matching(ok) if ok else [])
         self._start(cu)
 
@@ -733,7 +748,7 @@ class Hub:
             # then the subscription takes over.
             self.publish_pending()
             for ch in cu.patterns:
-                if core.subscribe(slot, ch):
+                if core.subscribe(slot, ch, cu.delta):
                     self.subscription_count += 1
             self.metrics.subscriptions.set(self.subscription_count)
             self.schedule_flush()

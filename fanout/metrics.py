@@ -131,6 +131,41 @@ class UserLimitCollector:
         yield h
 
 
+class DeltaCollector:
+    """Delta messages (PROTOCOL 1.2), read from the core at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        st = self._stats()
+        sent = CounterMetricFamily("fanout_sent_bytes", "Data frame bytes queued for clients, as on the wire "
+                                   "(header and envelope included, after compression), by kind", labels=["kind"])
+        frames = CounterMetricFamily("fanout_sent_frames", "Data frames queued for clients, by kind", labels=["kind"])
+        for kind in ("full", "delta"):
+            sent.add_metric([kind], st.get("bytes_" + kind, 0))
+            frames.add_metric([kind], st.get("frames_" + kind, 0))
+        yield sent
+        yield frames
+        made = CounterMetricFamily("fanout_deltas", "Fossil deltas computed and kept (once per message and subject)")
+        made.add_metric([], st.get("computed", 0))
+        yield made
+        secs = CounterMetricFamily("fanout_delta_seconds", "Time spent computing deltas (kept or refused)")
+        secs.add_metric([], st.get("seconds", 0.0))
+        yield secs
+        refused = CounterMetricFamily("fanout_deltas_refused", "Deltas computed but not used, by reason", labels=["reason"])
+        for reason in ("not_smaller", "not_utf8"):
+            refused.add_metric([reason], st.get("refused_" + reason, 0))
+        yield refused
+        for name, key, help_text in (
+                ("fanout_delta_bases", "bases", "Subjects holding a base message for deltas (bounded by the route cache)"),
+                ("fanout_delta_base_bytes", "base_bytes", "Bytes of those base messages (mostly shared with the replay rings)"),
+                ("fanout_delta_seen_bytes", "seen_bytes", "Memory of the per-subject bitsets of who was sent the base (2 bits per client slot per subject)")):
+            g = GaugeMetricFamily(name, help_text)
+            g.add_metric([], st.get(key, 0))
+            yield g
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -203,6 +238,9 @@ class Metrics:
 
     def attach_history(self, stats: Callable[[], dict[str, int]]) -> None:
         self.registry.register(HistoryCollector(stats))
+
+    def attach_delta(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(DeltaCollector(stats))
 
     def attach_client_lag(self, drops: Callable[[], dict[tuple[str, int], int]],
                           lag: Callable[[Any, Any], tuple[list[int], list[int], float, float]]) -> None:

@@ -23,6 +23,17 @@ cdef struct Msg:
     Py_ssize_t tail_len
     char *ztail[MAX_WBITS_SLOTS]      # tail deflated once per window size in use
     Py_ssize_t ztail_len[MAX_WBITS_SLOTS]
+    # Deltas (delta.pxi): this message as a Fossil delta against the previous
+    # one of its subject, a message of its own (its tail "delta":"..." and
+    # compressed tails) that frames share like any other; owned by this one.
+    Msg *delta
+    uint64_t dtime            # its place in the core's publish order (delta.pxi's clock)
+    # During its publish only (NULL otherwise): the route's delta opt-ins,
+    # who was sent the previous message of the subject, who gets this one.
+    uint64_t *dbits
+    uint64_t *dgot_prev
+    uint64_t *dgot_cur
+    uint64_t dprev_time       # dtime of that previous message
 
 
 cdef struct Seg:
@@ -62,6 +73,7 @@ cdef struct Client:
     Py_ssize_t sdone          # bytes of segs[shead] already written
     int fd
     uint32_t fepoch           # reach window this client was last flushed in (take_reach)
+    uint64_t dforget          # delta clock when its bases last changed outside live publishes (delta.pxi)
 
 
 cdef struct FlushAcc:
@@ -96,6 +108,7 @@ cdef class _Pattern:
     cdef uint64_t *bits
     cdef int count
     cdef set routes             # subjects whose cached route includes this pattern
+    cdef uint64_t *dbits        # subscribers that asked for deltas (delta.pxi); NULL: none yet
 
 
 cdef class _Route:
@@ -104,6 +117,12 @@ cdef class _Route:
     cdef list tokens
     cdef list patterns          # the _Pattern objects that match this subject
     cdef uint64_t *bits         # OR of their bitsets; NULL while no pattern matches
+    # deltas (delta.pxi)
+    cdef bint dallow            # WS_DELTA_CHANNELS matches this subject
+    cdef uint32_t dseq          # publishes on this subject
+    cdef Msg *dprev             # the last one, the base of the next delta (a reference); NULL: none
+    cdef uint64_t *dbits        # OR of the patterns' dbits; NULL while none asked
+    cdef uint64_t *dgot         # 2 x nwords: who was sent message dseq (by its parity); NULL: no base kept
 
 
 @cython.final
@@ -162,6 +181,19 @@ cdef class Core:
     cdef readonly bint flushing         # a flush runs (GIL released): every other entry point refuses
     cdef uint32_t _fepoch
     cdef readonly uint64_t reached      # distinct clients flushed since the last take_reach()
+    # deltas (delta.pxi)
+    cdef list _delta_tokens             # token lists of WS_DELTA_CHANNELS (empty: deltas off)
+    cdef readonly Py_ssize_t delta_min_bytes
+    cdef uint64_t delta_made            # deltas computed and kept
+    cdef uint64_t delta_ns              # time spent computing deltas (kept or not)
+    cdef uint64_t delta_refused[2]      # [not smaller, not UTF-8]
+    cdef uint64_t kind_bytes[2]         # data frame bytes queued: [full, delta]
+    cdef uint64_t kind_frames[2]
+    cdef uint64_t _dclock               # delta clock: +1 per message published to a route
+    cdef unsigned char *_dbuf           # encoder scratch: output
+    cdef Py_ssize_t _dbuf_cap
+    cdef int *_dhash                    # encoder scratch: hash table
+    cdef Py_ssize_t _dhash_cap
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
     cdef int _idle(self) except -1

@@ -50,8 +50,12 @@ asyncpg's ``protocol/``): ``pool.pxi`` (the flush thread pool, C),
 ``queue.pxi`` (messages and per-client output queues), ``frames.pxi``
 (frame headers, compress-once), ``flush.pxi`` (gather + ``sendmsg``, run on
 the flush threads), ``routes.pxi`` (patterns and the route cache),
-``throttle.pxi`` (the throttle and conflation policy). This file holds the
-``Core`` class: the Python-facing API and the match-and-enqueue loops.
+``throttle.pxi`` (the throttle and conflation policy), ``fossil.pxi`` (the
+Fossil delta encoder, C) and ``delta.pxi`` (PROTOCOL 1.2 delta messages: one
+delta per message and subject, and who may get it; a message's delta is a
+message of its own that the full one holds, freed with it, atomically, like
+any reference a flush thread drops). This file holds the ``Core`` class: the
+Python-facing API and the match-and-enqueue loops.
 
 Limits: a client whose queue stays over ``queue_limit`` is judged over
 windows of time (``raise_seconds``, ``grace_seconds``; see
@@ -64,7 +68,7 @@ message that passes ``hard_limit`` marks it slow at once.
 """
 
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcpy, memmove, memset, memcmp
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t, uint32_t, uint8_t
 cimport cython
@@ -126,6 +130,8 @@ include "frames.pxi"
 include "flush.pxi"
 include "routes.pxi"
 include "throttle.pxi"
+include "fossil.pxi"
+include "delta.pxi"
 
 
 cdef class Core:
@@ -136,7 +142,8 @@ cdef class Core:
                   int slow_strikes=3, int max_routes=65536, int compress_level=6,
                   throttle_percents=(100, 75, 50, 25), bint throttle=False, int max_level=3,
                   conflate=(), int flush_threads=1, int parallel_min=PARALLEL_MIN,
-                  double raise_seconds=0.5, double grace_seconds=2.0, Py_ssize_t hard_limit=0):
+                  double raise_seconds=0.5, double grace_seconds=2.0, Py_ssize_t hard_limit=0,
+                  delta=(), Py_ssize_t delta_min_bytes=0):
         if capacity < 1 or replay_size < 1 or queue_limit < 1 or slow_strikes < 1:
             raise ValueError("capacity, replay_size, queue_limit and slow_strikes must be >= 1")
         if raise_seconds < 0 or grace_seconds < 0:
@@ -195,6 +202,7 @@ cdef class Core:
         self._conflate_tokens = [str(p).split(".") for p in conflate]
         self._route_ids = 0
         self._raised = []
+        delta_init(self, delta, delta_min_bytes)
 
     def __dealloc__(self):
         cdef int s
@@ -205,6 +213,7 @@ cdef class Core:
         free(self.dirty)
         free(self._work)
         free(self._res)
+        delta_core_free(self)
         if self._pool != NULL and fo_pool_owned(<fo_pool *>self._pool):
             fo_pool_free(<fo_pool *>self._pool)    # parked workers: stop and join them
 
@@ -231,6 +240,7 @@ cdef class Core:
         c.dirty = was_dirty
         c.fd = fd
         c.active = 1
+        delta_forget(self, c)     # the slot's previous client may be in the subjects' delta bitsets
         if 9 <= wbits <= 15:
             c.wbits = <uint8_t>wbits
             self.wbits_count[wbits] += 1
@@ -386,11 +396,14 @@ cdef class Core:
         return out
 
     # ------------------------------------------------------------ subscriptions
-    def subscribe(self, int slot, str pattern):
-        """Add a (valid) pattern for a client; False if it already had it."""
+    def subscribe(self, int slot, str pattern, bint delta=False):
+        """Add a (valid) pattern for a client; False if it already had it.
+        ``delta``: it takes Fossil deltas on this pattern's subjects (where
+        the core's ``delta`` patterns allow them); a repeat updates that."""
         self._check(slot)
         cdef set subs = self._subs[slot]
         if pattern in subs:
+            delta_subscribed(self, self._patterns[pattern], slot, delta)
             return False
         cdef _Pattern p = self._patterns.get(pattern)
         if p is None:
@@ -404,6 +417,7 @@ cdef class Core:
         for subject in p.routes:
             r = self._routes[subject]
             r.bits[w] |= mask
+        delta_subscribed(self, p, slot, delta)
         return True
 
     def unsubscribe(self, int slot, str pattern):
@@ -419,6 +433,7 @@ cdef class Core:
         cdef int w = slot >> 6
         cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
         cdef bint still
+        delta_unsubscribed(self, p, slot)
         p.bits[w] &= ~mask
         p.count -= 1
         for subject in p.routes:
@@ -482,6 +497,11 @@ cdef class Core:
         cdef Msg *m = msg_new(tail, priority)
         m.subject = r.id
         m.conflate = r.conflate
+        try:
+            delta_prepare(self, r, m)
+        except BaseException:
+            msg_decref(m)
+            raise
         cdef int w, b, words = (self._next_slot + 63) >> 6
         cdef uint64_t word
         cdef int count = 0
@@ -513,12 +533,14 @@ cdef class Core:
         cdef _Route r
         if len(tails) != n or len(priorities) != n:
             raise ValueError("subjects, tails and priorities differ in length")
+        cdef list alive = []           # the batch's routes: a route cache reset mid-batch must not free their bitsets
         start = 0
         while start < n:
             k = 0
             try:
                 for j in range(start, min(n, start + BATCH)):
                     r = route_get(self, subjects[j])
+                    alive.append(r)
                     self.published += 1
                     if r.bits == NULL:
                         continue
@@ -527,6 +549,7 @@ cdef class Core:
                     msgs[k].subject = r.id
                     msgs[k].conflate = r.conflate
                     k += 1
+                    delta_prepare(self, r, msgs[k - 1])
                 for w in range(words):
                     word = 0
                     for j in range(k):
@@ -562,6 +585,7 @@ cdef class Core:
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
         cdef Client *c = &self.clients[slot]
+        delta_visit(c, slot, m)
         if c.nodata or not c.active:
             return 0
         if self.shed_low and m.priority == 0 and not catchup:
@@ -595,7 +619,7 @@ cdef class Core:
             msg_decref(c.ring[idx])
         c.ring[idx] = m
         m.refcnt += 1
-        queue_data(self, c, c.seq, m)
+        delta_queue(self, c, slot, c.seq, m, catchup)
         self.deliveries += 1
         if not catchup:
             throttle_check(self, slot, c, m)
@@ -708,6 +732,8 @@ cdef class Core:
         if c.nodata:
             return 0, missing
         s = from_seq if from_seq > lo else lo
+        if s <= hi:
+            delta_forget(self, c)     # replayed messages are full and reset the client's bases
         while s <= hi:
             queue_data(self, c, s, c.ring[s % self.replay_size])
             sent += 1
@@ -903,3 +929,10 @@ cdef class Core:
             "patterns": len(self._patterns),
             "routes": len(self._routes),
         }
+
+    def delta_stats(self):
+        """Delta counters and memory: computed, seconds, refused_not_smaller,
+        refused_not_utf8, bytes_full/bytes_delta and frames_full/frames_delta
+        (data frames queued, as on the wire), bases (subjects holding one),
+        base_bytes, seen_bytes (the subjects' bitsets of who was sent the base)."""
+        return delta_stats(self)

@@ -18,6 +18,8 @@ cdef inline void msg_free(Msg *m) noexcept nogil:
     for i in range(MAX_WBITS_SLOTS):
         if m.ztail[i] != NULL:
             free(m.ztail[i])
+    if m.delta != NULL:
+        msg_decref_shared(m.delta)
     free(m)
     fo_atomic_dec(&_live_msgs)
 

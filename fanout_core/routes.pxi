@@ -4,11 +4,13 @@
 cdef class _Pattern:
     def __dealloc__(self):
         free(self.bits)
+        free(self.dbits)
 
 
 cdef class _Route:
     def __dealloc__(self):
         free(self.bits)
+        delta_route_free(self)
 
 
 cdef bint _match(list ptoks, list stoks):
@@ -58,6 +60,7 @@ cdef int route_link(Core self, _Pattern p, str subject, _Route r) except -1:
             raise MemoryError()
     for i in range(self.nwords):
         r.bits[i] |= p.bits[i]
+    delta_link(self, p, r)
     return 0
 
 
@@ -83,6 +86,7 @@ cdef _Route route_get(Core self, str subject):
         if _match(ptoks, r.tokens):
             r.conflate = True
             break
+    delta_route_init(self, r)
     self._routes[subject] = r
     p = self._patterns.get(subject)
     if p is not None and not p.wild:

@@ -41,7 +41,7 @@ cdef bint conflate_replace(Core self, Client *c, Msg *m) noexcept:
             m.refcnt += 1
             c.queued += seg_len(c, sg) - before
             idx = sg.v % self.replay_size
-            if c.ring != NULL and c.ring[idx] == old:
+            if c.ring != NULL and c.ring[idx] != NULL and (c.ring[idx] == old or c.ring[idx].delta == old):
                 c.ring[idx] = m          # replay gives what was sent for that seq
                 m.refcnt += 1
                 msg_decref(old)
