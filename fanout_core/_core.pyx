@@ -147,9 +147,13 @@ cdef class Core:
         self.replay_size = replay_size
         self.queue_limit = queue_limit
         self.slow_strikes = slow_strikes
+        if max_routes < BATCH:
+            raise ValueError(f"max_routes must be >= {BATCH}")
         self.max_routes = max_routes
         self.zlevel = compress_level
         self.nwords = (capacity + 63) // 64
+        self.sparse_max = 2 * self.nwords      # an array of that many uint32 is as big as the bitset
+        self.set_bytes = 0
         self.clients = <Client *>calloc(capacity, sizeof(Client))
         self.dirty = <int *>malloc(capacity * sizeof(int))
         if self.clients == NULL or self.dirty == NULL:
@@ -360,15 +364,12 @@ cdef class Core:
         cdef _Pattern p = self._patterns.get(pattern)
         if p is None:
             p = route_new_pattern(self, pattern)
-        subs.add(pattern)
-        cdef int w = slot >> 6
-        cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
         cdef _Route r
-        p.bits[w] |= mask
-        p.count += 1
-        for subject in p.routes:
+        rs_add(self, &p.rs, slot)
+        subs.add(pattern)
+        for subject in route_subjects(self, p):
             r = self._routes[subject]
-            r.bits[w] |= mask
+            rs_add(self, &r.rs, slot)
         return True
 
     def unsubscribe(self, int slot, str pattern):
@@ -381,26 +382,19 @@ cdef class Core:
         cdef _Pattern p = self._patterns[pattern]
         cdef _Pattern q
         cdef _Route r
-        cdef int w = slot >> 6
-        cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
         cdef bint still
-        p.bits[w] &= ~mask
-        p.count -= 1
-        for subject in p.routes:
+        rs_remove(self, &p.rs, slot)
+        for subject in route_subjects(self, p):
             r = self._routes[subject]
             still = False
             for q in r.patterns:
-                if q is not p and (q.bits[w] & mask):
+                if q is not p and rs_has(&q.rs, slot):
                     still = True
                     break
             if not still:
-                r.bits[w] &= ~mask
-        if p.count == 0:
-            for subject in p.routes:
-                r = self._routes[subject]
-                r.patterns.remove(p)
-            del self._patterns[pattern]
-            self._wild.pop(pattern, None)
+                rs_remove(self, &r.rs, slot)
+        if p.rs.n == 0:
+            route_drop_pattern(self, p)
         return True
 
     def subscriptions(self, int slot):
@@ -418,18 +412,7 @@ cdef class Core:
     def recipients(self, str subject):
         """Slots that a message on ``subject`` would reach (tests, debugging)."""
         cdef _Route r = route_get(self, subject)
-        cdef int w, b
-        cdef uint64_t word
-        out = []
-        if r.bits == NULL:
-            return out
-        for w in range(self.nwords):
-            word = r.bits[w]
-            while word:
-                b = __builtin_ctzll(word)
-                word &= word - 1
-                out.append(w * 64 + b)
-        return out
+        return rs_members(&r.rs, self.nwords)
 
     # ---------------------------------------------------------------- publish
     def publish(self, str subject, bytes tail, int priority=2):
@@ -442,7 +425,7 @@ cdef class Core:
         self._idle()
         cdef _Route r = route_get(self, subject)
         self.published += 1
-        if r.bits == NULL:
+        if r.rs.n == 0:
             return 0
         cdef Msg *m = msg_new(tail, priority)
         m.subject = r.id
@@ -450,14 +433,20 @@ cdef class Core:
         cdef int w, b, words = (self._next_slot + 63) >> 6
         cdef uint64_t word
         cdef int count = 0
-        cdef uint64_t *bits = r.bits
+        cdef uint64_t *bits = r.rs.bits
+        cdef uint32_t *arr = r.rs.arr
+        cdef uint32_t i, n = r.rs.n
         try:
-            for w in range(words):
-                word = bits[w]
-                while word:
-                    b = __builtin_ctzll(word)
-                    word &= word - 1
-                    count += self._deliver((w << 6) | b, m)
+            if bits == NULL:
+                for i in range(n):
+                    count += self._deliver(arr[i], m)
+            else:
+                for w in range(words):
+                    word = bits[w]
+                    while word:
+                        b = __builtin_ctzll(word)
+                        word &= word - 1
+                        count += self._deliver((w << 6) | b, m)
         finally:
             msg_decref(m)
         return count
@@ -467,13 +456,24 @@ cdef class Core:
         :meth:`publish` for each, but client-major: each subscriber's state is
         touched once for all the messages it gets from the batch, not once per
         message (the difference is cache misses, i.e. most of the cost).
-        Returns the number of frames queued."""
+        Returns the number of frames queued.
+
+        Dense subjects are walked word by word in their bitsets; sparse ones
+        (sorted slot arrays) through a cursor each, turned into the same 64-slot
+        word as the walk reaches it, so both meet in one client-major loop.
+        When every set in the batch is sparse the walk jumps straight to the
+        next word that has a member."""
         self._idle()
-        cdef Py_ssize_t n = len(subjects), start, j, k
+        cdef Py_ssize_t n = len(subjects), start, end, j, k
         cdef Msg *msgs[BATCH]
         cdef uint64_t *bits[BATCH]
-        cdef int w, b, slot, words = (self._next_slot + 63) >> 6
-        cdef uint64_t word, mask
+        cdef uint32_t *arrs[BATCH]
+        cdef uint32_t lens[BATCH]
+        cdef uint32_t cur[BATCH]
+        cdef uint64_t sw[BATCH]
+        cdef int w, b, slot, ndense, words = (self._next_slot + 63) >> 6
+        cdef uint64_t word, mask, x
+        cdef uint32_t v
         cdef int count = 0
         cdef _Route r
         if len(tails) != n or len(priorities) != n:
@@ -481,33 +481,63 @@ cdef class Core:
         start = 0
         while start < n:
             k = 0
+            ndense = 0
+            end = min(n, start + BATCH)
+            if len(self._routes) + (end - start) > self.max_routes:
+                route_clear(self)    # never in the middle of a batch: its sets are in use below
             try:
-                for j in range(start, min(n, start + BATCH)):
+                for j in range(start, end):
                     r = route_get(self, subjects[j])
                     self.published += 1
-                    if r.bits == NULL:
+                    if r.rs.n == 0:
                         continue
-                    bits[k] = r.bits
+                    bits[k] = r.rs.bits
+                    arrs[k] = r.rs.arr
+                    lens[k] = r.rs.n
+                    cur[k] = 0
+                    if bits[k] != NULL:
+                        ndense += 1
                     msgs[k] = msg_new(tails[j], priorities[j])
                     msgs[k].subject = r.id
                     msgs[k].conflate = r.conflate
                     k += 1
-                for w in range(words):
+                w = 0
+                while w < words:
+                    if ndense == 0:
+                        # All sparse: go to the lowest word any cursor points at.
+                        w = words
+                        for j in range(k):
+                            if cur[j] < lens[j] and <int>(arrs[j][cur[j]] >> 6) < w:
+                                w = arrs[j][cur[j]] >> 6
+                        if w >= words:
+                            break
                     word = 0
                     for j in range(k):
-                        word |= bits[j][w]
+                        if bits[j] != NULL:
+                            x = bits[j][w]
+                        else:
+                            x = 0
+                            while cur[j] < lens[j]:
+                                v = arrs[j][cur[j]]
+                                if <int>(v >> 6) != w:
+                                    break
+                                x |= (<uint64_t>1) << (v & 63)
+                                cur[j] += 1
+                        sw[j] = x
+                        word |= x
                     while word:
                         b = __builtin_ctzll(word)
                         word &= word - 1
                         mask = (<uint64_t>1) << b
                         slot = (w << 6) | b
                         for j in range(k):
-                            if bits[j][w] & mask:
+                            if sw[j] & mask:
                                 count += self._deliver(slot, msgs[j])
+                    w += 1
             finally:
                 for j in range(k):
                     msg_decref(msgs[j])
-            start += BATCH
+            start = end
         return count
 
     def deliver(self, int slot, bytes tail, int priority=2, bint catchup=False):
@@ -857,4 +887,5 @@ cdef class Core:
             "clients": self.clients_active,
             "patterns": len(self._patterns),
             "routes": len(self._routes),
+            "set_bytes": self.set_bytes,
         }
