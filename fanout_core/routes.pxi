@@ -77,7 +77,7 @@ cdef int rs_to_dense(Core self, RSet *s) except -1:
 cdef void rs_to_sparse(Core self, RSet *s) noexcept:
     """Back to an array (at n <= sparse_max / 2). If malloc fails the set
     simply stays a bitset: both forms are correct."""
-    cdef uint32_t cap = s.n * 2 if s.n >= 2 else 4
+    cdef uint32_t cap = s.n + s.n // 4 + 4     # some room to grow, well below the bitset
     cdef uint32_t *arr = <uint32_t *>malloc(cap * sizeof(uint32_t))
     cdef uint32_t k = 0
     cdef int w, b
