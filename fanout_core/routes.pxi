@@ -78,10 +78,13 @@ cdef void rs_to_sparse(Core self, RSet *s) noexcept:
     """Back to an array (at n <= sparse_max / 2). If malloc fails the set
     simply stays a bitset: both forms are correct."""
     cdef uint32_t cap = s.n + s.n // 4 + 4     # some room to grow, well below the bitset
-    cdef uint32_t *arr = <uint32_t *>malloc(cap * sizeof(uint32_t))
+    cdef uint32_t *arr
     cdef uint32_t k = 0
     cdef int w, b
     cdef uint64_t word
+    if cap > <uint32_t>self.sparse_max:
+        cap = self.sparse_max
+    arr = <uint32_t *>malloc(cap * sizeof(uint32_t))
     if arr == NULL:
         return
     for w in range(self.nwords):
