@@ -111,6 +111,7 @@ class Config:
     ws_throttle_max_level: int = _setting("WS_THROTTLE_MAX_LEVEL", 3, "heaviest level; a client still over its queue limit there is closed with 1008", lo=1, hi=3)
     ws_priority_rules: str = _setting("WS_PRIORITY_RULES", "odin.token.*.metadata=low,odin.token.*.comment=medium,odin.token.*.update=high,odin.token.*.trade=critical", "subject pattern=priority rules for messages without a Fanout-Priority header (first match wins; default high)")
     ws_conflate_channels: str = _setting("WS_CONFLATE_CHANNELS", "", "subject patterns whose messages are latest-value state: for a throttled client a newer one replaces the older still queued (comma-separated)")
+    ws_route_cache_max: int = _setting("WS_ROUTE_CACHE_MAX", 65536, "subjects whose recipients (and priority) are cached; when full the cache is dropped whole and rebuilt on demand (about 200 bytes per entry, plus 4 per recipient)", lo=64, hi=16_777_216)
     ws_snapshot_max_subjects: int = _setting("WS_SNAPSHOT_MAX_SUBJECTS", 100000, "subjects whose newest message is kept for subscribe with snapshot:true (least recently updated evicted; 0 = off)", lo=0, hi=10_000_000)
     ws_socket_sndbuf: int = _setting("WS_SOCKET_SNDBUF", 262144, "SO_SNDBUF per client socket, so a stalled reader cannot hide megabytes in the kernel (0 = kernel autotuning)", lo=0, hi=64 * 2**20)
     # --- NATS / JetStream (set NATS_URL to use it; embedded bus otherwise) -----
@@ -137,6 +138,7 @@ class Config:
     ws_max_nats_rate: float = _setting("WS_MAX_NATS_RATE", 0.0, "messages/s consumed from NATS (0 = unlimited)", lo=0, hi=1e9)
     node_id: str = _setting("FANOUT_NODE_ID", "", "this node's id, naming its durable consumer (default: hostname-WS_PORT; with WS_PORT=0 hostname-p<pid>)")
     # --- logging -------------------------------------------------------------
+    fanout_tracemalloc: bool = _setting("FANOUT_TRACEMALLOC", False, "trace Python allocations from start (slow; for leak hunts): GET /debug/tracemalloc on the ops port lists the top growth by line")
     log_level: str = _setting("LOG_LEVEL", "info", "log level", choices=("debug", "info", "warning", "error"))
 
     @property

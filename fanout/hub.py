@@ -141,6 +141,7 @@ class Hub:
             max_level=cfg.ws_throttle_max_level,
             conflate=cfg.conflate_patterns,
             flush_threads=cfg.flush_threads,
+            max_routes=cfg.ws_route_cache_max,
         )
         metrics.attach_core(self.core.stats)
         metrics.attach_client_lag(self.core.drops, self.core.lag_histogram)
@@ -198,6 +199,20 @@ class Hub:
     @property
     def full(self) -> bool:
         return self.core.clients_active >= self.cfg.ws_max_connections
+
+    def store_sizes(self) -> dict[str, int]:
+        """Sizes of the hub's and the core's stores that grow with clients,
+        subjects or history (the fanout_store_* gauges; see README "Memory")."""
+        st = self.core.stats()
+        return {
+            "routes": st["routes"], "patterns": st["patterns"], "set_bytes": st["set_bytes"],
+            "messages_held": st["messages_held"], "message_bytes": st["message_bytes"],
+            "queued_bytes": st["queued_bytes"],
+            "history_messages": len(self.recent), "history_bytes": self.recent.nbytes(),
+            "snapshot_subjects": len(self.latest), "snapshot_bytes": self.latest.nbytes(),
+            "priority_cache": len(self._rule_cache),
+            "catchups": len(self._catchups), "throttled": len(self._throttled), "watched": len(self._watch),
+        }
 
     def attach(self, peer: Peer, wbits: int) -> int:
         """Give a connection that finished its handshake a slot."""
@@ -283,7 +298,7 @@ class Hub:
                 if matches(pattern, subject):
                     p = prio
                     break
-            if len(self._rule_cache) >= 65536:
+            if len(self._rule_cache) >= self.cfg.ws_route_cache_max:
                 self._rule_cache.clear()
             self._rule_cache[subject] = p
         return p

@@ -40,6 +40,10 @@ class MemoryStream:
     def __len__(self) -> int:
         return len(self._q)
 
+    def nbytes(self) -> int:
+        """Bytes of the retained message bodies (a gauge; one pass, at scrape time)."""
+        return sum(len(e.tail) for e in self._q)
+
     def append(self, entry: Entry) -> None:
         if self.max_msgs <= 0:
             self.dropped_upto = entry.stream_seq
@@ -118,6 +122,10 @@ class LatestStore:
 
     def __len__(self) -> int:
         return len(self._d)
+
+    def nbytes(self) -> int:
+        """Bytes of the kept message bodies (a gauge; one pass, at scrape time)."""
+        return sum(len(e.tail) for e in self._d.values())
 
     def put(self, e: Entry) -> bool:
         """Keep ``e`` as its subject's newest; False (and nothing changes) when the

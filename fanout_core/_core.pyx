@@ -870,6 +870,16 @@ cdef class Core:
         self.ndirty = 0
         return total
 
+    def queued_total(self):
+        """Bytes queued for all clients and not yet written (one pass over the slots)."""
+        self._idle()
+        cdef int s
+        cdef Py_ssize_t total = 0
+        for s in range(self._next_slot):
+            if self.clients[s].active:
+                total += self.clients[s].queued
+        return total
+
     def stats(self):
         return {
             "published": self.published,
@@ -888,4 +898,7 @@ cdef class Core:
             "patterns": len(self._patterns),
             "routes": len(self._routes),
             "set_bytes": self.set_bytes,
+            "messages_held": _live_msgs,
+            "message_bytes": _live_msg_bytes,
+            "queued_bytes": self.queued_total(),
         }

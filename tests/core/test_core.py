@@ -345,10 +345,10 @@ def test_subscription_churn_returns_core_memory_to_zero():
             core.remove_client(slots.pop(rnd.randrange(len(slots))))
         elif op < 0.55 and slots:
             s = rnd.choice(slots)
-            pat = rnd.choice(("odin.*.t%d" % rnd.randrange(50), "odin.>", "odin.s%d.t%d" % (rnd.randrange(100), rnd.randrange(50))))
+            pat = rnd.choice((f"odin.*.t{rnd.randrange(50)}", "odin.>", f"odin.s{rnd.randrange(100)}.t{rnd.randrange(50)}"))
             core.subscribe(s, pat) if rnd.random() < 0.6 else core.unsubscribe(s, pat)
         else:
-            subj = "odin.s%d.t%d" % (rnd.randrange(100), rnd.randrange(50))
+            subj = f"odin.s{rnd.randrange(100)}.t{rnd.randrange(50)}"
             core.publish(subj, tail(step))
         if step % 64 == 0:
             core.discard_queued()
