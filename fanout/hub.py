@@ -71,6 +71,9 @@ THROTTLE_MESSAGES = (
     "Your connection is slow. Receiving {pct}% of updates. Consider refreshing.",
     "Your connection is very slow. Receiving {pct}% of updates. Please reconnect.",
 )
+# Seconds between heap trims after clients left (Hub.trim_tick): glibc keeps
+# freed blocks otherwise, and RSS would stay at its peak after a crowd leaves.
+TRIM_INTERVAL = 5.0
 FETCH_ROUNDS = 8         # history fetches one resume may make before it gives up chasing the stream
 
 
@@ -181,6 +184,8 @@ class Hub:
         # WS_MAX_CONCURRENT_CATCHUPS: history fetches from the broker at once (the plan's task limits).
         self._fetch_slots = asyncio.Semaphore(cfg.ws_max_concurrent_catchups)
         self.history_fetches = 0
+        self._left_since_trim = 0
+        self._next_trim = 0.0
 
     # -------------------------------------------------------------- lifecycle
     def bind(self, loop: asyncio.AbstractEventLoop, broker: Broker | None) -> None:
@@ -199,6 +204,17 @@ class Hub:
     @property
     def full(self) -> bool:
         return self.core.clients_active >= self.cfg.ws_max_connections
+
+    def trim_tick(self, now: float) -> bool:
+        """Periodic: after clients left, give freed heap pages back to the OS
+        (Core.trim_memory), at most every TRIM_INTERVAL seconds. Returns
+        whether it trimmed."""
+        if not self._left_since_trim or now < self._next_trim:
+            return False
+        self._left_since_trim = 0
+        self._next_trim = now + TRIM_INTERVAL
+        self.core.trim_memory()
+        return True
 
     def store_sizes(self) -> dict[str, int]:
         """Sizes of the hub's and the core's stores that grow with clients,
@@ -229,6 +245,7 @@ class Hub:
         self.metrics.subscriptions.set(self.subscription_count)
         self._leave_throttling(slot)
         self.core.remove_client(slot)
+        self._left_since_trim += 1
         self._peers[slot] = None
         self._watch.discard(slot)
         cu = self._catchups.pop(slot, None)

@@ -282,6 +282,7 @@ class Server:
         self._sweep_idle(now)
         self.hub.throttle_tick(now)
         self.hub.recent.expire(now)
+        self.hub.trim_tick(now)
         self._guard_tick(now)            # samples CPU and memory (fanout/guard.py owns that)
         self.metrics.broker_ready.set(1 if self.broker.ready else 0)
         self.metrics.ready.set(1 if self.ready else 0)

@@ -359,3 +359,45 @@ def test_subscription_churn_returns_core_memory_to_zero():
     assert live_messages() == live0
     assert core.publish("odin.s1.t1", tail(0)) == 0
     assert core.route_count == 0                       # no wildcard: nothing cached for nobody
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_rings_hold_at_most_replay_size_messages_and_memory_goes_back_when_clients_leave():
+    # Issue 19: RSS grew ~150 bytes per delivery and stayed at its peak after
+    # every client left. The growth was replay rings filling (bounded: every
+    # client keeps replay_size messages; now a gauge), the peak was glibc
+    # keeping the freed blocks: trim_memory() gives them back.
+    import random
+
+    from fanout_core._core import live_message_bytes, live_messages
+    rnd = random.Random(3)
+    live0 = live_messages()
+    core = Core(2000, replay_size=100)
+    names = [f"odin.token.s{j}.update" for j in range(4000)]
+    slots = [core.add_client(-1) for _ in range(1000)]
+    for s in slots:
+        for n in rnd.sample(names, 5):
+            core.subscribe(s, n)
+    body = tail(0, 300)
+    base = _rss_anon()
+    for _ in range(150):
+        core.publish_batch([rnd.choice(names) for _ in range(64)], [body] * 64, [2] * 64)
+        core.discard_queued()
+        held = live_messages() - live0
+        assert held <= len(slots) * core.replay_size
+    assert core.stats()["messages_held"] == live_messages()
+    assert core.stats()["message_bytes"] == live_message_bytes()
+    grown = _rss_anon() - base
+    assert grown > 4 << 20                             # the rings really hold something
+    for s in slots:
+        core.remove_client(s)
+    assert live_messages() == live0 and core.set_bytes == 0
+    core.trim_memory()
+    assert _rss_anon() - base < grown / 2              # most of it is back with the OS

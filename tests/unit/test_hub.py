@@ -369,3 +369,34 @@ async def test_priority_rules_apply_to_messages_without_a_priority(hub):
         hub.dispatch(Message(sub, b"1", i, 1, -1))
     hub.dispatch(Message("odin.token.b.metadata", b"1", 6, 1, 3))     # an explicit priority wins
     assert [e.priority for e in hub.recent.since(0, [">"])] == [0, 1, 2, 3, 2, 3]
+
+
+async def test_store_gauges_return_to_zero_and_the_heap_is_trimmed_after_clients_leave():
+    import asyncio
+
+    from fanout.hub import TRIM_INTERVAL
+    clock = FakeClock()
+    h = Hub(make_cfg(), Metrics(), clock)
+    h.bind(asyncio.get_running_loop(), None)
+    slots = [h.attach(RecPeer(), 0) for _ in range(5)]
+    for i, s in enumerate(slots):
+        h.subscribe(s, [CH, f"odin.token.t{i}.*"])
+    for i in range(20):
+        h.dispatch(msg(i + 1))
+    h.publish_pending()
+    sizes = h.store_sizes()
+    assert sizes["patterns"] == 6 and sizes["routes"] >= 1 and sizes["messages_held"] > 0
+    assert sizes["history_messages"] == 20 and sizes["history_bytes"] > 0
+    assert not h.trim_tick(clock())                    # nobody left yet
+    for s in slots:
+        h.detach(s)
+    sizes = h.store_sizes()
+    assert {k: sizes[k] for k in ("patterns", "routes", "set_bytes", "messages_held", "queued_bytes",
+                                  "catchups", "throttled", "watched")} == dict.fromkeys(
+        ("patterns", "routes", "set_bytes", "messages_held", "queued_bytes", "catchups", "throttled", "watched"), 0)
+    assert h.trim_tick(clock())
+    s = h.attach(RecPeer(), 0)
+    h.detach(s)
+    assert not h.trim_tick(clock())                    # at most every TRIM_INTERVAL
+    clock.advance(TRIM_INTERVAL)
+    assert h.trim_tick(clock())
