@@ -18,8 +18,9 @@ Load, all of it at once, for ``--duration`` seconds after a warm-up:
   them by an abrupt reset after which the client resumes, the others close.
   Their tokens expire every ``--token-ttl`` seconds and are refreshed on the
   open connection (the node runs with ``WS_AUTH_SECRET``).
-- Stopped readers: every 20 s a few raw sockets subscribe to a busy subject
-  and never read; the node must close them.
+- Stopped readers: a few raw sockets subscribe to every churn subject
+  (``odin.global.>``) and never read; 45 s later the node must have closed
+  them. Then the next few.
 - A publisher over both subject sets; in JetStream mode through NATS, and a
   NATS restart (SIGKILL, same store) every ``--nats-restart-every`` seconds.
 
@@ -32,7 +33,10 @@ RssAnon, USS, fds and threads of the node (``/proc``, psutil); every
 loop lag (scraped from ``/metrics``); the load generator's delivery p99 for
 the interval. At the end: the node's tracemalloc top growth by line
 (``FANOUT_TRACEMALLOC=1``, ``GET /debug/tracemalloc``), ``soak.png`` (a plot
-over time) and one summary line.
+over time) and one summary line. With ``--tracemalloc`` the node traces its
+Python allocations (``FANOUT_TRACEMALLOC=1``) and the summary lists its top
+growth by line (``GET /debug/tracemalloc``); it slows the node several times,
+so it is off by default.
 
 Exit status 1 when a bound is broken:
 
@@ -309,7 +313,7 @@ async def churner(cid: int, url: str, args: argparse.Namespace, stop: asyncio.Ev
 
 async def stopped_readers(url: str, args: argparse.Namespace, stop: asyncio.Event, tally: Tally) -> None:
     """A few clients that subscribe to a busy subject and never read: the node
-    must close them (throttle, then 1008). Checked 30 s after they stopped."""
+    must close them (throttle, then 1008). Checked 45 s after they stopped."""
     u = Url.parse(url + ("&" if "?" in url else "?") + "auth=" + token("stopped", 3600))
     while not stop.is_set():
         socks = []
@@ -328,13 +332,13 @@ async def stopped_readers(url: str, args: argparse.Namespace, stop: asyncio.Even
                         raise OSError("closed in handshake")
                     buf += chunk
                 parse_handshake_response(buf.split(b"\r\n\r\n")[0], key)
-                s.sendall(client_frame(OP_TEXT, json.dumps({"type": "subscribe", "channels": [subject_name(0)]}).encode()))
+                s.sendall(client_frame(OP_TEXT, json.dumps({"type": "subscribe", "channels": ["odin.global.>"]}).encode()))
                 socks.append(s)
                 tally.stopped_opened += 1
             except Exception:      # refused or failed: counted as not opened
                 s.close()
         try:
-            await asyncio.wait_for(stop.wait(), 30)
+            await asyncio.wait_for(stop.wait(), 45)
         except TimeoutError:
             pass
         for s in socks:
@@ -589,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nats-restart-every", type=float, default=120.0)
     ap.add_argument("--max-connections", type=int, default=10000)
     ap.add_argument("--flush-threads", type=int, default=2)
-    ap.add_argument("--no-tracemalloc", dest="tracemalloc", action="store_false")
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="run the node with FANOUT_TRACEMALLOC=1 and report its top growth by line (slows it several times)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     return asyncio.run(soak(args))
