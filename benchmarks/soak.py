@@ -24,8 +24,10 @@ Load, all of it at once, for ``--duration`` seconds after a warm-up:
 - A publisher over both subject sets; in JetStream mode through NATS, and a
   NATS restart (SIGKILL, same store) every ``--nats-restart-every`` seconds.
 
-The warm-up publishes every subject once (so the route cache and snapshot
-store are full before measuring), opens the load, and lets it settle.
+The warm-up publishes every subject once (so the history and snapshot stores
+are full before measuring), opens the load, publishes enough on its subjects
+to fill every client's replay ring (a bounded store: see README "Memory"),
+and lets it settle for ``--settle`` seconds.
 
 Samples every ``--interval`` seconds go to ``soak.jsonl`` in ``--out``: RSS,
 RssAnon, USS, fds and threads of the node (``/proc``, psutil); every
@@ -377,6 +379,17 @@ async def publisher(args: argparse.Namespace, pub: Any, stop: asyncio.Event, tal
         await asyncio.sleep(max(0.0, tick - (time.monotonic() - t0)))
 
 
+async def fill_rings(args: argparse.Namespace, pub: Any) -> None:
+    """Once the load's clients are in: publish enough on their subjects that
+    every replay ring is full (its bound, WS_REPLAY_BUFFER = 100), so what is
+    measured afterwards is steady state, not bounded stores filling."""
+    rounds = -(-100 // max(1, args.per_client)) + 1
+    for r in range(rounds):
+        for j in range(args.load_subjects):
+            pub.publish(subject_name(j), make_payload(time.time_ns(), r, args.payload))
+        await pub.flush(60)
+
+
 async def warm_up(args: argparse.Namespace, pub: Any) -> None:
     """Publish every subject once (load and churn sets)."""
     for j in range(args.subjects):
@@ -491,6 +504,7 @@ async def soak(args: argparse.Namespace) -> int:
         sampler.lg = lg
         res = await lg.connect()
         print(f"loadgen: {res['ok']} connected, {res['failed']} failed in {res['elapsed']:.1f} s", flush=True)
+        await fill_rings(args, pub)
         tasks.append(asyncio.create_task(publisher(args, pub, stop, tally)))
         for cid in range(args.churners):
             tasks.append(asyncio.create_task(churner(cid, url, args, stop, tally)))
