@@ -38,7 +38,8 @@ the interval. At the end: the node's tracemalloc top growth by line
 over time) and one summary line. With ``--tracemalloc`` the node traces its
 Python allocations (``FANOUT_TRACEMALLOC=1``) and the summary lists its top
 growth by line (``GET /debug/tracemalloc``); it slows the node several times,
-so it is off by default.
+so it is off by default. The growth is measured over the load phase (from
+its first sample to its last, before the clients leave).
 
 Exit status 1 when a bound is broken:
 
@@ -515,7 +516,10 @@ async def soak(args: argparse.Namespace) -> int:
         next_restart = time.monotonic() + args.nats_restart_every
         await lg.reset()
         while time.monotonic() < t_end:
-            sampler.phase = "settle" if time.monotonic() < t_end - args.duration else "load"
+            phase = "settle" if time.monotonic() < t_end - args.duration else "load"
+            if phase == "load" and sampler.phase != "load" and args.tracemalloc:
+                await asyncio.to_thread(node.get, "/debug/tracemalloc?reset=1", 60)   # growth from here on
+            sampler.phase = phase
             row = await sampler.sample()
             print(f"[{time.monotonic() - t_start:6.0f}s] {row['phase']:6s} rss_anon {row['RssAnon'] / MIB:7.1f} MiB "
                   f"fds {row['fds']:5d} tasks {row.get('fanout_asyncio_tasks', 0):5.0f} "
@@ -530,6 +534,13 @@ async def soak(args: argparse.Namespace) -> int:
                 tally.nats_restarts += 1
                 next_restart = now + args.nats_restart_every
             await asyncio.sleep(max(0.0, min(args.interval, t_end - time.monotonic())))
+        report: dict[str, Any] = {}
+        if args.tracemalloc:
+            try:
+                report = json.loads(await asyncio.to_thread(node.get, "/debug/tracemalloc", 60))
+                (out / "tracemalloc.json").write_text(json.dumps(report, indent=1))
+            except OSError as e:
+                report = {"error": str(e)}
         # The clients leave.
         sampler.phase = "leave"
         stop.set()
@@ -547,13 +558,6 @@ async def soak(args: argparse.Namespace) -> int:
             final = await sampler.sample()
             if all(final.get(k) == baseline.get(k) for k in ("fds", *PER_CLIENT) if k in baseline):
                 break
-        report: dict[str, Any] = {}
-        if args.tracemalloc:
-            try:
-                report = json.loads(await asyncio.to_thread(node.get, "/debug/tracemalloc", 60))
-                (out / "tracemalloc.json").write_text(json.dumps(report, indent=1))
-            except OSError as e:
-                report = {"error": str(e)}
     finally:
         stop.set()
         for t in tasks:

@@ -138,7 +138,7 @@ class Config:
     ws_max_nats_rate: float = _setting("WS_MAX_NATS_RATE", 0.0, "messages/s consumed from NATS (0 = unlimited)", lo=0, hi=1e9)
     node_id: str = _setting("FANOUT_NODE_ID", "", "this node's id, naming its durable consumer (default: hostname-WS_PORT; with WS_PORT=0 hostname-p<pid>)")
     # --- logging -------------------------------------------------------------
-    fanout_tracemalloc: bool = _setting("FANOUT_TRACEMALLOC", False, "trace Python allocations from start (slow; for leak hunts): GET /debug/tracemalloc on the ops port lists the top growth by line")
+    fanout_tracemalloc: bool = _setting("FANOUT_TRACEMALLOC", False, "trace Python allocations from start (slow; for leak hunts): GET /debug/tracemalloc on the ops port lists the top growth by line (?reset=1: measure from now on)")
     log_level: str = _setting("LOG_LEVEL", "info", "log level", choices=("debug", "info", "warning", "error"))
 
     @property

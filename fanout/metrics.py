@@ -137,12 +137,17 @@ def start_tracemalloc() -> None:
     _trace_base = tracemalloc.take_snapshot()
 
 
-def tracemalloc_report(limit: int = 25) -> dict[str, Any]:
-    """Top growth of the Python heap by source line since start (GET /debug/tracemalloc)."""
+def tracemalloc_report(limit: int = 25, reset: bool = False) -> dict[str, Any]:
+    """Top growth of the Python heap by source line since start, or since the
+    last ``reset`` (GET /debug/tracemalloc[?reset=1]: the new baseline is
+    taken after the report)."""
+    global _trace_base
     if not tracemalloc.is_tracing() or _trace_base is None:
         return {"tracing": False}
     snap = tracemalloc.take_snapshot()
     stats = snap.compare_to(_trace_base, "lineno")
+    if reset:
+        _trace_base = snap
     cur, peak = tracemalloc.get_traced_memory()
     return {"tracing": True, "traced_bytes": cur, "peak_bytes": peak,
             "top": [{"where": str(st.traceback[0]), "size_diff": st.size_diff, "count_diff": st.count_diff}

@@ -443,7 +443,7 @@ class Server:
         if path == "/metrics":
             return HttpResponse(200, self.metrics.render(), CONTENT_TYPE)
         if path == "/debug/tracemalloc" and self.cfg.fanout_tracemalloc:
-            return _json(200, tracemalloc_report())
+            return _json(200, tracemalloc_report(reset="reset=1" in req.path.partition("?")[2]))
         if path == "/drain":
             if req.method != "POST":
                 return _json(405, {"error": "use POST"}, {"Allow": "POST"})

@@ -380,9 +380,14 @@ cdef class Core:
         cdef _Route r
         rs_add(self, &p.rs, slot)
         subs.add(pattern)
-        for subject in route_subjects(self, p):
-            r = self._routes[subject]
-            rs_add(self, &r.rs, slot)
+        if p.wild:
+            for subject in p.routes:
+                r = self._routes[subject]
+                rs_add(self, &r.rs, slot)
+        else:
+            r = self._routes.get(pattern)
+            if r is not None:
+                rs_add(self, &r.rs, slot)
         return True
 
     def unsubscribe(self, int slot, str pattern):
@@ -393,19 +398,15 @@ cdef class Core:
             return False
         subs.discard(pattern)
         cdef _Pattern p = self._patterns[pattern]
-        cdef _Pattern q
         cdef _Route r
-        cdef bint still
         rs_remove(self, &p.rs, slot)
-        for subject in route_subjects(self, p):
-            r = self._routes[subject]
-            still = False
-            for q in r.patterns:
-                if q is not p and rs_has(&q.rs, slot):
-                    still = True
-                    break
-            if not still:
-                rs_remove(self, &r.rs, slot)
+        if p.wild:
+            for subject in p.routes:
+                route_unlink_slot(self, <_Route>self._routes[subject], p, slot)
+        else:
+            r = self._routes.get(pattern)
+            if r is not None:
+                route_unlink_slot(self, r, p, slot)
         if p.rs.n == 0:
             route_drop_pattern(self, p)
         return True

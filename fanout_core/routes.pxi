@@ -262,6 +262,16 @@ cdef int route_link(Core self, _Pattern p, str subject, _Route r) except -1:
     return 0
 
 
+cdef void route_unlink_slot(Core self, _Route r, _Pattern p, uint32_t slot) noexcept:
+    """``slot`` left pattern ``p``: it leaves route ``r`` too unless another of
+    the route's patterns still has it."""
+    cdef _Pattern q
+    for q in r.patterns:
+        if q is not p and rs_has(&q.rs, slot):
+            return
+    rs_remove(self, &r.rs, slot)
+
+
 cdef list route_subjects(Core self, _Pattern p):
     """The cached subjects whose route includes pattern p."""
     if p.wild:
