@@ -223,7 +223,7 @@ class Hub:
         return {
             "routes": st["routes"], "patterns": st["patterns"], "set_bytes": st["set_bytes"],
             "messages_held": st["messages_held"], "message_bytes": st["message_bytes"],
-            "queued_bytes": st["queued_bytes"],
+            "queued_bytes": st["queued_bytes"], "buffer_bytes": st["buffer_bytes"],
             "history_messages": len(self.recent), "history_bytes": self.recent.nbytes(),
             "snapshot_subjects": len(self.latest), "snapshot_bytes": self.latest.nbytes(),
             "priority_cache": len(self._rule_cache),

@@ -98,6 +98,7 @@ _STORES = {
     "messages_held": ("fanout_store_messages", "Messages alive in the core: replay rings and output queues (bound: WS_REPLAY_BUFFER per client + queued)"),
     "message_bytes": ("fanout_store_message_bytes", "Bytes of those messages (struct + uncompressed body)"),
     "queued_bytes": ("fanout_store_queued_bytes", "Bytes queued for clients and not yet written (bound: about WS_CLIENT_QUEUE_BYTES per client)"),
+    "buffer_bytes": ("fanout_store_client_buffer_bytes", "Bytes allocated for client queues and replay rings (an idle client keeps at most 12 KiB of queue buffers, and replay_size x 8 bytes of ring)"),
     "history_messages": ("fanout_store_history_messages", "Messages kept in memory for resume (bound: WS_HISTORY_SIZE)"),
     "history_bytes": ("fanout_store_history_bytes", "Bytes of their bodies"),
     "snapshot_subjects": ("fanout_store_snapshot_subjects", "Subjects whose newest message is kept for snapshots (bound: WS_SNAPSHOT_MAX_SUBJECTS)"),

@@ -900,18 +900,27 @@ cdef class Core:
             r = fo_malloc_trim()
         return bool(r)
 
-    def queued_total(self):
-        """Bytes queued for all clients and not yet written (one pass over the slots)."""
+    def client_memory(self):
+        """``(queued, buffers)``: bytes queued for all clients and not yet
+        written, and bytes their queues and rings hold allocated (arenas and
+        segment arrays, up to KEEP_BUF + KEEP_SEGS segments kept per idle
+        client; ring arrays, replay_size pointers per client that got data).
+        One pass over the slots."""
         self._idle()
         cdef int s
-        cdef Py_ssize_t total = 0
+        cdef Client *c
+        cdef Py_ssize_t queued = 0, buffers = 0
         for s in range(self._next_slot):
-            if self.clients[s].active:
-                total += self.clients[s].queued
-        return total
+            c = &self.clients[s]
+            if c.active:
+                queued += c.queued
+                buffers += c.acap + c.segcap * sizeof(Seg)
+                if c.ring != NULL:
+                    buffers += self.replay_size * sizeof(Msg *)
+        return queued, buffers
 
     def stats(self):
-        return {
+        out = {
             "published": self.published,
             "deliveries": self.deliveries,
             "throttled_drops": self.throttled_drops,
@@ -930,5 +939,6 @@ cdef class Core:
             "set_bytes": self.set_bytes,
             "messages_held": _live_msgs,
             "message_bytes": _live_msg_bytes,
-            "queued_bytes": self.queued_total(),
         }
+        out["queued_bytes"], out["buffer_bytes"] = self.client_memory()
+        return out

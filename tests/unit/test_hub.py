@@ -392,8 +392,9 @@ async def test_store_gauges_return_to_zero_and_the_heap_is_trimmed_after_clients
         h.detach(s)
     sizes = h.store_sizes()
     assert {k: sizes[k] for k in ("patterns", "routes", "set_bytes", "messages_held", "queued_bytes",
-                                  "catchups", "throttled", "watched")} == dict.fromkeys(
-        ("patterns", "routes", "set_bytes", "messages_held", "queued_bytes", "catchups", "throttled", "watched"), 0)
+                                  "catchups", "throttled", "watched", "buffer_bytes")} == dict.fromkeys(
+        ("patterns", "routes", "set_bytes", "messages_held", "queued_bytes", "catchups", "throttled", "watched",
+         "buffer_bytes"), 0)
     assert h.trim_tick(clock())
     s = h.attach(RecPeer(), 0)
     h.detach(s)
