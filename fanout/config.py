@@ -122,6 +122,7 @@ class Config:
     ws_delta_enabled: bool = _setting("WS_DELTA_ENABLED", True, "send Fossil delta messages (PROTOCOL 1.2) to subscriptions that ask with delta: \"fossil\" (clients opt in per subscription)")
     ws_delta_channels: str = _setting("WS_DELTA_CHANNELS", ">", "subject patterns where deltas are allowed (comma-separated; > = all)")
     ws_delta_min_bytes: int = _setting("WS_DELTA_MIN_BYTES", 128, "payloads shorter than this always go full (a delta would save little)", lo=0, hi=64 * 2**20)
+    ws_route_cache_max: int = _setting("WS_ROUTE_CACHE_MAX", 65536, "subjects whose recipients (and priority) are cached; when full the cache is dropped whole and rebuilt on demand (about 200 bytes per entry, plus 4 per recipient)", lo=64, hi=16_777_216)
     ws_snapshot_max_subjects: int = _setting("WS_SNAPSHOT_MAX_SUBJECTS", 100000, "subjects whose newest message is kept for subscribe with snapshot:true (least recently updated evicted; 0 = off)", lo=0, hi=10_000_000)
     ws_socket_notsent_lowat: int = _setting("WS_SOCKET_NOTSENT_LOWAT", 16384, "TCP_NOTSENT_LOWAT per client socket: unsent bytes the kernel holds beyond those in flight, so a slow reader's backlog stays in the node's queue, where throttling sees its real rate (0 = kernel default)", lo=0, hi=64 * 2**20)
     ws_socket_sndbuf: int = _setting("WS_SOCKET_SNDBUF", 262144, "SO_SNDBUF per client socket, so a stalled reader cannot hide megabytes in the kernel (0 = kernel autotuning)", lo=0, hi=64 * 2**20)
@@ -151,6 +152,7 @@ class Config:
     ws_max_nats_rate: float = _setting("WS_MAX_NATS_RATE", 0.0, "messages/s consumed from NATS (0 = unlimited)", lo=0, hi=1e9)
     node_id: str = _setting("FANOUT_NODE_ID", "", "this node's id, naming its durable consumer (default: hostname-WS_PORT; with WS_PORT=0 hostname-p<pid>)")
     # --- logging -------------------------------------------------------------
+    fanout_tracemalloc: bool = _setting("FANOUT_TRACEMALLOC", False, "trace Python allocations from start (slow; for leak hunts): GET /debug/tracemalloc on the ops port lists the top growth by line (?reset=1: measure from now on)")
     log_level: str = _setting("LOG_LEVEL", "info", "log level", choices=("debug", "info", "warning", "error"))
 
     @property

@@ -75,6 +75,9 @@ THROTTLE_MESSAGES = (
     "Your connection is slow. Receiving {pct}% of updates. Consider refreshing.",
     "Your connection is very slow. Receiving {pct}% of updates. Please reconnect.",
 )
+# Seconds between heap trims after clients left (Hub.trim_tick): glibc keeps
+# freed blocks otherwise, and RSS would stay at its peak after a crowd leaves.
+TRIM_INTERVAL = 5.0
 FETCH_ROUNDS = 8         # history fetches one resume may make before it gives up chasing the stream
 
 
@@ -157,6 +160,7 @@ class Hub:
             flush_threads=cfg.flush_threads,
             delta=cfg.delta_patterns,
             delta_min_bytes=cfg.ws_delta_min_bytes,
+            max_routes=cfg.ws_route_cache_max,
         )
         metrics.attach_core(self.core.stats)
         metrics.attach_delta(self.core.delta_stats)
@@ -198,6 +202,8 @@ class Hub:
         # WS_MAX_CONCURRENT_CATCHUPS: history fetches from the broker at once (the plan's task limits).
         self._fetch_slots = asyncio.Semaphore(cfg.ws_max_concurrent_catchups)
         self.history_fetches = 0
+        self._left_since_trim = 0
+        self._next_trim = 0.0
 
     # -------------------------------------------------------------- lifecycle
     def bind(self, loop: asyncio.AbstractEventLoop, broker: Broker | None) -> None:
@@ -217,6 +223,31 @@ class Hub:
     def full(self) -> bool:
         return self.core.clients_active >= self.cfg.ws_max_connections
 
+    def trim_tick(self, now: float) -> bool:
+        """Periodic: after clients left, give freed heap pages back to the OS
+        (Core.trim_memory), at most every TRIM_INTERVAL seconds. Returns
+        whether it trimmed."""
+        if not self._left_since_trim or now < self._next_trim:
+            return False
+        self._left_since_trim = 0
+        self._next_trim = now + TRIM_INTERVAL
+        self.core.trim_memory()
+        return True
+
+    def store_sizes(self) -> dict[str, int]:
+        """Sizes of the hub's and the core's stores that grow with clients,
+        subjects or history (the fanout_store_* gauges; see README "Memory")."""
+        st = self.core.stats()
+        return {
+            "routes": st["routes"], "patterns": st["patterns"], "set_bytes": st["set_bytes"],
+            "messages_held": st["messages_held"], "message_bytes": st["message_bytes"],
+            "queued_bytes": st["queued_bytes"], "buffer_bytes": st["buffer_bytes"],
+            "history_messages": len(self.recent), "history_bytes": self.recent.nbytes(),
+            "snapshot_subjects": len(self.latest), "snapshot_bytes": self.latest.nbytes(),
+            "priority_cache": len(self._rule_cache),
+            "catchups": len(self._catchups), "throttled": len(self._throttled), "watched": len(self._watch),
+        }
+
     def attach(self, peer: Peer, wbits: int) -> int:
         """Give a connection that finished its handshake a slot."""
         slot: int = self.core.add_client(peer.fd, wbits)
@@ -232,6 +263,7 @@ class Hub:
         self.metrics.subscriptions.set(self.subscription_count)
         self._leave_throttling(slot)
         self.core.remove_client(slot)
+        self._left_since_trim += 1
         self._peers[slot] = None
         self._watch.discard(slot)
         cu = self._catchups.pop(slot, None)
@@ -315,7 +347,7 @@ class Hub:
                 if matches(pattern, subject):
                     p = prio
                     break
-            if len(self._rule_cache) >= 65536:
+            if len(self._rule_cache) >= self.cfg.ws_route_cache_max:
                 self._rule_cache.clear()
             self._rule_cache[subject] = p
         return p

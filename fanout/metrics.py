@@ -8,6 +8,7 @@ throttling names from the deployment plan.
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -166,6 +167,77 @@ class DeltaCollector:
             yield g
 
 
+# ---------------------------------------------------------------------------
+# Memory: the size of every store that grows with clients, subjects or history
+# (issue 19; README "Memory" gives each one's bound and cost per entry).
+# Read at scrape time from a callable (Server.store_sizes) returning a dict with
+# these keys; a missing key is not exported. Other stores add their line here.
+# ---------------------------------------------------------------------------
+_STORES = {
+    "routes": ("fanout_store_routes", "Subjects in the core's route cache (bound: WS_ROUTE_CACHE_MAX)"),
+    "patterns": ("fanout_store_patterns", "Distinct subscribed patterns (bound: WS_MAX_CONNECTIONS x WS_MAX_SUBSCRIPTIONS)"),
+    "set_bytes": ("fanout_store_recipient_set_bytes", "Bytes held by the recipient sets of patterns and cached routes"),
+    "messages_held": ("fanout_store_messages", "Messages alive in the core: replay rings and output queues (bound: WS_REPLAY_BUFFER per client + queued)"),
+    "message_bytes": ("fanout_store_message_bytes", "Bytes of those messages (struct + uncompressed body)"),
+    "queued_bytes": ("fanout_store_queued_bytes", "Bytes queued for clients and not yet written (bound: about WS_CLIENT_QUEUE_BYTES per client)"),
+    "buffer_bytes": ("fanout_store_client_buffer_bytes", "Bytes allocated for client queues and replay rings (an idle client keeps at most 12 KiB of queue buffers, and replay_size x 8 bytes of ring)"),
+    "history_messages": ("fanout_store_history_messages", "Messages kept in memory for resume (bound: WS_HISTORY_SIZE)"),
+    "history_bytes": ("fanout_store_history_bytes", "Bytes of their bodies"),
+    "snapshot_subjects": ("fanout_store_snapshot_subjects", "Subjects whose newest message is kept for snapshots (bound: WS_SNAPSHOT_MAX_SUBJECTS)"),
+    "snapshot_bytes": ("fanout_store_snapshot_bytes", "Bytes of those messages' bodies"),
+    "priority_cache": ("fanout_store_priority_cache", "Subjects whose priority rule is cached (bound: WS_ROUTE_CACHE_MAX)"),
+    "catchups": ("fanout_store_catchups", "Resumes, snapshots and replays in progress (at most one per connection)"),
+    "throttled": ("fanout_store_throttled_clients", "Clients with throttle state in the hub"),
+    "watched": ("fanout_store_watched_clients", "Clients the hub waits on to drain"),
+    "sessions": ("fanout_store_sessions", "Connections in any state, handshakes included (bound: WS_MAX_CONNECTIONS + WS_MAX_PENDING_HANDSHAKES)"),
+    "users": ("fanout_store_users", "Token subs in the per-user registry"),
+    "log_limiter_keys": ("fanout_store_log_limiter_keys", "Keys the log limiter remembers (bounded)"),
+    "asyncio_tasks": ("fanout_asyncio_tasks", "asyncio tasks alive in the node's loop"),
+}
+
+
+class StoreCollector:
+    def __init__(self, sizes: Callable[[], dict[str, int]]) -> None:
+        self._sizes = sizes
+
+    def collect(self) -> Iterator[Any]:
+        sizes = self._sizes()
+        for key, (name, help_text) in _STORES.items():
+            if key in sizes:
+                fam = GaugeMetricFamily(name, help_text)
+                fam.add_metric([], sizes[key])
+                yield fam
+
+
+_trace_base: Any = None
+
+
+def start_tracemalloc() -> None:
+    """FANOUT_TRACEMALLOC=1: trace Python allocations from now on (costly) and
+    keep this moment as the baseline of :func:`tracemalloc_report`."""
+    global _trace_base
+    tracemalloc.start(1)
+    _trace_base = tracemalloc.take_snapshot()
+
+
+def tracemalloc_report(limit: int = 25, reset: bool = False) -> dict[str, Any]:
+    """Top growth of the Python heap by source line since start, or since the
+    last ``reset`` (GET /debug/tracemalloc[?reset=1]: the new baseline is
+    taken after the report)."""
+    global _trace_base
+    if not tracemalloc.is_tracing() or _trace_base is None:
+        return {"tracing": False}
+    snap = tracemalloc.take_snapshot()
+    stats = snap.compare_to(_trace_base, "lineno")
+    if reset:
+        _trace_base = snap
+    cur, peak = tracemalloc.get_traced_memory()
+    return {"tracing": True, "traced_bytes": cur, "peak_bytes": peak,
+            "top": [{"where": str(st.traceback[0]), "size_diff": st.size_diff, "count_diff": st.count_diff}
+                    for st in stats[:limit]]}
+# --------------------------------------------------------------- end: Memory
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -248,6 +320,9 @@ class Metrics:
 
     def attach_user_limit(self, per_user: Callable[[], list[int]]) -> None:
         self.registry.register(UserLimitCollector(per_user))
+
+    def attach_stores(self, sizes: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(StoreCollector(sizes))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -101,22 +101,33 @@ cdef struct FlushJob:
     FlushAcc acc[MAX_FLUSH_THREADS]
 
 
+cdef struct RSet:
+    # A set of client slots in one of two forms chosen by size, as CRoaring's
+    # containers are: a sorted array of ``n`` slots (``arr``, room for ``cap``)
+    # while n <= Core.sparse_max, else a bitset of Core.nwords words (``bits``).
+    # Empty: no allocation at all. So a subject with 3 subscribers costs 16
+    # bytes, not a bitset the size of the node; a dense one keeps the bitset.
+    uint32_t *arr
+    uint64_t *bits
+    uint32_t n
+    uint32_t cap
+
+
 cdef class _Pattern:
     cdef str text
-    cdef list tokens
+    cdef list tokens            # wildcard patterns only; None for an exact one
     cdef bint wild
-    cdef uint64_t *bits
-    cdef int count
-    cdef set routes             # subjects whose cached route includes this pattern
+    cdef RSet rs                # its subscribers
+    cdef set routes             # wildcard: subjects whose cached route includes it
+                                # (exact: None; its route, if cached, is _routes[text])
     cdef uint64_t *dbits        # subscribers that asked for deltas (delta.pxi); NULL: none yet
 
 
 cdef class _Route:
     cdef uint32_t id
     cdef bint conflate
-    cdef list tokens
-    cdef list patterns          # the _Pattern objects that match this subject
-    cdef uint64_t *bits         # OR of their bitsets; NULL while no pattern matches
+    cdef tuple patterns         # the _Pattern objects that match this subject
+    cdef RSet rs                # union of their sets; empty while nobody matches
     # deltas (delta.pxi)
     cdef bint dallow            # WS_DELTA_CHANNELS matches this subject
     cdef uint32_t dseq          # publishes on this subject
@@ -148,6 +159,8 @@ cdef class Core:
     cdef dict _wild           # wildcard subset of _patterns
     cdef dict _routes         # subject -> _Route (recipient cache)
     cdef readonly int max_routes
+    cdef readonly int sparse_max      # a recipient set above this many slots is a bitset
+    cdef readonly Py_ssize_t set_bytes  # bytes held by the recipient sets of patterns and routes
     cdef int wbits_count[MAX_WBITS_SLOTS]
     cdef list _zc             # zlib compressor per window bits (Python objects)
     cdef int zlevel

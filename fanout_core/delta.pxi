@@ -58,11 +58,11 @@ cdef void delta_core_free(Core self) noexcept:
 
 # ------------------------------------------------------------ subscriptions
 
-cdef int delta_route_init(Core self, _Route r) except -1:
+cdef int delta_route_init(Core self, _Route r, list tokens) except -1:
     """A new route: may its subject carry deltas (WS_DELTA_CHANNELS)?"""
     r.dallow = False
     for ptoks in self._delta_tokens:
-        if _match(ptoks, r.tokens):
+        if _match(ptoks, tokens):
             r.dallow = True
             break
     return 0
@@ -86,7 +86,7 @@ cdef int delta_route_bit(Core self, _Route r, int slot) except -1:
     cdef bint on = False
     if r.dallow:
         for q in r.patterns:
-            if q.dbits != NULL and (q.dbits[w] & mask) and (q.bits[w] & mask):
+            if q.dbits != NULL and (q.dbits[w] & mask) and rs_has(&q.rs, slot):
                 on = True
                 break
     if on:
@@ -105,7 +105,8 @@ cdef int delta_route_bit(Core self, _Route r, int slot) except -1:
 
 cdef int delta_link(Core self, _Pattern p, _Route r) except -1:
     """A pattern joins a route: its delta subscribers join the route's."""
-    cdef int i
+    cdef int i, b
+    cdef uint64_t word
     if p.dbits == NULL or not r.dallow:
         return 0
     if r.dbits == NULL:
@@ -113,7 +114,12 @@ cdef int delta_link(Core self, _Pattern p, _Route r) except -1:
         if r.dbits == NULL:
             raise MemoryError()
     for i in range(self.nwords):
-        r.dbits[i] |= p.dbits[i] & p.bits[i]
+        word = p.dbits[i]
+        while word:
+            b = __builtin_ctzll(word)
+            word &= word - 1
+            if rs_has(&p.rs, (i << 6) | b):
+                r.dbits[i] |= (<uint64_t>1) << b
     return 0
 
 
@@ -137,7 +143,7 @@ cdef int delta_subscribed(Core self, _Pattern p, int slot, bint on) except -1:
         p.dbits[w] &= ~mask
     else:
         return 0
-    for subject in p.routes:
+    for subject in route_subjects(self, p):
         delta_route_bit(self, self._routes[subject], slot)
     return 0
 
@@ -151,7 +157,7 @@ cdef int delta_unsubscribed(Core self, _Pattern p, int slot) except -1:
     if p.dbits == NULL or not (p.dbits[w] & mask):
         return 0
     p.dbits[w] &= ~mask
-    for subject in p.routes:
+    for subject in route_subjects(self, p):
         delta_route_bit(self, self._routes[subject], slot)
     return 0
 
@@ -237,6 +243,7 @@ cdef Msg *delta_make(Core self, Msg *base, Msg *m) except? NULL:
     d.t = m.t
     d.refcnt = 1                                  # held by m (msg_free drops it)
     fo_atomic_inc(&_live_msgs)
+    fo_atomic_add(&_live_msg_bytes, <Py_ssize_t>sizeof(Msg) + dlen)
     self.delta_made += 1
     self.delta_ns += mono_ns() - t0
     return d

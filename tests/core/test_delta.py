@@ -293,6 +293,7 @@ def test_a_delta_that_cuts_a_character_is_refused_as_not_utf8():
 
 
 def test_conflated_frame_and_replay_stay_consistent():
+    before = _core.live_messages()
     core = Core(8, replay_size=16, queue_limit=1, hard_limit=1 << 20, delta=[">"], throttle=True, conflate=["p.*"])
     c = core.add_client(-1)
     core.subscribe(c, "p.*", delta=True)
@@ -310,6 +311,9 @@ def test_conflated_frame_and_replay_stay_consistent():
     core.set_level(c, 0)
     core.publish("p.x", tail_for("p.x", 4, ps[3]))
     assert [p for _, p in r.feed(core.take_dirty()[c])] == [ps[3]]
+    core.remove_client(c)
+    del core
+    assert _core.live_messages() == before       # the replaced delta's full message is not leaked
 
 
 def test_no_message_leaks_with_deltas():
@@ -327,20 +331,23 @@ def test_no_message_leaks_with_deltas():
     assert _core.live_messages() == before
 
 
-def test_route_cache_reset_mid_batch_keeps_deltas_right():
-    core = Core(4, max_routes=2, delta=[">"])
+def test_route_cache_reset_between_batches_keeps_deltas_right():
+    # The smallest cache (one batch's worth); 40 subjects a batch: the cache
+    # is dropped before every batch after the first (never in the middle of one).
+    core = Core(4, max_routes=64, delta=[">"])
     c = core.add_client(-1)
     core.subscribe(c, "a.*", delta=True)
     r = Reader()
-    subjects = ["a.b", "a.c", "a.d"]
+    subjects = [f"a.s{j}" for j in range(40)]
     ps = {s: stream(4, seed=i + 1) for i, s in enumerate(subjects)}
     sent = []
     for i in range(4):
         batch = [(s, ps[s][i]) for s in subjects]
-        core.publish_batch([s for s, _ in batch], [tail_for(s, i + 1, p) for s, p in batch], [2] * 3)
+        core.publish_batch([s for s, _ in batch], [tail_for(s, i + 1, p) for s, p in batch], [2] * len(batch))
         sent += [p for _, p in batch]
     # Every reset drops the routes and their bases: full messages, never a wrong base.
     assert [p for _, p in r.feed(core.take_dirty()[c])] == sent
+    assert r.kinds == ["full"] * len(sent)
 
 
 def test_several_messages_of_a_subject_in_one_batch_chain_deltas():
