@@ -13,6 +13,18 @@ cdef extern from "sys/uio.h" nogil:
         size_t iov_len
 
 
+cdef struct RSet:
+    # A set of client slots in one of two forms chosen by size, as CRoaring's
+    # containers are: a sorted array of ``n`` slots (``arr``, room for ``cap``)
+    # while n <= Core.sparse_max, else a bitset of Core.nwords words (``bits``).
+    # Empty: no allocation at all. So a subject with 3 subscribers costs 16
+    # bytes, not a bitset the size of the node; a dense one keeps the bitset.
+    uint32_t *arr
+    uint64_t *bits
+    uint32_t n
+    uint32_t cap
+
+
 cdef struct Msg:
     Py_ssize_t refcnt         # publish call + one per ring entry holding it
     int priority              # 0 low .. 3 critical
@@ -29,10 +41,11 @@ cdef struct Msg:
     Msg *delta
     uint64_t dtime            # its place in the core's publish order (delta.pxi's clock)
     # During its publish only (NULL otherwise): the route's delta opt-ins,
-    # who was sent the previous message of the subject, who gets this one.
-    uint64_t *dbits
-    uint64_t *dgot_prev
-    uint64_t *dgot_cur
+    # who was sent the previous message of the subject, who gets this one
+    # (sets in the route, sparse or dense like the recipient sets).
+    RSet *dbits
+    RSet *dgot_prev
+    RSet *dgot_cur
     uint64_t dprev_time       # dtime of that previous message
 
 
@@ -101,18 +114,6 @@ cdef struct FlushJob:
     FlushAcc acc[MAX_FLUSH_THREADS]
 
 
-cdef struct RSet:
-    # A set of client slots in one of two forms chosen by size, as CRoaring's
-    # containers are: a sorted array of ``n`` slots (``arr``, room for ``cap``)
-    # while n <= Core.sparse_max, else a bitset of Core.nwords words (``bits``).
-    # Empty: no allocation at all. So a subject with 3 subscribers costs 16
-    # bytes, not a bitset the size of the node; a dense one keeps the bitset.
-    uint32_t *arr
-    uint64_t *bits
-    uint32_t n
-    uint32_t cap
-
-
 cdef class _Pattern:
     cdef str text
     cdef list tokens            # wildcard patterns only; None for an exact one
@@ -120,7 +121,7 @@ cdef class _Pattern:
     cdef RSet rs                # its subscribers
     cdef set routes             # wildcard: subjects whose cached route includes it
                                 # (exact: None; its route, if cached, is _routes[text])
-    cdef uint64_t *dbits        # subscribers that asked for deltas (delta.pxi); NULL: none yet
+    cdef RSet drs               # subscribers that asked for deltas (delta.pxi); a subset of rs
 
 
 cdef class _Route:
@@ -132,8 +133,9 @@ cdef class _Route:
     cdef bint dallow            # WS_DELTA_CHANNELS matches this subject
     cdef uint32_t dseq          # publishes on this subject
     cdef Msg *dprev             # the last one, the base of the next delta (a reference); NULL: none
-    cdef uint64_t *dbits        # OR of the patterns' dbits; NULL while none asked
-    cdef uint64_t *dgot         # 2 x nwords: who was sent message dseq (by its parity); NULL: no base kept
+    cdef RSet drs               # union of the patterns' drs; empty while none asked
+    cdef RSet dgot0             # who was sent message dseq, by its parity (dgot0: even);
+    cdef RSet dgot1             # empty while no base is kept
 
 
 @cython.final
@@ -208,7 +210,9 @@ cdef class Core:
     cdef int *_dhash                    # encoder scratch: hash table
     cdef Py_ssize_t _dhash_cap
 
+    cdef bint _dqueued                  # _deliver1 queued the message to a delta subscriber (delta.pxi)
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
+    cdef int _deliver1(self, int slot, Msg *m, bint catchup) except -1
     cdef int _idle(self) except -1
     cdef int _start_pool(self) noexcept
     cdef void _release(self, int slot) noexcept

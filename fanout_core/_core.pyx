@@ -628,8 +628,12 @@ cdef class Core:
             msg_decref(m)
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
+        if m.dgot_cur != NULL:
+            return delta_deliver(self, slot, m, catchup)     # keeps the subject's "sent" set
+        return self._deliver1(slot, m, catchup)
+
+    cdef int _deliver1(self, int slot, Msg *m, bint catchup) except -1:
         cdef Client *c = &self.clients[slot]
-        delta_visit(c, slot, m)
         if c.nodata or not c.active:
             return 0
         if self.shed_low and m.priority == 0 and not catchup:

@@ -5,11 +5,12 @@
 # The base rule. A subject (route) keeps its last published message
 # (``dprev``, a reference: usually a message the replay rings hold anyway).
 # At publish, when some subscriber of the subject asked for deltas (the
-# route's ``dbits``), a message gets a second shared body: the delta from
+# route's ``drs``), a message gets a second shared body: the delta from
 # ``dprev``'s payload, framed as ``"delta":"..."`` in place of
 # ``"data":...``, compressed once per window like any body. The route also
-# keeps two bitsets over client slots (``dgot``, by the parity of its publish
-# count): who was queued the previous message, and who is queued this one.
+# keeps two sets of client slots (``dgot0``/``dgot1``, by the parity of its
+# publish count): who was queued the previous message, and who is queued
+# this one.
 # A client gets the delta frame only when it asked, its bit says it was
 # queued the previous message, in order, and nothing changed its bases since
 # (``dforget``, a clock stamp, below). Everyone else gets the full frame: a
@@ -20,11 +21,17 @@
 # published to a route): a previous message published before that stamp no
 # longer counts, so the next message of every subject is full.
 #
-# Hot path: per delivery to a client that asked, two bit tests and a bit set
-# in bitsets walked in slot order (the publish loops visit slots in order),
-# no per-client table. Memory: per subject with delta subscribers, one
-# message reference and 2 bits per client slot (2.5 KiB at 10,000 slots); the
-# route cache bounds subjects (``max_routes``). Nothing per client.
+# Hot path: per delivery to a client that asked, three membership tests
+# (a bit, or a binary search in a short array) and, only when the client's
+# membership changes (it was dropped, or is new), one insert or removal; no
+# per-client table. Memory (issue 19): every delta set (the opt-ins of
+# patterns and routes, the two "sent" sets) is an RSet like the recipient
+# sets (routes.pxi): 4 bytes per member while small, a bitset of the node
+# when dense, nothing when empty; counted in Core.set_bytes. So a subject with
+# one delta subscriber costs a message reference and a few bytes, not 2.5 KiB
+# of bitsets at 10,000 slots. A slot whose opt-in on a route goes leaves the
+# route's sent sets too (they do not collect departed clients). The route
+# cache bounds subjects (``max_routes``). Nothing per client.
 #
 # The payload a delta works on is the text of ``data`` in the frame (the
 # published payload without surrounding whitespace). Only payloads that are
@@ -69,79 +76,69 @@ cdef int delta_route_init(Core self, _Route r, list tokens) except -1:
 
 
 cdef void delta_route_free(_Route r) noexcept:
+    """The route object goes (__dealloc__): free what the core did not release."""
+    cdef RSet *sets[3]
+    cdef int i
     if r.dprev != NULL:
         msg_decref(r.dprev)
         r.dprev = NULL
-    free(r.dbits)
-    r.dbits = NULL
-    free(r.dgot)
-    r.dgot = NULL
+    sets[0] = &r.drs
+    sets[1] = &r.dgot0
+    sets[2] = &r.dgot1
+    for i in range(3):
+        free(sets[i].arr)
+        free(sets[i].bits)
+        sets[i].arr = NULL
+        sets[i].bits = NULL
+        sets[i].n = sets[i].cap = 0
+
+
+cdef void delta_route_release(Core self, _Route r) noexcept:
+    """The core drops the route (its last pattern went, or the cache reset):
+    its base and delta sets go, counted out of set_bytes."""
+    if r.dprev != NULL:
+        msg_decref(r.dprev)
+        r.dprev = NULL
+    rs_free(self, &r.drs)
+    rs_free(self, &r.dgot0)
+    rs_free(self, &r.dgot1)
 
 
 cdef int delta_route_bit(Core self, _Route r, int slot) except -1:
-    """Recompute the slot's bit of the route's opt-ins from its patterns."""
-    cdef int w = slot >> 6
-    cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
+    """Recompute the slot's membership of the route's opt-ins from its patterns."""
     cdef _Pattern q
     cdef bint on = False
     if r.dallow:
         for q in r.patterns:
-            if q.dbits != NULL and (q.dbits[w] & mask) and rs_has(&q.rs, slot):
+            if rs_has(&q.drs, slot) and rs_has(&q.rs, slot):
                 on = True
                 break
     if on:
-        if r.dbits == NULL:
-            r.dbits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
-            if r.dbits == NULL:
-                raise MemoryError()
-        if not (r.dbits[w] & mask):
-            r.dbits[w] |= mask
+        if rs_add(self, &r.drs, slot):
             delta_forget(self, &self.clients[slot])     # newly opted in here: start with full messages
-    elif r.dbits != NULL and (r.dbits[w] & mask):
-        r.dbits[w] &= ~mask
+    elif rs_remove(self, &r.drs, slot):
         delta_forget(self, &self.clients[slot])
+        rs_remove(self, &r.dgot0, slot)                 # the sent sets keep no departed client
+        rs_remove(self, &r.dgot1, slot)
     return 0
 
 
 cdef int delta_link(Core self, _Pattern p, _Route r) except -1:
     """A pattern joins a route: its delta subscribers join the route's."""
-    cdef int i, b
-    cdef uint64_t word
-    if p.dbits == NULL or not r.dallow:
+    if p.drs.n == 0 or not r.dallow:
         return 0
-    if r.dbits == NULL:
-        r.dbits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
-        if r.dbits == NULL:
-            raise MemoryError()
-    for i in range(self.nwords):
-        word = p.dbits[i]
-        while word:
-            b = __builtin_ctzll(word)
-            word &= word - 1
-            if rs_has(&p.rs, (i << 6) | b):
-                r.dbits[i] |= (<uint64_t>1) << b
+    rs_union(self, &r.drs, &p.drs)      # drs is a subset of rs (subscribe adds to rs first, unsubscribe removes from drs first)
     return 0
 
 
 cdef int delta_subscribed(Core self, _Pattern p, int slot, bint on) except -1:
     """After subscribe: the slot asked (or not) for deltas on this pattern."""
-    cdef int w = slot >> 6
-    cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
     if on and not self._delta_tokens:
         on = False
     if on:
-        if p.dbits == NULL:
-            p.dbits = <uint64_t *>calloc(self.nwords, sizeof(uint64_t))
-            if p.dbits == NULL:
-                raise MemoryError()
-        if p.dbits[w] & mask:
+        if not rs_add(self, &p.drs, slot):
             return 0
-        p.dbits[w] |= mask
-    elif p.dbits != NULL:
-        if not (p.dbits[w] & mask):
-            return 0
-        p.dbits[w] &= ~mask
-    else:
+    elif not rs_remove(self, &p.drs, slot):
         return 0
     for subject in route_subjects(self, p):
         delta_route_bit(self, self._routes[subject], slot)
@@ -151,12 +148,9 @@ cdef int delta_subscribed(Core self, _Pattern p, int slot, bint on) except -1:
 cdef int delta_unsubscribed(Core self, _Pattern p, int slot) except -1:
     """Before the pattern's bit goes: the slot's opt-in goes, and its table
     (the client forgets its bases on unsubscribe)."""
-    cdef int w = slot >> 6
-    cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
     delta_forget(self, &self.clients[slot])
-    if p.dbits == NULL or not (p.dbits[w] & mask):
+    if not rs_remove(self, &p.drs, slot):
         return 0
-    p.dbits[w] &= ~mask
     for subject in route_subjects(self, p):
         delta_route_bit(self, self._routes[subject], slot)
     return 0
@@ -253,34 +247,28 @@ cdef int delta_prepare(Core self, _Route r, Msg *m) except -1:
     """At publish, once per message: its delta when some subscriber of the
     subject may take one, the bitsets its deliveries read and write, and it
     becomes the subject's next base."""
-    cdef int w, words = (self._next_slot + 63) >> 6
-    cdef bint wanted = False
     self._dclock += 1
     m.dtime = self._dclock
-    if r.dbits != NULL:
-        for w in range(words):
-            if r.dbits[w]:
-                wanted = True
-                break
-    if not wanted:
+    if r.drs.n == 0:
         if r.dprev != NULL:
             msg_decref(r.dprev)       # nobody takes deltas here: keep no base
             r.dprev = NULL
-        free(r.dgot)
-        r.dgot = NULL
+        rs_free(self, &r.dgot0)
+        rs_free(self, &r.dgot1)
         return 0
-    if r.dgot == NULL:
-        r.dgot = <uint64_t *>calloc(2 * self.nwords, sizeof(uint64_t))
-        if r.dgot == NULL:
-            raise MemoryError()
     r.dseq += 1
-    # This message's bitset is the one of two messages ago: each recipient's
-    # bit is cleared when the message reaches it (delta_visit) and set once it
-    # is queued (delta_queue), so several messages of one subject in one
-    # publish_batch (each client visited in message order) chain correctly.
-    m.dbits = r.dbits
-    m.dgot_cur = r.dgot + (r.dseq & 1) * self.nwords
-    m.dgot_prev = r.dgot + ((r.dseq + 1) & 1) * self.nwords
+    # This message's set is the one of two messages ago: each recipient
+    # leaves it when the message reaches it without being queued to it as a
+    # delta subscriber, and joins it when it is (Core._deliver around
+    # delta_queue), so several messages of one subject in one publish_batch
+    # (each client visited in message order) chain correctly.
+    m.dbits = &r.drs
+    if r.dseq & 1:
+        m.dgot_cur = &r.dgot1
+        m.dgot_prev = &r.dgot0
+    else:
+        m.dgot_cur = &r.dgot0
+        m.dgot_prev = &r.dgot1
     if r.dprev != NULL:
         m.dprev_time = r.dprev.dtime
         m.delta = delta_make(self, r.dprev, m)
@@ -292,11 +280,21 @@ cdef int delta_prepare(Core self, _Route r, Msg *m) except -1:
 
 # ---------------------------------------------------------------- per client
 
-cdef inline void delta_visit(Client *c, int slot, Msg *m) noexcept:
-    """A message reaches a recipient (first thing in _deliver): until it is
-    queued, the client is not one that was sent it."""
-    if m.dgot_cur != NULL:
-        m.dgot_cur[slot >> 6] &= ~((<uint64_t>1) << (slot & 63))
+cdef int delta_deliver(Core self, int slot, Msg *m, bint catchup) except -1:
+    """_deliver of a message with delta sets: the slot is in the message's
+    "sent" set afterwards exactly when it was queued to it as a delta
+    subscriber (delta_queue says so in ``_dqueued``); the set changes only
+    when that differs from before (dropped, conflated, or new here)."""
+    cdef bint had = rs_has(m.dgot_cur, slot)
+    cdef int k
+    self._dqueued = False
+    k = self._deliver1(slot, m, catchup)
+    if self._dqueued:
+        if not had:
+            rs_add(self, m.dgot_cur, slot)
+    elif had:
+        rs_remove(self, m.dgot_cur, slot)
+    return k
 
 
 cdef int delta_queue(Core self, Client *c, int slot, uint64_t seq, Msg *m, bint catchup) except -1:
@@ -304,14 +302,13 @@ cdef int delta_queue(Core self, Client *c, int slot, uint64_t seq, Msg *m, bint 
     for deltas on its subject and was queued its base, else the full one."""
     cdef Msg *out = m
     cdef Py_ssize_t before = c.queued
-    cdef int k, w = slot >> 6
-    cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
+    cdef int k
     if catchup or m.subject == 0:
-        delta_forget(self, c)         # history: the client's bases move outside the bitsets
-    elif m.dbits != NULL and (m.dbits[w] & mask):
-        if m.delta != NULL and (m.dgot_prev[w] & mask) and c.dforget < m.dprev_time:
+        delta_forget(self, c)         # history: the client's bases move outside the sets
+    elif m.dbits != NULL and rs_has(m.dbits, slot):
+        if m.delta != NULL and c.dforget < m.dprev_time and rs_has(m.dgot_prev, slot):
             out = m.delta
-        m.dgot_cur[w] |= mask
+        self._dqueued = True          # delta_deliver puts it in m.dgot_cur
     queue_data(self, c, seq, out)
     k = 1 if out != m else 0
     self.kind_bytes[k] += c.queued - before
@@ -325,6 +322,12 @@ cdef inline void delta_forget(Core self, Client *c) noexcept:
     c.dforget = self._dclock
 
 
+cdef inline Py_ssize_t rs_nbytes(Core self, const RSet *s) noexcept:
+    if s.bits != NULL:
+        return self.nwords * sizeof(uint64_t)
+    return s.cap * sizeof(uint32_t)
+
+
 cdef dict delta_stats(Core self):
     cdef _Route r
     cdef Py_ssize_t bases = 0, base_bytes = 0, seen = 0
@@ -332,8 +335,7 @@ cdef dict delta_stats(Core self):
         if r.dprev != NULL:
             bases += 1
             base_bytes += r.dprev.tail_len
-        if r.dgot != NULL:
-            seen += 2 * self.nwords * sizeof(uint64_t)
+        seen += rs_nbytes(self, &r.dgot0) + rs_nbytes(self, &r.dgot1)
     return {
         "computed": self.delta_made,
         "seconds": self.delta_ns / 1e9,

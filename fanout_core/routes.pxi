@@ -24,7 +24,8 @@ cdef class _Pattern:
     def __dealloc__(self):
         free(self.rs.arr)
         free(self.rs.bits)
-        free(self.dbits)
+        free(self.drs.arr)
+        free(self.drs.bits)
 
 
 cdef class _Route:
@@ -291,8 +292,10 @@ cdef int route_drop_pattern(Core self, _Pattern p) except -1:
         r.patterns = tuple([q for q in r.patterns if q is not p])
         if not r.patterns:
             rs_free(self, &r.rs)
+            delta_route_release(self, r)
             del self._routes[subject]
     rs_free(self, &p.rs)
+    rs_free(self, &p.drs)
     del self._patterns[p.text]
     if p.wild:
         del self._wild[p.text]
@@ -310,6 +313,7 @@ cdef int route_clear(Core self) except -1:
         p.routes.clear()
     for r in self._routes.values():
         rs_free(self, &r.rs)
+        delta_route_release(self, r)
     self._routes.clear()
     return 0
 

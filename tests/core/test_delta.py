@@ -390,3 +390,64 @@ def test_turning_deltas_off_and_on_again_starts_full():
         core.publish("a.b", tail_for("a.b", i + 1, ps[i]))
     assert [p for _, p in r.feed(core.take_dirty()[c])] == ps
     assert r.kinds == ["full", "delta", "full", "full", "delta", "delta"]
+
+
+def test_a_subject_with_one_delta_subscriber_costs_a_few_bytes():
+    # Issue 19's rule for the delta sets too: at 10,000 slots a bitset is
+    # 1,256 bytes; one delta subscriber costs a few array entries.
+    core = Core(10_000, delta=[">"])
+    slots = [core.add_client(-1) for _ in range(3)]
+    ps = stream(3)
+    for j in range(100):
+        s = f"t.s{j}"
+        core.subscribe(slots[j % 3], s, delta=True)
+        for i in range(3):
+            core.publish(s, tail_for(s, i + 1, ps[i]))
+    core.discard_queued()
+    st = core.delta_stats()
+    assert st["computed"] == 200 and st["bases"] == 100
+    # Per subject: the pattern's and the route's recipient and opt-in sets and
+    # the two "sent" sets, arrays of 4 slots each.
+    assert st["seen_bytes"] == 100 * 2 * 16
+    assert core.set_bytes == 100 * 6 * 16
+    # Deltas still flow: the third message of a subject went as a delta.
+    assert st["frames_delta"] == 200
+
+
+def test_delta_sets_follow_their_subscribers_and_empty_when_they_leave():
+    core = Core(10_000, delta=[">"])
+    words = (10_000 + 63) // 64
+    ps = stream(40)
+    n = 0
+    # 300 clients come and go on one subject, 20 at a time: the sent sets
+    # never collect the departed ones (they stay arrays of the live ones).
+    live: list[int] = []
+    for rnd in range(15):
+        for _ in range(20):
+            c = core.add_client(-1)
+            core.subscribe(c, "t.x", delta=True)
+            live.append(c)
+        n += 1
+        core.publish("t.x", tail_for("t.x", n, ps[n % 40]))
+        n += 1
+        core.publish("t.x", tail_for("t.x", n, ps[n % 40]))
+        core.discard_queued()
+        # Arrays of the live subscribers (at most 90 here), not bitsets.
+        assert core.delta_stats()["seen_bytes"] <= 2 * 4 * 2 * len(live) < 2 * words * 8
+        for c in live[:15]:
+            core.remove_client(c)
+        live = live[15:]
+    # Dense: every live client on a second subject (over sparse_max) makes bitsets, then arrays again.
+    many = [core.add_client(-1) for _ in range(core.sparse_max + 10)]
+    for c in many:
+        core.subscribe(c, "t.y", delta=True)
+    for i in range(2):
+        n += 1
+        core.publish("t.y", tail_for("t.y", n, ps[n % 40]))
+    core.discard_queued()
+    assert core.delta_stats()["seen_bytes"] >= 2 * words * 8
+    assert core.delta_stats()["frames_delta"] >= len(many)
+    for c in many + live:
+        core.remove_client(c)
+    assert core.set_bytes == 0 and core.route_count == 0
+    assert core.delta_stats()["seen_bytes"] == 0 and core.delta_stats()["bases"] == 0
