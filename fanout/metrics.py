@@ -161,7 +161,7 @@ class DeltaCollector:
         for name, key, help_text in (
                 ("fanout_delta_bases", "bases", "Subjects holding a base message for deltas (bounded by the route cache)"),
                 ("fanout_delta_base_bytes", "base_bytes", "Bytes of those base messages (mostly shared with the replay rings)"),
-                ("fanout_delta_seen_bytes", "seen_bytes", "Memory of the per-subject bitsets of who was sent the base (2 bits per client slot per subject)")):
+                ("fanout_delta_seen_bytes", "seen_bytes", "Memory of the per-subject sets of who was sent the base (4 bytes per delta subscriber while sparse, a bitset of the node when dense; also in fanout_store_recipient_set_bytes)")):
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], st.get(key, 0))
             yield g
@@ -176,7 +176,7 @@ class DeltaCollector:
 _STORES = {
     "routes": ("fanout_store_routes", "Subjects in the core's route cache (bound: WS_ROUTE_CACHE_MAX)"),
     "patterns": ("fanout_store_patterns", "Distinct subscribed patterns (bound: WS_MAX_CONNECTIONS x WS_MAX_SUBSCRIPTIONS)"),
-    "set_bytes": ("fanout_store_recipient_set_bytes", "Bytes held by the recipient sets of patterns and cached routes"),
+    "set_bytes": ("fanout_store_recipient_set_bytes", "Bytes held by the recipient sets of patterns and cached routes (and their delta opt-in and sent sets)"),
     "messages_held": ("fanout_store_messages", "Messages alive in the core: replay rings and output queues (bound: WS_REPLAY_BUFFER per client + queued)"),
     "message_bytes": ("fanout_store_message_bytes", "Bytes of those messages (struct + uncompressed body)"),
     "queued_bytes": ("fanout_store_queued_bytes", "Bytes queued for clients and not yet written (bound: about WS_CLIENT_QUEUE_BYTES per client)"),

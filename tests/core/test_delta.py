@@ -422,7 +422,7 @@ def test_delta_sets_follow_their_subscribers_and_empty_when_they_leave():
     # 300 clients come and go on one subject, 20 at a time: the sent sets
     # never collect the departed ones (they stay arrays of the live ones).
     live: list[int] = []
-    for rnd in range(15):
+    for _rnd in range(15):
         for _ in range(20):
             c = core.add_client(-1)
             core.subscribe(c, "t.x", delta=True)
@@ -441,7 +441,7 @@ def test_delta_sets_follow_their_subscribers_and_empty_when_they_leave():
     many = [core.add_client(-1) for _ in range(core.sparse_max + 10)]
     for c in many:
         core.subscribe(c, "t.y", delta=True)
-    for i in range(2):
+    for _ in range(2):
         n += 1
         core.publish("t.y", tail_for("t.y", n, ps[n % 40]))
     core.discard_queued()
