@@ -210,9 +210,9 @@ cdef class Core:
     cdef int *_dhash                    # encoder scratch: hash table
     cdef Py_ssize_t _dhash_cap
 
-    cdef bint _dqueued                  # _deliver1 queued the message to a delta subscriber (delta.pxi)
+    cdef bint _dqueued                  # _deliver queued the message to a delta subscriber (delta.pxi)
+    cdef bint _dinner                   # _deliver runs inside delta_deliver
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
-    cdef int _deliver1(self, int slot, Msg *m, bint catchup) except -1
     cdef int _idle(self) except -1
     cdef int _start_pool(self) noexcept
     cdef void _release(self, int slot) noexcept

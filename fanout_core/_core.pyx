@@ -628,11 +628,8 @@ cdef class Core:
             msg_decref(m)
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
-        if m.dgot_cur != NULL:
-            return delta_deliver(self, slot, m, catchup)     # keeps the subject's "sent" set
-        return self._deliver1(slot, m, catchup)
-
-    cdef int _deliver1(self, int slot, Msg *m, bint catchup) except -1:
+        if m.dgot_cur != NULL and not self._dinner:
+            return delta_deliver(self, slot, m, catchup)     # keeps the subject's "sent" set; calls back here
         cdef Client *c = &self.clients[slot]
         if c.nodata or not c.active:
             return 0

@@ -259,8 +259,8 @@ cdef int delta_prepare(Core self, _Route r, Msg *m) except -1:
     r.dseq += 1
     # This message's set is the one of two messages ago: each recipient
     # leaves it when the message reaches it without being queued to it as a
-    # delta subscriber, and joins it when it is (Core._deliver around
-    # delta_queue), so several messages of one subject in one publish_batch
+    # delta subscriber, and joins it when it is (delta_deliver around
+    # Core._deliver), so several messages of one subject in one publish_batch
     # (each client visited in message order) chain correctly.
     m.dbits = &r.drs
     if r.dseq & 1:
@@ -288,7 +288,11 @@ cdef int delta_deliver(Core self, int slot, Msg *m, bint catchup) except -1:
     cdef bint had = rs_has(m.dgot_cur, slot)
     cdef int k
     self._dqueued = False
-    k = self._deliver1(slot, m, catchup)
+    self._dinner = True
+    try:
+        k = self._deliver(slot, m, catchup)
+    finally:
+        self._dinner = False
     if self._dqueued:
         if not had:
             rs_add(self, m.dgot_cur, slot)
