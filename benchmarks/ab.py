@@ -17,6 +17,9 @@ Presets (``--preset``), the numbers quoted in the closing notes:
   fast clients' p99 is the figure);
 - ``sndbuf``: ``WS_SOCKET_SNDBUF=0`` (kernel autotuning) vs the default, at
   ``--connections`` (run it with 1000 and 10000).
+- ``delta-cost``: deflate (today) vs deflate + deltas (PROTOCOL 1.2) on the
+  plan's token updates (``--payload token``, 30 subjects, every client on
+  ``odin.token.*.update``): node CPU per delivery, issue 20's 1.10x bound.
 
 Bounded: every run has a duration, every wait a deadline; 127.0.0.1 only.
 """
@@ -178,6 +181,17 @@ def preset(name: str, args: argparse.Namespace) -> tuple[Variant, Variant, list[
         off = {"WS_CPU_REJECT_THRESHOLD": "0", "WS_CPU_THROTTLE_THRESHOLD": "0", "WS_MAX_LOOP_LAG_MS": "0",
                "WS_MEMORY_REJECT_PERCENT": "0", "WS_MEMORY_SHED_PERCENT": "0"}
         return Variant("guard off", env=off), Variant("guard on"), []
+    if name == "delta-cost":
+        # Today (deflate, full messages) against deltas + deflate, on the plan's
+        # token updates spread over 30 subjects that every client matches.
+        # The guard's brakes are off in both: on the shared box a loop-lag
+        # brake during the connect phase refuses handshakes at random, and
+        # the two variants would then serve different connection counts.
+        common = ["--payload", "token", "--dist", "wildcard", "--subjects", "30"]
+        off = {"WS_CPU_REJECT_THRESHOLD": "0", "WS_CPU_THROTTLE_THRESHOLD": "0", "WS_MAX_LOOP_LAG_MS": "0",
+               "WS_MEMORY_REJECT_PERCENT": "0", "WS_MEMORY_SHED_PERCENT": "0"}
+        return (Variant("deflate", env=off, loadgen=["--deflate"]),
+                Variant("deflate+delta", env=off, loadgen=["--deflate", "--delta"]), common)
     if name == "sndbuf":
         return (Variant("kernel autotune", env={"WS_SOCKET_SNDBUF": "0"}),
                 Variant("SNDBUF 256 KiB", env={"WS_SOCKET_SNDBUF": "262144"}), [])
@@ -186,7 +200,8 @@ def preset(name: str, args: argparse.Namespace) -> tuple[Variant, Variant, list[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", required=True, choices=("refactor", "throttle-cost", "guard-cost", "slow-readers", "sndbuf"))
+    ap.add_argument("--preset", required=True, choices=("refactor", "throttle-cost", "guard-cost", "slow-readers", "sndbuf",
+                                                      "delta-cost"))
     ap.add_argument("--a-dir", default="", help="checkout for 'before' (refactor preset)")
     ap.add_argument("--b-dir", default="", help="checkout for 'after' (refactor preset; default this one)")
     ap.add_argument("--connections", type=int, default=10000)

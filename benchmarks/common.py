@@ -7,7 +7,9 @@ what the publisher sent) agree on who gets what.
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +94,47 @@ def make_payload(t_ns: int, i: int, size: int) -> bytes:
     head = b'{"t":%d,"i":%d,"p":"' % (t_ns, i)
     pad = max(0, size - len(head) - 2)
     return head + b"x" * pad + b'"}'
+
+
+class TokenPayloads:
+    """The plan's token updates, per subject: about 25 fields, about 700 bytes,
+    where each message (a trade) changes about ten numeric fields of the
+    previous one. ``t`` comes first, as in :func:`make_payload`. Deterministic."""
+
+    FIELDS = ("price", "price_usd", "market_cap", "volume_24h", "change_1h", "change_24h", "holders", "trades",
+              "liquidity", "btc_liquidity", "token_liquidity", "last_trade_ts", "buys_24h", "sells_24h")
+
+    def __init__(self, seed: int = 20) -> None:
+        self.seed = seed
+        self.state: dict[str, dict[str, object]] = {}
+
+    def _new(self, subject: str) -> dict[str, object]:
+        tok = subject.split(".")[2] if subject.count(".") >= 2 else subject
+        obj: dict[str, object] = {
+            "id": tok, "symbol": tok[:6].upper(), "name": f"Token {tok} of the odin market",
+            "price": 1.2345678, "price_usd": 12.345678, "market_cap": 12_345_678, "volume_24h": 345_678,
+            "change_1h": 0.5123, "change_24h": -3.2511, "holders": 1234, "trades": 56789, "liquidity": 2_345_678,
+            "supply": 1_000_000_000, "decimals": 8, "creator": "bc1qxy2kgdygjrsqtzq2n0yrf2493p83kkfjhx0wlh",
+            "created_at": 1764284630123, "image": f"https://cdn.odin.fun/tokens/{tok}.webp",
+            "twitter": "https://x.com/odinfun", "website": f"https://odin.fun/token/{tok}",
+            "description": "A community token on odin.fun, traded against Bitcoin.", "btc_liquidity": 123_456, "token_liquidity": 9_876_543,
+            "last_trade_ts": 1764284630000, "buys_24h": 345, "sells_24h": 210, "bonded": False,
+        }
+        return obj
+
+    def make(self, subject: str, t_ns: int, i: int, stamp: bool = True) -> bytes:
+        """The next update of ``subject``; ``stamp``: lead with the load generator's ``t`` and ``i``."""
+        obj = self.state.get(subject)
+        if obj is None:
+            obj = self.state[subject] = self._new(subject)
+        h = zlib.crc32(b"%d %s %d" % (self.seed, subject.encode(), i))
+        for k in range(10):
+            name = self.FIELDS[(h + k * 7) % len(self.FIELDS)]
+            v = obj[name]
+            step = (h >> (k % 24)) % 997 + 1
+            obj[name] = round(v * (1 + (step - 498) / 100_000), 7) if isinstance(v, float) else int(v) + step  # type: ignore[arg-type]
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        return b'{"t":%d,"i":%d,' % (t_ns, i) + body[1:] if stamp else body
 
 
 # --- latency histogram -----------------------------------------------------

@@ -52,6 +52,7 @@ class LoadConfig:
     proto: str = "fanout"  # "fanout" (our protocol; also the Python peer) or "nats"
     dist: Distribution = field(default_factory=Distribution)
     deflate: bool = False
+    delta: bool = False     # subscribe with delta: "fossil" (PROTOCOL 1.2)
     slow_share: float = 0.0
     slow_rcvbuf: int = 4096
     slow_pause_s: float = 2.0
@@ -149,6 +150,7 @@ class LoadGen:
             proto=self.cfg.proto,
             dist=self.cfg.dist,
             deflate=self.cfg.deflate,
+            delta=self.cfg.delta,
             slow_share=self.cfg.slow_share,
             slow_rcvbuf=self.cfg.slow_rcvbuf,
             slow_pause_s=self.cfg.slow_pause_s,
@@ -327,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=1000, help="M subjects (spread/wildcard)")
     p.add_argument("--per-client", type=int, default=10, help="K subjects per client (spread)")
     p.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    p.add_argument("--delta", action="store_true", help="subscribe with delta: \"fossil\" (fanout proto; the "
+                   "engine checks seq on delta frames and reads latency only from full ones)")
     p.add_argument("--slow-share", type=float, default=0.0, help="share of slow readers, 0..1")
     p.add_argument("--slow-rcvbuf", type=int, default=4096)
     p.add_argument("--slow-pause", type=float, default=2.0)
@@ -345,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--publish-rate", type=float, default=float(_env("PUBLISH_RATE", "0")), help="msg/s; 0 = passive")
     p.add_argument("--payload-size", type=int, default=200)
+    p.add_argument("--payload", choices=("pad", "token"), default="pad",
+                   help="pad: {t,i,p:xxx} of --payload-size; token: the plan's token updates (~700 B, ten fields change)")
     p.add_argument("--storm-pct", type=float, default=0.0, help="reconnect storm: close and reopen this %% ...")
     p.add_argument("--storm-every", type=float, default=0.0, help="... every this many seconds")
     p.add_argument("--heartbeat-every", type=float, default=0.0, help="send heartbeat frames (fanout proto)")
@@ -367,6 +373,7 @@ async def sustained(args: argparse.Namespace) -> dict[str, Any]:
         proto=args.proto,
         dist=Distribution(args.dist, args.subjects, args.per_client),
         deflate=args.deflate,
+        delta=args.delta,
         slow_share=args.slow_share,
         slow_rcvbuf=args.slow_rcvbuf,
         slow_pause_s=args.slow_pause,
@@ -403,7 +410,8 @@ async def sustained(args: argparse.Namespace) -> dict[str, Any]:
             pub = NatsPublisher(purl) if purl.startswith("nats://") else HttpPublisher(purl)
             await pub.connect()
             pub_task = asyncio.ensure_future(
-                run_rate(pub, cfg.dist.publish_subjects(), args.publish_rate, args.duration, args.payload_size)
+                run_rate(pub, cfg.dist.publish_subjects(), args.publish_rate, args.duration, args.payload_size,
+                         payload=args.payload)
             )
         start = time.monotonic()
         last_recv, last_t = 0, start

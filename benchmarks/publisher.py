@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from .common import make_payload
+from .common import TokenPayloads, make_payload
 
 
 class Publisher(Protocol):
@@ -198,6 +198,7 @@ async def run_rate(
     stop: asyncio.Event | None = None,
     max_batch: int = 2000,
     counters: dict[str, int] | None = None,
+    payload: str = "pad",
 ) -> PublishResult:
     """Publish ``rate`` msg/s for ``duration`` s (or until ``stop``), then flush.
 
@@ -208,6 +209,7 @@ async def run_rate(
     if rate <= 0 or duration <= 0:
         return res
     counters = counters if counters is not None else {}
+    tokens = TokenPayloads() if payload == "token" else None
     per = res.per_subject
     nsub = len(subjects)
     t0 = time.monotonic()
@@ -229,7 +231,8 @@ async def run_rate(
                 subj = subjects[res.sent % nsub]
                 i = counters.get(subj, 0) + 1
                 counters[subj] = i
-                pub.publish(subj, make_payload(time.time_ns(), i, size))
+                pub.publish(subj, tokens.make(subj, time.time_ns(), i) if tokens is not None
+                            else make_payload(time.time_ns(), i, size))
                 per[subj] = per.get(subj, 0) + 1
                 res.sent += 1
         await asyncio.sleep(max(0.0, min(tick, t0 + (res.sent + 1) / rate - time.monotonic())))

@@ -41,6 +41,7 @@ class WorkerConfig:
     proto: str = "fanout"  # or "nats"
     dist: Distribution = field(default_factory=Distribution)
     deflate: bool = False
+    delta: bool = False
     slow_share: float = 0.0
     slow_rcvbuf: int = 4096
     slow_pause_s: float = 2.0  # slow readers stop reading this long ...
@@ -244,8 +245,10 @@ class Worker:
                         + [b"SUB %s %d\r\n" % (c.encode(), i + 1) for i, c in enumerate(channels)]
                         + [b"PING\r\n"]))
                 else:
-                    sub = client_frame(OP_TEXT, json.dumps(
-                        {"type": "subscribe", "channels": channels, "id": 1}).encode())
+                    req: dict[str, Any] = {"type": "subscribe", "channels": channels, "id": 1}
+                    if cfg.delta:
+                        req["delta"] = "fossil"
+                    sub = client_frame(OP_TEXT, json.dumps(req).encode())
                 await loop.sock_sendall(sock, sub)
                 flags = (native.F_NATS if cfg.proto == "nats" else 0) | (native.F_SLOW if slow else 0)
                 if deflate is not None:

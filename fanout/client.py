@@ -1,4 +1,4 @@
-"""An asyncio client for a fanout node (PROTOCOL.md, version 1.1), on ``websockets``.
+"""An asyncio client for a fanout node (PROTOCOL.md, version 1.2), on ``websockets``.
 
 ::
 
@@ -47,6 +47,20 @@ What it does for you
   delivered with ``"snapshot": True`` (exempt from the ``stream_seq`` dedupe:
   they are older state by design). A node before 1.1 ignores it and the reply
   carries no ``snapshot`` count.
+* **Deltas** (1.2), on by default: every ``subscribe`` and ``resume`` asks for
+  ``delta: "fossil"``, and the client turns each delta message back into the
+  full payload (``msg["data"]``, as for a full message), checking Fossil's
+  checksum; ``Client(url, delta=False)`` asks for full messages only. It keeps
+  the last payload per subject on the connection (forgotten on
+  ``unsubscribe`` and on reconnect) and the last ``stream_seq`` per subject.
+  A delta that cannot be applied (bad checksum, no base) is never shown: the
+  client asks ``replay`` for its ``seq`` (a replayed message is full) and
+  holds what follows until it arrives; if the node can no longer replay it,
+  the client unsubscribes the patterns that cover the subject and resumes
+  them from the oldest last ``stream_seq`` of their subjects, dropping per
+  subject what it already delivered. ``keep_raw=True`` adds ``msg["raw"]``:
+  the payload bytes as rebuilt (the text of ``data``). Counters:
+  :attr:`Tracker.deltas`, :attr:`Tracker.delta_failures`.
 * **Tokens.** ``token`` may be a callable (sync or async): it is called at
   every connect, and, when the token is a JWT with ``exp``, again
   ``refresh_before`` seconds before it expires to send ``refresh`` on the
@@ -105,6 +119,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from .fossil import DeltaError, apply_delta
+
 __all__ = [
     "Client", "Tracker", "token_exp", "covers", "FanoutError", "AuthError", "ServerError", "SubscribeError", "ConnectionLost",
     "ClientClosed",
@@ -114,6 +130,8 @@ log = logging.getLogger("fanout.client")
 
 CLOSE_TIMEOUT = 2.0     # seconds aclose() waits for the closing handshake
 DEFAULT_MAX_SIZE = 8 * 2**20    # a data message can exceed the node's 1 MiB publish limit (escaping, base64)
+
+_PAYLOAD = "\x00payload"     # a data message's payload bytes, between the reader and _on_data
 
 Token = str | Callable[[], str | Awaitable[str]] | None
 Callback = Callable[..., Any]
@@ -195,12 +213,19 @@ class Tracker:
     delivered, in order, and the ranges to ask ``replay`` for.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_raw: bool = False) -> None:
         #: Highest ``stream_seq`` delivered (or known to be covered) in :attr:`epoch`; ``after`` of a resume.
         self.position = 0
         self.epoch: str | None = None
         #: Messages dropped because their ``stream_seq`` was already delivered.
         self.duplicates = 0
+        #: Delta messages that could not be applied (no base, bad checksum): each was asked for again.
+        self.delta_failures = 0
+        #: Delta messages applied.
+        self.deltas = 0
+        #: ``stream_seq`` of the last message delivered per subject (PROTOCOL 1.2 recovery).
+        self.last_ss: dict[str, int] = {}
+        self.keep_raw = keep_raw
         self.new_connection()
 
     def new_connection(self) -> None:
@@ -209,6 +234,25 @@ class Tracker:
         self.seen_hi = 0            # the highest seq received on this connection
         self.held: dict[int, dict[str, Any]] = {}
         self.lost: list[tuple[int, int]] = []
+        #: Delta bases: the payload bytes of the last data message per subject on this connection.
+        self.bases: dict[str, bytes] = {}
+        self._raw: dict[int, bytes] = {}                # a held full message's payload bytes, by seq
+        #: Seqs of delta messages that could not be applied, to ask ``replay`` for (the caller takes them).
+        self.refetch: list[int] = []
+        self._failed: dict[int, str] = {}              # such a seq -> its subject, until it is replayed
+        #: Subjects whose failed delta could not be replayed: the caller re-subscribes them with resume.
+        self.recover: list[str] = []
+        #: Subjects whose messages are skipped up to a seq (None: until told) while they are recovered.
+        self.dropping: dict[str, int | None] = {}
+
+    def forget(self, patterns: list[str], *, positions: bool = True) -> None:
+        """After ``unsubscribed``: drop the bases (and, unless told not to, the
+        per-subject positions) of the subjects these patterns cover."""
+        for ch in [c for c in self.bases if any(covers(p, c) for p in patterns)]:
+            del self.bases[ch]
+        if positions:
+            for ch in [c for c in self.last_ss if any(covers(p, c) for p in patterns)]:
+                del self.last_ss[ch]
 
     def set_epoch(self, epoch: str) -> bool:
         """Adopt the stream's epoch; True when it changed (positions of the old one are void)."""
@@ -220,16 +264,24 @@ class Tracker:
             self.position = 0
         return changed
 
-    def on_message(self, msg: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
-        """A data message arrived: (messages to deliver now, seq range to replay or None)."""
+    def on_message(self, msg: dict[str, Any], raw: bytes | None = None) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+        """A data message arrived: (messages to deliver now, seq range to replay or None).
+
+        ``raw``: the payload bytes of a full message (the text of its ``data``),
+        the base of the next delta of its subject. A delta message is applied
+        in seq order; one that cannot be (no base, bad checksum) is put in
+        :attr:`refetch` and everything after it waits for its replay.
+        """
         seq = msg.get("seq")
         if not isinstance(seq, int):
-            return ([msg] if self._fresh(msg) else []), None
+            return ([msg] if self._decode(msg, raw) and self._fresh(msg) else []), None
         gap = (self.seen_hi + 1, seq - 1) if seq > self.seen_hi + 1 else None
         self.seen_hi = max(self.seen_hi, seq)
         if seq < self.expected or seq in self.held:
             return [], gap   # a replayed copy of something we have
         self.held[seq] = msg
+        if raw is not None:
+            self._raw[seq] = raw
         return self._drain(), gap
 
     def on_replay_done(self, from_seq: int, to_seq: int) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
@@ -251,16 +303,26 @@ class Tracker:
         if start is not None:
             lost.append((start, min(to_seq, self.seen_hi)))
         self.lost.extend(lost)
+        for seq, ch in list(self._failed.items()):
+            if any(a <= seq <= b for a, b in lost):
+                # Its replay is gone too: skip the subject until it is resumed.
+                del self._failed[seq]
+                self.dropping[ch] = None
+                self.recover.append(ch)
         return self._drain(), lost
 
     def _is_lost(self, seq: int) -> bool:
         return any(a <= seq <= b for a, b in self.lost)
 
     def _drain(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         while True:
             msg = self.held.pop(self.expected, None)
             if msg is not None:
+                if not self._decode(msg, self._raw.pop(self.expected, None)):
+                    # Wait for the replayed (full) copy; hold everything after it.
+                    self.refetch.append(self.expected)
+                    return out
                 self.expected += 1
                 if self._fresh(msg):
                     out.append(msg)
@@ -270,17 +332,80 @@ class Tracker:
                 return out
             self.expected = skip + 1
 
+    def _decode(self, msg: dict[str, Any], raw: bytes | None) -> bool:
+        """Apply a delta message (PROTOCOL 1.2) or take a full one's payload as
+        its subject's base; False when a delta cannot be applied."""
+        ch = msg.get("channel")
+        if not isinstance(ch, str):
+            return True
+        mark = self.dropping.get(ch, 0)
+        if ch in self.dropping:
+            seq = msg.get("seq")
+            if mark is None or (isinstance(seq, int) and seq <= mark):
+                msg["_skip"] = True          # being recovered: the resume brings it again
+                return True
+            del self.dropping[ch]
+        if "delta" not in msg:
+            if raw is not None:
+                self.bases[ch] = raw
+                if self.keep_raw:
+                    msg["raw"] = raw
+            else:
+                self.bases.pop(ch, None)
+            return True
+        base = self.bases.get(ch)
+        delta = msg.get("delta")
+        try:
+            if base is None or not isinstance(delta, str):
+                raise DeltaError("no base for this delta")
+            body = apply_delta(base, delta.encode("utf-8"))
+            data = json.loads(body.decode("utf-8"))
+        except (DeltaError, ValueError) as exc:     # UnicodeError and JSON errors are ValueErrors
+            self.bases.pop(ch, None)
+            self.delta_failures += 1
+            seq = msg.get("seq")
+            if isinstance(seq, int):
+                self._failed[seq] = ch
+            log.warning("fanout client: delta on %s (seq %s) not applied (%s): asking for it again", ch, seq, exc)
+            return False
+        del msg["delta"]
+        msg["data"] = data
+        if self.keep_raw:
+            msg["raw"] = body
+        self.bases[ch] = body
+        self.deltas += 1
+        seq = msg.get("seq")
+        if isinstance(seq, int):
+            self._failed.pop(seq, None)
+        return True
+
     def _fresh(self, msg: dict[str, Any]) -> bool:
+        if msg.pop("_skip", False):
+            return False
         ss = msg.get("stream_seq")
         if not isinstance(ss, int):
             return True
+        ch = msg.get("channel")
+        if msg.pop("_per_subject", False):
+            # A recovery resume's catch-up: only what this subject has not had yet.
+            if isinstance(ch, str) and ss <= self.last_ss.get(ch, 0):
+                self.duplicates += 1
+                return False
+            self.position = max(self.position, ss)
+            if isinstance(ch, str):
+                self.last_ss[ch] = ss
+            return True
         if msg.get("snapshot"):     # older state by design: not a duplicate
             self.position = max(self.position, ss)
+            if isinstance(ch, str):
+                self.last_ss[ch] = max(ss, self.last_ss.get(ch, 0))
             return True
         if ss <= self.position:
             self.duplicates += 1
             return False
         self.position = ss
+        if isinstance(ch, str):
+            self.last_ss[ch] = ss
         return True
 
 
@@ -295,6 +420,7 @@ class _Pending:
     auto: bool = False                                              # a gap replay the client sent itself
     internal: bool = False                                          # the client's own resume/re-subscribe
     snapshot: list[str] | None = None                               # a subscribe's channels, when it asked for one
+    recover: list[str] | None = None                                # a delta recovery's subjects / patterns
 
 
 @dataclass(slots=True)
@@ -341,6 +467,8 @@ class Client:
         max_held: int = 10000,
         open_timeout: float = 10.0,
         refresh_before: float = 30.0,
+        delta: bool = True,
+        keep_raw: bool = False,
         **connect_kwargs: Any,
     ) -> None:
         self.url = url
@@ -362,7 +490,8 @@ class Client:
         self.max_held = max_held
         self.open_timeout = open_timeout
         self.connect_kwargs = connect_kwargs
-        self.tracker = Tracker()
+        self.delta = delta
+        self.tracker = Tracker(keep_raw)
         #: Seq ranges (first, last) the node could not replay, over the client's life; seqs are per connection.
         self.missing: list[tuple[int, int]] = []
         #: The last ``throttle_update`` (None: never throttled).
@@ -506,6 +635,8 @@ class Client:
         obj: dict[str, Any] = {"type": "subscribe", "channels": new}
         if snapshot:
             obj["snapshot"] = True
+        if self.delta:
+            obj["delta"] = "fossil"
         reply, errors = await self._retrying(obj, "subscribed")
         accepted = list(reply.get("channels") or [])
         for c in accepted:
@@ -579,12 +710,12 @@ class Client:
 
     async def _request(self, ws: ClientConnection, obj: dict[str, Any], reply: str, *,
                        span: tuple[int, int] | None = None, internal: bool = False,
-                       timeout: float | None = None) -> _Pending:
+                       timeout: float | None = None, recover: list[str] | None = None) -> _Pending:
         """Send one request and wait for its reply; the returned record holds the reply and errors."""
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         pending = _Pending(reply, fut, span=span, internal=internal,
-                           snapshot=list(obj["channels"]) if obj.get("snapshot") else None)
+                           snapshot=list(obj["channels"]) if obj.get("snapshot") else None, recover=recover)
         self._pending[rid] = pending
         try:
             try:
@@ -750,11 +881,16 @@ class Client:
         tr = self.tracker
         if positioned and tr.epoch is not None:
             req: dict[str, Any] = {"type": "resume", "channels": positioned, "after": tr.position, "epoch": tr.epoch}
+            if self.delta:
+                req["delta"] = "fossil"
             await self._request(ws, req, "resumed", internal=True)
         elif positioned:
             quiet = chans
         if quiet:
-            p = await self._request(ws, {"type": "subscribe", "channels": quiet}, "subscribed", internal=True)
+            sub: dict[str, Any] = {"type": "subscribe", "channels": quiet}
+            if self.delta:
+                sub["delta"] = "fossil"
+            p = await self._request(ws, sub, "subscribed", internal=True)
             got = list(p.future.result().get("channels") or [])
             await self._put(_Event("resumed", ({"type": "resumed", "channels": got, "epoch": tr.epoch,
                                                 "complete": False, "reason": "no_position"},)))
@@ -827,8 +963,11 @@ class Client:
                 except ValueError:
                     log.warning("fanout client: frame is not JSON: %.200r", raw)
                     continue
-                if isinstance(msg, dict) and not await self._on_frame(ws, msg):
-                    return
+                if isinstance(msg, dict):
+                    if (self.delta or self.tracker.keep_raw) and msg.get("type") == "message":
+                        msg[_PAYLOAD] = _payload_bytes(raw, msg)     # taken off again by _on_data
+                    if not await self._on_frame(ws, msg):
+                        return
         except ConnectionClosed:
             pass
 
@@ -856,7 +995,18 @@ class Client:
             if kind == "resumed":
                 if msg.get("complete") is False:
                     msg["reason"] = "epoch_changed" if epoch_changed else "retention"
-                await self._put(_Event("resumed", (msg,)))
+                if not (pending is not None and pending.recover and msg.get("complete") is not False):
+                    await self._put(_Event("resumed", (msg,)))
+        elif kind == "unsubscribed":
+            chans = [c for c in (msg.get("channels") or []) if isinstance(c, str)]
+            recovering = pending is not None and pending.recover is not None
+            if recovering and pending is not None and pending.recover:
+                # What this subject got before the unsubscribe took effect is
+                # skipped: the resume that follows brings it again, full.
+                for subject in pending.recover:
+                    if subject in self.tracker.dropping:
+                        self.tracker.dropping[subject] = self.tracker.seen_hi
+            self.tracker.forget(chans, positions=not recovering)
         elif kind == "replay_done":
             await self._on_replay_done(msg, pending)
         elif kind == "throttle_update":
@@ -906,6 +1056,7 @@ class Client:
         return changed
 
     async def _on_data(self, ws: ClientConnection, msg: dict[str, Any]) -> bool:
+        raw = msg.pop(_PAYLOAD, None)
         seq = msg.get("seq")
         tr = self.tracker
         if isinstance(seq, int) and seq < tr.expected:
@@ -914,15 +1065,62 @@ class Client:
                     p.messages.append(msg)
         if self._snapshot_pending(msg):
             msg["snapshot"] = True
-        deliver, gap = tr.on_message(msg)
+        if self._recovery_pending(msg):
+            msg["_per_subject"] = True
+        deliver, gap = tr.on_message(msg, raw)
         if gap is not None:
             log.info("fanout client: seq gap %d..%d: replaying", *gap)
             await self._send_replay(ws, gap)
+        await self._delta_repairs(ws)
         await self._deliver(deliver)
         if len(tr.held) > self.max_held:
             log.warning("fanout client: %d messages held behind a gap: reconnecting to resume", len(tr.held))
             return False
         return True
+
+    def _recovery_pending(self, msg: dict[str, Any]) -> bool:
+        """A data message while a delta recovery's resume of a matching pattern is answered."""
+        ch = msg.get("channel")
+        if not isinstance(ch, str):
+            return False
+        return any(p.recover and p.reply == "resumed" and any(covers(c, ch) for c in p.recover)
+                   for p in self._pending.values())
+
+    async def _delta_repairs(self, ws: ClientConnection) -> None:
+        """PROTOCOL 1.2 recovery: ask ``replay`` for each delta that could not be
+        applied; re-subscribe (with resume) the subjects whose replay failed."""
+        tr = self.tracker
+        while tr.refetch:
+            seq = tr.refetch.pop(0)
+            await self._send_replay(ws, (seq, seq))
+        while tr.recover:
+            subject = tr.recover.pop(0)
+            task = asyncio.get_running_loop().create_task(self._resubscribe(ws, subject))
+            task.add_done_callback(_quiet)
+
+    async def _resubscribe(self, ws: ClientConnection, subject: str) -> None:
+        """Unsubscribe the patterns covering ``subject``, then resume them from
+        the oldest last ``stream_seq`` delivered on their subjects; the catch-up
+        is deduplicated per subject."""
+        tr = self.tracker
+        pats = [c for c in self._channels if covers(c, subject)]
+        if not pats:
+            tr.dropping.pop(subject, None)
+            return
+        known = [ss for ch, ss in tr.last_ss.items() if any(covers(p, ch) for p in pats)]
+        after = min(known) if known else 0
+        log.warning("fanout client: re-subscribing %s from stream_seq %d to recover %s", pats, after, subject)
+        try:
+            await self._request(ws, {"type": "unsubscribe", "channels": pats}, "unsubscribed",
+                                internal=True, recover=[subject])
+            req: dict[str, Any] = {"type": "resume", "channels": pats, "after": after}
+            if tr.epoch is not None:
+                req["epoch"] = tr.epoch
+            if self.delta:
+                req["delta"] = "fossil"
+            await self._request(ws, req, "resumed", internal=True, recover=pats)
+        except (FanoutError, TimeoutError) as exc:
+            log.info("fanout client: delta recovery of %s cut short (%s): the reconnect resumes it", subject, exc)
 
     def _snapshot_pending(self, msg: dict[str, Any]) -> bool:
         """A data message before the reply of a ``subscribe`` with ``snapshot`` on a matching channel."""
@@ -953,6 +1151,9 @@ class Client:
         if pending is not None and pending.auto:
             self._pending.pop(msg["id"], None)
         deliver, lost = self.tracker.on_replay_done(a, b)
+        ws = self._ws
+        if ws is not None:
+            await self._delta_repairs(ws)
         for first, last in lost:
             log.warning("fanout client: seqs %d..%d could not be replayed", first, last)
             self.missing.append((first, last))
@@ -970,3 +1171,20 @@ class Client:
             await self._put(m)
         for rng in lost:
             await self._put(_Event("missing", rng))
+
+
+def _payload_bytes(frame: str | bytes, msg: dict[str, Any]) -> bytes | None:
+    """The payload bytes of a full data message: the text of its ``data``, the
+    last field of the frame (the base of the next delta of its subject)."""
+    if "data" not in msg:
+        return None
+    text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+    i = text.find(',"data":')
+    if i < 0 or not text.endswith("}"):
+        return None
+    return text[i + 8:-1].encode("utf-8")
+
+
+def _quiet(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("fanout client: delta recovery failed: %s", task.exception())

@@ -119,6 +119,10 @@ class Config:
     ws_throttle_max_level: int = _setting("WS_THROTTLE_MAX_LEVEL", 3, "heaviest level; a client still falling behind there for WS_SLOW_CLIENT_GRACE is closed with 1008", lo=1, hi=3)
     ws_priority_rules: str = _setting("WS_PRIORITY_RULES", "odin.token.*.metadata=low,odin.token.*.comment=medium,odin.token.*.update=high,odin.token.*.trade=critical", "subject pattern=priority rules for messages without a Fanout-Priority header (first match wins; default high)")
     ws_conflate_channels: str = _setting("WS_CONFLATE_CHANNELS", "", "subject patterns whose messages are latest-value state: for a throttled client a newer one replaces the older still queued (comma-separated)")
+    ws_delta_enabled: bool = _setting("WS_DELTA_ENABLED", True, "send Fossil delta messages (PROTOCOL 1.2) to subscriptions that ask with delta: \"fossil\" (clients opt in per subscription)")
+    ws_delta_channels: str = _setting("WS_DELTA_CHANNELS", ">", "subject patterns where deltas are allowed (comma-separated; > = all)")
+    ws_delta_min_bytes: int = _setting("WS_DELTA_MIN_BYTES", 128, "payloads shorter than this always go full (a delta would save little)", lo=0, hi=64 * 2**20)
+    ws_route_cache_max: int = _setting("WS_ROUTE_CACHE_MAX", 65536, "subjects whose recipients (and priority) are cached; when full the cache is dropped whole and rebuilt on demand (about 200 bytes per entry, plus 4 per recipient)", lo=64, hi=16_777_216)
     ws_snapshot_max_subjects: int = _setting("WS_SNAPSHOT_MAX_SUBJECTS", 100000, "subjects whose newest message is kept for subscribe with snapshot:true (least recently updated evicted; 0 = off)", lo=0, hi=10_000_000)
     ws_socket_notsent_lowat: int = _setting("WS_SOCKET_NOTSENT_LOWAT", 16384, "TCP_NOTSENT_LOWAT per client socket: unsent bytes the kernel holds beyond those in flight, so a slow reader's backlog stays in the node's queue, where throttling sees its real rate (0 = kernel default)", lo=0, hi=64 * 2**20)
     ws_socket_sndbuf: int = _setting("WS_SOCKET_SNDBUF", 262144, "SO_SNDBUF per client socket, so a stalled reader cannot hide megabytes in the kernel (0 = kernel autotuning)", lo=0, hi=64 * 2**20)
@@ -148,6 +152,7 @@ class Config:
     ws_max_nats_rate: float = _setting("WS_MAX_NATS_RATE", 0.0, "messages/s consumed from NATS (0 = unlimited)", lo=0, hi=1e9)
     node_id: str = _setting("FANOUT_NODE_ID", "", "this node's id, naming its durable consumer (default: hostname-WS_PORT; with WS_PORT=0 hostname-p<pid>)")
     # --- logging -------------------------------------------------------------
+    fanout_tracemalloc: bool = _setting("FANOUT_TRACEMALLOC", False, "trace Python allocations from start (slow; for leak hunts): GET /debug/tracemalloc on the ops port lists the top growth by line (?reset=1: measure from now on)")
     log_level: str = _setting("LOG_LEVEL", "info", "log level", choices=("debug", "info", "warning", "error"))
 
     @property
@@ -188,6 +193,13 @@ class Config:
         except (AttributeError, OSError):
             cores = os.cpu_count() or 1
         return max(1, min(8, cores - 1))
+
+    @property
+    def delta_patterns(self) -> list[str]:
+        """WS_DELTA_CHANNELS, or none when WS_DELTA_ENABLED is off."""
+        if not self.ws_delta_enabled:
+            return []
+        return [s.strip() for s in self.ws_delta_channels.split(",") if s.strip()]
 
     @property
     def conflate_patterns(self) -> list[str]:
@@ -292,6 +304,14 @@ def _check_conflate(cfg: Config) -> str | None:
     from .subjects import valid_pattern
 
     bad = [p for p in cfg.conflate_patterns if not valid_pattern(p)]
+    return f"invalid subject pattern(s): {', '.join(bad)}" if bad else None
+
+
+@_check("WS_DELTA_CHANNELS")
+def _check_delta_channels(cfg: Config) -> str | None:
+    from .subjects import valid_pattern
+
+    bad = [p for p in (s.strip() for s in cfg.ws_delta_channels.split(",")) if p and not valid_pattern(p)]
     return f"invalid subject pattern(s): {', '.join(bad)}" if bad else None
 
 

@@ -51,7 +51,7 @@ from .log import event
 from .memstream import Entry, LatestStore, MemoryStream, View
 from .metrics import Metrics
 from .protocol import message_tail, reply
-from .subjects import matches, matches_any
+from .subjects import matches, matches_any, overlaps
 
 __all__ = ["Hub", "Peer", "Resumed"]
 
@@ -75,6 +75,9 @@ THROTTLE_MESSAGES = (
     "Your connection is slow. Receiving {pct}% of updates. Consider refreshing.",
     "Your connection is very slow. Receiving {pct}% of updates. Please reconnect.",
 )
+# Seconds between heap trims after clients left (Hub.trim_tick): glibc keeps
+# freed blocks otherwise, and RSS would stay at its peak after a crowd leaves.
+TRIM_INTERVAL = 5.0
 FETCH_ROUNDS = 8         # history fetches one resume may make before it gives up chasing the stream
 
 
@@ -131,6 +134,7 @@ class _CatchUp:
     replay_next: int = 0
     replay_to: int = -1
     missing: tuple[int, int] | None = None
+    delta: bool = False              # the subscription asked for deltas (PROTOCOL 1.2)
 
 
 class Hub:
@@ -154,8 +158,12 @@ class Hub:
             max_level=cfg.ws_throttle_max_level,
             conflate=cfg.conflate_patterns,
             flush_threads=cfg.flush_threads,
+            delta=cfg.delta_patterns,
+            delta_min_bytes=cfg.ws_delta_min_bytes,
+            max_routes=cfg.ws_route_cache_max,
         )
         metrics.attach_core(self.core.stats)
+        metrics.attach_delta(self.core.delta_stats)
         metrics.attach_client_lag(self.core.drops, self.core.lag_histogram)
         self._peers: list[Peer | None] = [None] * cfg.ws_max_connections
         self.recent = MemoryStream(cfg.ws_history_size, cfg.js_stream_max_age, clock, cfg.ws_history_subjects)
@@ -194,6 +202,8 @@ class Hub:
         # WS_MAX_CONCURRENT_CATCHUPS: history fetches from the broker at once (the plan's task limits).
         self._fetch_slots = asyncio.Semaphore(cfg.ws_max_concurrent_catchups)
         self.history_fetches = 0
+        self._left_since_trim = 0
+        self._next_trim = 0.0
 
     # -------------------------------------------------------------- lifecycle
     def bind(self, loop: asyncio.AbstractEventLoop, broker: Broker | None) -> None:
@@ -213,6 +223,31 @@ class Hub:
     def full(self) -> bool:
         return self.core.clients_active >= self.cfg.ws_max_connections
 
+    def trim_tick(self, now: float) -> bool:
+        """Periodic: after clients left, give freed heap pages back to the OS
+        (Core.trim_memory), at most every TRIM_INTERVAL seconds. Returns
+        whether it trimmed."""
+        if not self._left_since_trim or now < self._next_trim:
+            return False
+        self._left_since_trim = 0
+        self._next_trim = now + TRIM_INTERVAL
+        self.core.trim_memory()
+        return True
+
+    def store_sizes(self) -> dict[str, int]:
+        """Sizes of the hub's and the core's stores that grow with clients,
+        subjects or history (the fanout_store_* gauges; see README "Memory")."""
+        st = self.core.stats()
+        return {
+            "routes": st["routes"], "patterns": st["patterns"], "set_bytes": st["set_bytes"],
+            "messages_held": st["messages_held"], "message_bytes": st["message_bytes"],
+            "queued_bytes": st["queued_bytes"], "buffer_bytes": st["buffer_bytes"],
+            "history_messages": len(self.recent), "history_bytes": self.recent.nbytes(),
+            "snapshot_subjects": len(self.latest), "snapshot_bytes": self.latest.nbytes(),
+            "priority_cache": len(self._rule_cache),
+            "catchups": len(self._catchups), "throttled": len(self._throttled), "watched": len(self._watch),
+        }
+
     def attach(self, peer: Peer, wbits: int) -> int:
         """Give a connection that finished its handshake a slot."""
         slot: int = self.core.add_client(peer.fd, wbits)
@@ -228,6 +263,7 @@ class Hub:
         self.metrics.subscriptions.set(self.subscription_count)
         self._leave_throttling(slot)
         self.core.remove_client(slot)
+        self._left_since_trim += 1
         self._peers[slot] = None
         self._watch.discard(slot)
         cu = self._catchups.pop(slot, None)
@@ -311,7 +347,7 @@ class Hub:
                 if matches(pattern, subject):
                     p = prio
                     break
-            if len(self._rule_cache) >= 65536:
+            if len(self._rule_cache) >= self.cfg.ws_route_cache_max:
                 self._rule_cache.clear()
             self._rule_cache[subject] = p
         return p
@@ -570,12 +606,22 @@ class Hub:
                 over.append(ch)
         return ok, over
 
-    def subscribe(self, slot: int, patterns: list[str]) -> tuple[list[str], list[str]]:
-        """Subscribe valid, permitted patterns; returns (accepted, over the subscription limit)."""
+    def delta_reply(self, patterns: list[str], asked: str | None) -> str | None:
+        """The ``delta`` field of a subscribed/resumed reply: "fossil" when asked
+        for and WS_DELTA_CHANNELS lets some subject of these patterns carry
+        deltas, else None (the field is left out; the client gets full messages)."""
+        if asked != "fossil":
+            return None
+        allowed = self.cfg.delta_patterns
+        return "fossil" if any(overlaps(p, d) for p in patterns for d in allowed) else None
+
+    def subscribe(self, slot: int, patterns: list[str], delta: bool = False) -> tuple[list[str], list[str]]:
+        """Subscribe valid, permitted patterns; returns (accepted, over the subscription limit).
+        ``delta``: the client takes Fossil deltas on them (where allowed)."""
         self.publish_pending()
         ok, over = self._split_limit(slot, patterns)
         for ch in ok:
-            if self.core.subscribe(slot, ch):
+            if self.core.subscribe(slot, ch, delta):
                 self.subscription_count += 1
         self.metrics.subscriptions.set(self.subscription_count)
         return ok, over
@@ -621,7 +667,7 @@ class Hub:
         self._start(cu)
 
     def resume(self, slot: int, patterns: list[str], after: int, epoch: str | None,
-               on_done: Callable[[Resumed], None]) -> None:
+               on_done: Callable[[Resumed], None], delta: bool = False) -> None:
         """Deliver retained messages after ``after`` on ``patterns``, paced, then
         subscribe and call ``on_done`` in the same loop step (so its reply
         precedes every live message of the new subscriptions).
@@ -640,7 +686,8 @@ class Hub:
             self.metrics.resumes.labels(str(cu.complete).lower()).inc()
             on_done(Resumed(ok, over, cu.complete))
 
-        cu = _CatchUp(slot, done, patterns=ok, already=list(self.core.subscriptions(slot)), cursor=after)
+        cu = _CatchUp(slot, done, patterns=ok, already=list(self.core.subscriptions(slot)), cursor=after,
+                      delta=delta)
         if epoch is not None and epoch != self.epoch:
             # seqs of another stream incarnation mean nothing here
             cu.complete = False
@@ -648,7 +695,7 @@ class Hub:
         self._start(cu)
 
     def snapshot(self, slot: int, patterns: list[str],
-                 on_done: Callable[[list[str], list[str], int], None]) -> None:
+                 on_done: Callable[[list[str], list[str], int], None], delta: bool = False) -> None:
         """``subscribe`` with ``snapshot: true``: the newest retained message of
         every subject matching ``patterns`` (oldest update first, each a data
         message with its own seq), paced like any catch-up, then what was
@@ -664,7 +711,7 @@ class Hub:
             on_done(ok, over, cu.delivered)
 
         cu = _CatchUp(slot, done, kind="snapshot", patterns=ok, already=list(self.core.subscriptions(slot)),
-                      cursor=self._stream_position())
+                      cursor=self._stream_position(), delta=delta)
         cu.pending.extend(self.latest.matching(ok) if ok else [])
         self._start(cu)
 
@@ -733,7 +780,7 @@ class Hub:
             # then the subscription takes over.
             self.publish_pending()
             for ch in cu.patterns:
-                if core.subscribe(slot, ch):
+                if core.subscribe(slot, ch, cu.delta):
                     self.subscription_count += 1
             self.metrics.subscriptions.set(self.subscription_count)
             self.schedule_flush()

@@ -160,6 +160,11 @@ class LogLimiter:
 _limiter = LogLimiter()
 
 
+def limiter_keys() -> int:
+    """Keys the shared limiter remembers now (a gauge: at most MAX_KEYS)."""
+    return len(_limiter._keys)
+
+
 def bind_counter(counter: _Counter | None) -> None:
     """Count held-back lines of :func:`limited_event` in ``counter`` (labelled by reason)."""
     _limiter.counter = counter

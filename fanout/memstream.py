@@ -276,6 +276,10 @@ class MemoryStream:
     def tombstones(self) -> int:
         return len(self._tombs)
 
+    def nbytes(self) -> int:
+        """Bytes of the retained message bodies (a gauge; one pass, at scrape time)."""
+        return sum(len(e.tail) for e in self._q)
+
     # ------------------------------------------------------------- writing
     def append(self, entry: Entry) -> None:
         if self.floor is None:
@@ -506,6 +510,10 @@ class LatestStore:
 
     def __len__(self) -> int:
         return len(self._d)
+
+    def nbytes(self) -> int:
+        """Bytes of the kept message bodies (a gauge; one pass, at scrape time)."""
+        return sum(len(e.tail) for e in self._d.values())
 
     def put(self, e: Entry) -> bool:
         """Keep ``e`` as its subject's newest; False (and nothing changes) when the

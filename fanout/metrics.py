@@ -8,6 +8,7 @@ throttling names from the deployment plan.
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -131,6 +132,112 @@ class UserLimitCollector:
         yield h
 
 
+class DeltaCollector:
+    """Delta messages (PROTOCOL 1.2), read from the core at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        st = self._stats()
+        sent = CounterMetricFamily("fanout_sent_bytes", "Data frame bytes queued for clients, as on the wire "
+                                   "(header and envelope included, after compression), by kind", labels=["kind"])
+        frames = CounterMetricFamily("fanout_sent_frames", "Data frames queued for clients, by kind", labels=["kind"])
+        for kind in ("full", "delta"):
+            sent.add_metric([kind], st.get("bytes_" + kind, 0))
+            frames.add_metric([kind], st.get("frames_" + kind, 0))
+        yield sent
+        yield frames
+        made = CounterMetricFamily("fanout_deltas", "Fossil deltas computed and kept (once per message and subject)")
+        made.add_metric([], st.get("computed", 0))
+        yield made
+        secs = CounterMetricFamily("fanout_delta_seconds", "Time spent computing deltas (kept or refused)")
+        secs.add_metric([], st.get("seconds", 0.0))
+        yield secs
+        refused = CounterMetricFamily("fanout_deltas_refused", "Deltas computed but not used, by reason", labels=["reason"])
+        for reason in ("not_smaller", "not_utf8"):
+            refused.add_metric([reason], st.get("refused_" + reason, 0))
+        yield refused
+        for name, key, help_text in (
+                ("fanout_delta_bases", "bases", "Subjects holding a base message for deltas (bounded by the route cache)"),
+                ("fanout_delta_base_bytes", "base_bytes", "Bytes of those base messages (mostly shared with the replay rings)"),
+                ("fanout_delta_seen_bytes", "seen_bytes", "Memory of the per-subject sets of who was sent the base (4 bytes per delta subscriber while sparse, a bitset of the node when dense; also in fanout_store_recipient_set_bytes)")):
+            g = GaugeMetricFamily(name, help_text)
+            g.add_metric([], st.get(key, 0))
+            yield g
+
+
+# ---------------------------------------------------------------------------
+# Memory: the size of every store that grows with clients, subjects or history
+# (issue 19; README "Memory" gives each one's bound and cost per entry).
+# Read at scrape time from a callable (Server.store_sizes) returning a dict with
+# these keys; a missing key is not exported. Other stores add their line here.
+# ---------------------------------------------------------------------------
+_STORES = {
+    "routes": ("fanout_store_routes", "Subjects in the core's route cache (bound: WS_ROUTE_CACHE_MAX)"),
+    "patterns": ("fanout_store_patterns", "Distinct subscribed patterns (bound: WS_MAX_CONNECTIONS x WS_MAX_SUBSCRIPTIONS)"),
+    "set_bytes": ("fanout_store_recipient_set_bytes", "Bytes held by the recipient sets of patterns and cached routes (and their delta opt-in and sent sets)"),
+    "messages_held": ("fanout_store_messages", "Messages alive in the core: replay rings and output queues (bound: WS_REPLAY_BUFFER per client + queued)"),
+    "message_bytes": ("fanout_store_message_bytes", "Bytes of those messages (struct + uncompressed body)"),
+    "queued_bytes": ("fanout_store_queued_bytes", "Bytes queued for clients and not yet written (bound: about WS_CLIENT_QUEUE_BYTES per client)"),
+    "buffer_bytes": ("fanout_store_client_buffer_bytes", "Bytes allocated for client queues and replay rings (an idle client keeps at most 12 KiB of queue buffers, and replay_size x 8 bytes of ring)"),
+    "history_messages": ("fanout_store_history_messages", "Messages kept in memory for resume (bound: WS_HISTORY_SIZE)"),
+    "history_bytes": ("fanout_store_history_bytes", "Bytes of their bodies"),
+    "snapshot_subjects": ("fanout_store_snapshot_subjects", "Subjects whose newest message is kept for snapshots (bound: WS_SNAPSHOT_MAX_SUBJECTS)"),
+    "snapshot_bytes": ("fanout_store_snapshot_bytes", "Bytes of those messages' bodies"),
+    "priority_cache": ("fanout_store_priority_cache", "Subjects whose priority rule is cached (bound: WS_ROUTE_CACHE_MAX)"),
+    "catchups": ("fanout_store_catchups", "Resumes, snapshots and replays in progress (at most one per connection)"),
+    "throttled": ("fanout_store_throttled_clients", "Clients with throttle state in the hub"),
+    "watched": ("fanout_store_watched_clients", "Clients the hub waits on to drain"),
+    "sessions": ("fanout_store_sessions", "Connections in any state, handshakes included (bound: WS_MAX_CONNECTIONS + WS_MAX_PENDING_HANDSHAKES)"),
+    "users": ("fanout_store_users", "Token subs in the per-user registry"),
+    "log_limiter_keys": ("fanout_store_log_limiter_keys", "Keys the log limiter remembers (bounded)"),
+    "asyncio_tasks": ("fanout_asyncio_tasks", "asyncio tasks alive in the node's loop"),
+}
+
+
+class StoreCollector:
+    def __init__(self, sizes: Callable[[], dict[str, int]]) -> None:
+        self._sizes = sizes
+
+    def collect(self) -> Iterator[Any]:
+        sizes = self._sizes()
+        for key, (name, help_text) in _STORES.items():
+            if key in sizes:
+                fam = GaugeMetricFamily(name, help_text)
+                fam.add_metric([], sizes[key])
+                yield fam
+
+
+_trace_base: Any = None
+
+
+def start_tracemalloc() -> None:
+    """FANOUT_TRACEMALLOC=1: trace Python allocations from now on (costly) and
+    keep this moment as the baseline of :func:`tracemalloc_report`."""
+    global _trace_base
+    tracemalloc.start(1)
+    _trace_base = tracemalloc.take_snapshot()
+
+
+def tracemalloc_report(limit: int = 25, reset: bool = False) -> dict[str, Any]:
+    """Top growth of the Python heap by source line since start, or since the
+    last ``reset`` (GET /debug/tracemalloc[?reset=1]: the new baseline is
+    taken after the report)."""
+    global _trace_base
+    if not tracemalloc.is_tracing() or _trace_base is None:
+        return {"tracing": False}
+    snap = tracemalloc.take_snapshot()
+    stats = snap.compare_to(_trace_base, "lineno")
+    if reset:
+        _trace_base = snap
+    cur, peak = tracemalloc.get_traced_memory()
+    return {"tracing": True, "traced_bytes": cur, "peak_bytes": peak,
+            "top": [{"where": str(st.traceback[0]), "size_diff": st.size_diff, "count_diff": st.count_diff}
+                    for st in stats[:limit]]}
+# --------------------------------------------------------------- end: Memory
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -204,12 +311,18 @@ class Metrics:
     def attach_history(self, stats: Callable[[], dict[str, int]]) -> None:
         self.registry.register(HistoryCollector(stats))
 
+    def attach_delta(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(DeltaCollector(stats))
+
     def attach_client_lag(self, drops: Callable[[], dict[tuple[str, int], int]],
                           lag: Callable[[Any, Any], tuple[list[int], list[int], float, float]]) -> None:
         self.registry.register(ClientLagCollector(drops, lag))
 
     def attach_user_limit(self, per_user: Callable[[], list[int]]) -> None:
         self.registry.register(UserLimitCollector(per_user))
+
+    def attach_stores(self, sizes: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(StoreCollector(sizes))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

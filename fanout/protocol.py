@@ -46,6 +46,7 @@ class Subscribe:
     channels: list[str]
     id: Any = None
     snapshot: bool = False   # PROTOCOL 1.1: newest retained message per matching subject first
+    delta: str | None = None  # PROTOCOL 1.2: "fossil" asks for delta messages
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class Resume:
     after: int
     epoch: str | None = None
     id: Any = None
+    delta: str | None = None  # PROTOCOL 1.2, as in Subscribe
 
 
 @dataclass(slots=True)
@@ -97,6 +99,15 @@ def _channels(obj: dict[str, Any], req_id: Any) -> list[str]:
     if not all(isinstance(c, str) for c in ch):
         raise RequestError(ErrorCode.BAD_REQUEST, "'channels' must be a non-empty list of strings", req_id)
     return list(dict.fromkeys(ch))  # drop repeats, keep order
+
+
+def _delta(obj: dict[str, Any], req_id: Any) -> str | None:
+    """``delta`` of subscribe/resume: a format name (only "fossil" is known;
+    another one gets full messages, and no ``delta`` in the reply)."""
+    v = obj.get("delta")
+    if v is not None and not isinstance(v, str):
+        raise RequestError(ErrorCode.BAD_REQUEST, "'delta' must be a string (\"fossil\")", req_id)
+    return v
 
 
 def _seq(obj: dict[str, Any], name: str, req_id: Any) -> int:
@@ -160,7 +171,7 @@ def parse_request(text: str | bytes) -> Request:
         snapshot = obj.get("snapshot", False)
         if not isinstance(snapshot, bool):
             raise RequestError(ErrorCode.BAD_REQUEST, "'snapshot' must be true or false", req_id)
-        return Subscribe(_channels(obj, req_id), req_id, snapshot)
+        return Subscribe(_channels(obj, req_id), req_id, snapshot, _delta(obj, req_id))
     if kind == "unsubscribe":
         return Unsubscribe(_channels(obj, req_id), req_id)
     if kind == "replay":
@@ -172,7 +183,7 @@ def parse_request(text: str | bytes) -> Request:
         epoch = obj.get("epoch")
         if epoch is not None and not isinstance(epoch, str):
             raise RequestError(ErrorCode.BAD_REQUEST, "'epoch' must be a string", req_id)
-        return Resume(_channels(obj, req_id), _seq(obj, "after", req_id), epoch, req_id)
+        return Resume(_channels(obj, req_id), _seq(obj, "after", req_id), epoch, req_id, _delta(obj, req_id))
     if kind == "heartbeat":
         return Heartbeat(req_id)
     if kind == "refresh":

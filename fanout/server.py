@@ -34,8 +34,8 @@ from .codes import CloseCode
 from .config import Config
 from .guard import Guard
 from .hub import Hub
-from .log import bind_counter, event
-from .metrics import CONTENT_TYPE, Metrics
+from .log import bind_counter, event, limiter_keys
+from .metrics import CONTENT_TYPE, Metrics, start_tracemalloc, tracemalloc_report
 from .ops_http import HttpRequest, HttpResponse
 from .ops_http import serve as serve_http
 from .origins import exposure_warning
@@ -82,7 +82,10 @@ class Server:
         self.clock = time.monotonic
         self.metrics = Metrics()
         bind_counter(self.metrics.log_suppressed)
+        if cfg.fanout_tracemalloc:
+            start_tracemalloc()
         self.hub = Hub(cfg, self.metrics, self.clock)
+        self.metrics.attach_stores(self.store_sizes)
         self.broker = make_broker(cfg, self.metrics)
         auth = Authenticator(cfg)
         self.auth: Authenticator | None = auth if auth.enabled else None
@@ -270,6 +273,7 @@ class Server:
         self._sweep_idle(now)
         self.hub.throttle_tick(now)
         self.hub.recent.expire(now)
+        self.hub.trim_tick(now)
         self._guard_tick(now)            # samples CPU and memory (fanout/guard.py owns that)
         self.metrics.broker_ready.set(1 if self.broker.ready else 0)
         self.metrics.ready.set(1 if self.ready else 0)
@@ -403,6 +407,12 @@ class Server:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    def store_sizes(self) -> dict[str, int]:
+        """Every store's size (the fanout_store_* gauges): the hub's and core's,
+        and this server's registries."""
+        return {**self.hub.store_sizes(), "sessions": len(self.sessions), "users": len(self.users),
+                "log_limiter_keys": limiter_keys(), "asyncio_tasks": len(asyncio.all_tasks(self.loop))}
+
     # ------------------------------------------------------------- ops port
     async def _ops_request(self, req: HttpRequest) -> HttpResponse:
         path = req.path.split("?", 1)[0]
@@ -428,6 +438,8 @@ class Server:
             return _json(503, body, {"Retry-After": "5"})
         if path == "/metrics":
             return HttpResponse(200, self.metrics.render(), CONTENT_TYPE)
+        if path == "/debug/tracemalloc" and self.cfg.fanout_tracemalloc:
+            return _json(200, tracemalloc_report(reset="reset=1" in req.path.partition("?")[2]))
         if path == "/drain":
             if req.method != "POST":
                 return _json(405, {"error": "use POST"}, {"Allow": "POST"})

@@ -120,7 +120,9 @@ class Router(Protocol):
 
     def discard_queued(self, slot: int) -> int: ...
 
-    def subscribe(self, slot: int, patterns: list[str]) -> tuple[list[str], list[str]]: ...
+    def subscribe(self, slot: int, patterns: list[str], delta: bool = False) -> tuple[list[str], list[str]]: ...
+
+    def delta_reply(self, patterns: list[str], asked: str | None) -> str | None: ...
 
     def unsubscribe(self, slot: int, patterns: list[str]) -> None: ...
 
@@ -128,10 +130,10 @@ class Router(Protocol):
                on_done: Callable[[tuple[int, int] | None], None]) -> None: ...
 
     def resume(self, slot: int, patterns: list[str], after: int, epoch: str | None,
-               on_done: Callable[[Resumed], None]) -> None: ...
+               on_done: Callable[[Resumed], None], delta: bool = False) -> None: ...
 
     def snapshot(self, slot: int, patterns: list[str],
-                 on_done: Callable[[list[str], list[str], int], None]) -> None: ...
+                 on_done: Callable[[list[str], list[str], int], None], delta: bool = False) -> None: ...
 
 
 class SessionHost(Protocol):
@@ -512,17 +514,18 @@ class Session:
             def snapshotted(accepted: list[str], over: list[str], n: int, r: Subscribe = req) -> None:
                 self._over_limit(over, r.id)
                 self.send(reply("subscribed", r.id, channels=accepted, epoch=self.hub.epoch,
-                                stream_seq=self.hub.last_stream_seq, snapshot=n))
+                                stream_seq=self.hub.last_stream_seq, snapshot=n,
+                                **_delta_field(self.hub.delta_reply(accepted, r.delta))))
                 self._next_request()
 
-            hub.snapshot(slot, self._admit(req.channels, req.id), snapshotted)
+            hub.snapshot(slot, self._admit(req.channels, req.id), snapshotted, req.delta == "fossil")
         elif isinstance(req, Subscribe):
-            accepted, over = hub.subscribe(slot, self._admit(req.channels, req.id))
+            accepted, over = hub.subscribe(slot, self._admit(req.channels, req.id), req.delta == "fossil")
             self._over_limit(over, req.id)
             # stream_seq: the position the subscription starts after, so a
             # client that got nothing yet can still resume from here.
             self.send(reply("subscribed", req.id, channels=accepted, epoch=hub.epoch,
-                            stream_seq=hub.last_stream_seq))
+                            stream_seq=hub.last_stream_seq, **_delta_field(hub.delta_reply(accepted, req.delta))))
         elif isinstance(req, Unsubscribe):
             valid = []
             for ch in req.channels:
@@ -548,10 +551,12 @@ class Session:
             def resumed(res: Resumed, r: Resume = req) -> None:
                 self._over_limit(res.over_limit, r.id)
                 self.send(reply("resumed", r.id, channels=res.accepted, epoch=self.hub.epoch,
-                                complete=res.complete, stream_seq=self.hub.last_stream_seq))
+                                complete=res.complete, stream_seq=self.hub.last_stream_seq,
+                                **_delta_field(self.hub.delta_reply(res.accepted, r.delta))))
                 self._next_request()
 
-            hub.resume(slot, self._admit(req.channels, req.id), req.after, req.epoch, resumed)
+            hub.resume(slot, self._admit(req.channels, req.id), req.after, req.epoch, resumed,
+                       req.delta == "fossil")
         elif isinstance(req, Heartbeat):
             self.send(reply("heartbeat_ack", req.id, ts=int(time.time() * 1000)))
         elif isinstance(req, Refresh):
@@ -721,3 +726,8 @@ class Session:
             self.sock.close()
         except OSError:
             pass
+
+
+def _delta_field(fmt: str | None) -> dict[str, str]:
+    """``delta`` of a subscribed/resumed reply: present only when deltas may come."""
+    return {"delta": fmt} if fmt else {}

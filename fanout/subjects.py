@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["valid_subject", "valid_pattern", "subject_error", "matches", "matches_any", "covers"]
+__all__ = ["valid_subject", "valid_pattern", "subject_error", "matches", "matches_any", "covers", "overlaps"]
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOKENS = 16
@@ -83,3 +83,17 @@ def covers(allowed: str, pattern: str) -> bool:
         if tok != "*" and (p[i] == "*" or tok != p[i]):
             return False
     return len(a) == len(p)
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True when some subject matches both patterns."""
+    x = a.split(".")
+    y = b.split(".")
+    for i in range(max(len(x), len(y))):
+        if i >= len(x) or i >= len(y):
+            return False
+        if x[i] == ">" or y[i] == ">":
+            return True     # each side still has a token here, and '>' takes the rest
+        if x[i] != "*" and y[i] != "*" and x[i] != y[i]:
+            return False
+    return True

@@ -13,6 +13,18 @@ cdef extern from "sys/uio.h" nogil:
         size_t iov_len
 
 
+cdef struct RSet:
+    # A set of client slots in one of two forms chosen by size, as CRoaring's
+    # containers are: a sorted array of ``n`` slots (``arr``, room for ``cap``)
+    # while n <= Core.sparse_max, else a bitset of Core.nwords words (``bits``).
+    # Empty: no allocation at all. So a subject with 3 subscribers costs 16
+    # bytes, not a bitset the size of the node; a dense one keeps the bitset.
+    uint32_t *arr
+    uint64_t *bits
+    uint32_t n
+    uint32_t cap
+
+
 cdef struct Msg:
     Py_ssize_t refcnt         # publish call + one per ring entry holding it
     int priority              # 0 low .. 3 critical
@@ -23,6 +35,18 @@ cdef struct Msg:
     Py_ssize_t tail_len
     char *ztail[MAX_WBITS_SLOTS]      # tail deflated once per window size in use
     Py_ssize_t ztail_len[MAX_WBITS_SLOTS]
+    # Deltas (delta.pxi): this message as a Fossil delta against the previous
+    # one of its subject, a message of its own (its tail "delta":"..." and
+    # compressed tails) that frames share like any other; owned by this one.
+    Msg *delta
+    uint64_t dtime            # its place in the core's publish order (delta.pxi's clock)
+    # During its publish only (NULL otherwise): the route's delta opt-ins,
+    # who was sent the previous message of the subject, who gets this one
+    # (sets in the route, sparse or dense like the recipient sets).
+    RSet *dbits
+    RSet *dgot_prev
+    RSet *dgot_cur
+    uint64_t dprev_time       # dtime of that previous message
 
 
 cdef struct Seg:
@@ -62,6 +86,7 @@ cdef struct Client:
     Py_ssize_t sdone          # bytes of segs[shead] already written
     int fd
     uint32_t fepoch           # reach window this client was last flushed in (take_reach)
+    uint64_t dforget          # delta clock when its bases last changed outside live publishes (delta.pxi)
 
 
 cdef struct FlushAcc:
@@ -91,19 +116,26 @@ cdef struct FlushJob:
 
 cdef class _Pattern:
     cdef str text
-    cdef list tokens
+    cdef list tokens            # wildcard patterns only; None for an exact one
     cdef bint wild
-    cdef uint64_t *bits
-    cdef int count
-    cdef set routes             # subjects whose cached route includes this pattern
+    cdef RSet rs                # its subscribers
+    cdef set routes             # wildcard: subjects whose cached route includes it
+                                # (exact: None; its route, if cached, is _routes[text])
+    cdef RSet drs               # subscribers that asked for deltas (delta.pxi); a subset of rs
 
 
 cdef class _Route:
     cdef uint32_t id
     cdef bint conflate
-    cdef list tokens
-    cdef list patterns          # the _Pattern objects that match this subject
-    cdef uint64_t *bits         # OR of their bitsets; NULL while no pattern matches
+    cdef tuple patterns         # the _Pattern objects that match this subject
+    cdef RSet rs                # union of their sets; empty while nobody matches
+    # deltas (delta.pxi)
+    cdef bint dallow            # WS_DELTA_CHANNELS matches this subject
+    cdef uint32_t dseq          # publishes on this subject
+    cdef Msg *dprev             # the last one, the base of the next delta (a reference); NULL: none
+    cdef RSet drs               # union of the patterns' drs; empty while none asked
+    cdef RSet dgot0             # who was sent message dseq, by its parity (dgot0: even);
+    cdef RSet dgot1             # empty while no base is kept
 
 
 @cython.final
@@ -129,6 +161,8 @@ cdef class Core:
     cdef dict _wild           # wildcard subset of _patterns
     cdef dict _routes         # subject -> _Route (recipient cache)
     cdef readonly int max_routes
+    cdef readonly int sparse_max      # a recipient set above this many slots is a bitset
+    cdef readonly Py_ssize_t set_bytes  # bytes held by the recipient sets of patterns and routes
     cdef int wbits_count[MAX_WBITS_SLOTS]
     cdef list _zc             # zlib compressor per window bits (Python objects)
     cdef int zlevel
@@ -162,7 +196,22 @@ cdef class Core:
     cdef readonly bint flushing         # a flush runs (GIL released): every other entry point refuses
     cdef uint32_t _fepoch
     cdef readonly uint64_t reached      # distinct clients flushed since the last take_reach()
+    # deltas (delta.pxi)
+    cdef list _delta_tokens             # token lists of WS_DELTA_CHANNELS (empty: deltas off)
+    cdef readonly Py_ssize_t delta_min_bytes
+    cdef uint64_t delta_made            # deltas computed and kept
+    cdef uint64_t delta_ns              # time spent computing deltas (kept or not)
+    cdef uint64_t delta_refused[2]      # [not smaller, not UTF-8]
+    cdef uint64_t kind_bytes[2]         # data frame bytes queued: [full, delta]
+    cdef uint64_t kind_frames[2]
+    cdef uint64_t _dclock               # delta clock: +1 per message published to a route
+    cdef unsigned char *_dbuf           # encoder scratch: output
+    cdef Py_ssize_t _dbuf_cap
+    cdef int *_dhash                    # encoder scratch: hash table
+    cdef Py_ssize_t _dhash_cap
 
+    cdef bint _dqueued                  # _deliver queued the message to a delta subscriber (delta.pxi)
+    cdef bint _dinner                   # _deliver runs inside delta_deliver
     cdef int _deliver(self, int slot, Msg *m, bint catchup=*) except -1
     cdef int _idle(self) except -1
     cdef int _start_pool(self) noexcept

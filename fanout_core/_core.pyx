@@ -50,8 +50,12 @@ asyncpg's ``protocol/``): ``pool.pxi`` (the flush thread pool, C),
 ``queue.pxi`` (messages and per-client output queues), ``frames.pxi``
 (frame headers, compress-once), ``flush.pxi`` (gather + ``sendmsg``, run on
 the flush threads), ``routes.pxi`` (patterns and the route cache),
-``throttle.pxi`` (the throttle and conflation policy). This file holds the
-``Core`` class: the Python-facing API and the match-and-enqueue loops.
+``throttle.pxi`` (the throttle and conflation policy), ``fossil.pxi`` (the
+Fossil delta encoder, C) and ``delta.pxi`` (PROTOCOL 1.2 delta messages: one
+delta per message and subject, and who may get it; a message's delta is a
+message of its own that the full one holds, freed with it, atomically, like
+any reference a flush thread drops). This file holds the ``Core`` class: the
+Python-facing API and the match-and-enqueue loops.
 
 Limits: a client whose queue stays over ``queue_limit`` is judged over
 windows of time (``raise_seconds``, ``grace_seconds``; see
@@ -64,7 +68,7 @@ message that passes ``hard_limit`` marks it slow at once.
 """
 
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcpy, memmove, memset, memcmp
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t, uint32_t, uint8_t
 cimport cython
@@ -94,6 +98,19 @@ cdef extern from "time.h" nogil:
         long tv_nsec
     int clock_gettime(int clk, timespec *tp)
     int CLOCK_MONOTONIC
+
+
+cdef extern from *:
+    """
+    #include <stdlib.h>
+    #ifdef __GLIBC__
+    #include <malloc.h>
+    static int fo_malloc_trim(void) { return malloc_trim(0); }
+    #else
+    static int fo_malloc_trim(void) { return 0; }
+    #endif
+    """
+    int fo_malloc_trim() nogil
 
 
 cdef inline double mono_now() noexcept:
@@ -126,6 +143,8 @@ include "frames.pxi"
 include "flush.pxi"
 include "routes.pxi"
 include "throttle.pxi"
+include "fossil.pxi"
+include "delta.pxi"
 
 
 cdef class Core:
@@ -136,7 +155,8 @@ cdef class Core:
                   int slow_strikes=3, int max_routes=65536, int compress_level=6,
                   throttle_percents=(100, 75, 50, 25), bint throttle=False, int max_level=3,
                   conflate=(), int flush_threads=1, int parallel_min=PARALLEL_MIN,
-                  double raise_seconds=0.5, double grace_seconds=2.0, Py_ssize_t hard_limit=0):
+                  double raise_seconds=0.5, double grace_seconds=2.0, Py_ssize_t hard_limit=0,
+                  delta=(), Py_ssize_t delta_min_bytes=0):
         if capacity < 1 or replay_size < 1 or queue_limit < 1 or slow_strikes < 1:
             raise ValueError("capacity, replay_size, queue_limit and slow_strikes must be >= 1")
         if raise_seconds < 0 or grace_seconds < 0:
@@ -165,9 +185,13 @@ cdef class Core:
         self.replay_size = replay_size
         self.queue_limit = queue_limit
         self.slow_strikes = slow_strikes
+        if max_routes < BATCH:
+            raise ValueError(f"max_routes must be >= {BATCH}")
         self.max_routes = max_routes
         self.zlevel = compress_level
         self.nwords = (capacity + 63) // 64
+        self.sparse_max = 2 * self.nwords      # an array of that many uint32 is as big as the bitset
+        self.set_bytes = 0
         self.clients = <Client *>calloc(capacity, sizeof(Client))
         self.dirty = <int *>malloc(capacity * sizeof(int))
         if self.clients == NULL or self.dirty == NULL:
@@ -195,6 +219,7 @@ cdef class Core:
         self._conflate_tokens = [str(p).split(".") for p in conflate]
         self._route_ids = 0
         self._raised = []
+        delta_init(self, delta, delta_min_bytes)
 
     def __dealloc__(self):
         cdef int s
@@ -205,6 +230,7 @@ cdef class Core:
         free(self.dirty)
         free(self._work)
         free(self._res)
+        delta_core_free(self)
         if self._pool != NULL and fo_pool_owned(<fo_pool *>self._pool):
             fo_pool_free(<fo_pool *>self._pool)    # parked workers: stop and join them
 
@@ -231,6 +257,7 @@ cdef class Core:
         c.dirty = was_dirty
         c.fd = fd
         c.active = 1
+        delta_forget(self, c)     # the slot's previous client may be in the subjects' delta bitsets
         if 9 <= wbits <= 15:
             c.wbits = <uint8_t>wbits
             self.wbits_count[wbits] += 1
@@ -386,24 +413,30 @@ cdef class Core:
         return out
 
     # ------------------------------------------------------------ subscriptions
-    def subscribe(self, int slot, str pattern):
-        """Add a (valid) pattern for a client; False if it already had it."""
+    def subscribe(self, int slot, str pattern, bint delta=False):
+        """Add a (valid) pattern for a client; False if it already had it.
+        ``delta``: it takes Fossil deltas on this pattern's subjects (where
+        the core's ``delta`` patterns allow them); a repeat updates that."""
         self._check(slot)
         cdef set subs = self._subs[slot]
         if pattern in subs:
+            delta_subscribed(self, self._patterns[pattern], slot, delta)
             return False
         cdef _Pattern p = self._patterns.get(pattern)
         if p is None:
             p = route_new_pattern(self, pattern)
-        subs.add(pattern)
-        cdef int w = slot >> 6
-        cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
         cdef _Route r
-        p.bits[w] |= mask
-        p.count += 1
-        for subject in p.routes:
-            r = self._routes[subject]
-            r.bits[w] |= mask
+        rs_add(self, &p.rs, slot)
+        subs.add(pattern)
+        if p.wild:
+            for subject in p.routes:
+                r = self._routes[subject]
+                rs_add(self, &r.rs, slot)
+        else:
+            r = self._routes.get(pattern)
+            if r is not None:
+                rs_add(self, &r.rs, slot)
+        delta_subscribed(self, p, slot, delta)
         return True
 
     def unsubscribe(self, int slot, str pattern):
@@ -414,28 +447,18 @@ cdef class Core:
             return False
         subs.discard(pattern)
         cdef _Pattern p = self._patterns[pattern]
-        cdef _Pattern q
         cdef _Route r
-        cdef int w = slot >> 6
-        cdef uint64_t mask = (<uint64_t>1) << (slot & 63)
-        cdef bint still
-        p.bits[w] &= ~mask
-        p.count -= 1
-        for subject in p.routes:
-            r = self._routes[subject]
-            still = False
-            for q in r.patterns:
-                if q is not p and (q.bits[w] & mask):
-                    still = True
-                    break
-            if not still:
-                r.bits[w] &= ~mask
-        if p.count == 0:
+        delta_unsubscribed(self, p, slot)
+        rs_remove(self, &p.rs, slot)
+        if p.wild:
             for subject in p.routes:
-                r = self._routes[subject]
-                r.patterns.remove(p)
-            del self._patterns[pattern]
-            self._wild.pop(pattern, None)
+                route_unlink_slot(self, <_Route>self._routes[subject], p, slot)
+        else:
+            r = self._routes.get(pattern)
+            if r is not None:
+                route_unlink_slot(self, r, p, slot)
+        if p.rs.n == 0:
+            route_drop_pattern(self, p)
         return True
 
     def subscriptions(self, int slot):
@@ -453,18 +476,7 @@ cdef class Core:
     def recipients(self, str subject):
         """Slots that a message on ``subject`` would reach (tests, debugging)."""
         cdef _Route r = route_get(self, subject)
-        cdef int w, b
-        cdef uint64_t word
-        out = []
-        if r.bits == NULL:
-            return out
-        for w in range(self.nwords):
-            word = r.bits[w]
-            while word:
-                b = __builtin_ctzll(word)
-                word &= word - 1
-                out.append(w * 64 + b)
-        return out
+        return rs_members(&r.rs, self.nwords)
 
     # ---------------------------------------------------------------- publish
     def publish(self, str subject, bytes tail, int priority=2):
@@ -477,22 +489,33 @@ cdef class Core:
         self._idle()
         cdef _Route r = route_get(self, subject)
         self.published += 1
-        if r.bits == NULL:
+        if r.rs.n == 0:
             return 0
         cdef Msg *m = msg_new(tail, priority)
         m.subject = r.id
         m.conflate = r.conflate
+        try:
+            delta_prepare(self, r, m)
+        except BaseException:
+            msg_decref(m)
+            raise
         cdef int w, b, words = (self._next_slot + 63) >> 6
         cdef uint64_t word
         cdef int count = 0
-        cdef uint64_t *bits = r.bits
+        cdef uint64_t *bits = r.rs.bits
+        cdef uint32_t *arr = r.rs.arr
+        cdef uint32_t i, n = r.rs.n
         try:
-            for w in range(words):
-                word = bits[w]
-                while word:
-                    b = __builtin_ctzll(word)
-                    word &= word - 1
-                    count += self._deliver((w << 6) | b, m)
+            if bits == NULL:
+                for i in range(n):
+                    count += self._deliver(arr[i], m)
+            else:
+                for w in range(words):
+                    word = bits[w]
+                    while word:
+                        b = __builtin_ctzll(word)
+                        word &= word - 1
+                        count += self._deliver((w << 6) | b, m)
         finally:
             msg_decref(m)
         return count
@@ -502,47 +525,91 @@ cdef class Core:
         :meth:`publish` for each, but client-major: each subscriber's state is
         touched once for all the messages it gets from the batch, not once per
         message (the difference is cache misses, i.e. most of the cost).
-        Returns the number of frames queued."""
+        Returns the number of frames queued.
+
+        Dense subjects are walked word by word in their bitsets; sparse ones
+        (sorted slot arrays) through a cursor each, turned into the same 64-slot
+        word as the walk reaches it, so both meet in one client-major loop.
+        When every set in the batch is sparse the walk jumps straight to the
+        next word that has a member."""
         self._idle()
-        cdef Py_ssize_t n = len(subjects), start, j, k
+        cdef Py_ssize_t n = len(subjects), start, end, j, k
         cdef Msg *msgs[BATCH]
         cdef uint64_t *bits[BATCH]
-        cdef int w, b, slot, words = (self._next_slot + 63) >> 6
-        cdef uint64_t word, mask
+        cdef uint32_t *arrs[BATCH]
+        cdef uint32_t lens[BATCH]
+        cdef uint32_t cur[BATCH]
+        cdef uint64_t sw[BATCH]
+        cdef int w, b, slot, ndense, words = (self._next_slot + 63) >> 6
+        cdef uint64_t word, mask, x
+        cdef uint32_t v
         cdef int count = 0
         cdef _Route r
         if len(tails) != n or len(priorities) != n:
             raise ValueError("subjects, tails and priorities differ in length")
+        cdef list alive = []           # the batch's routes: a route cache reset mid-batch must not free their bitsets
         start = 0
         while start < n:
             k = 0
+            ndense = 0
+            end = min(n, start + BATCH)
+            if len(self._routes) + (end - start) > self.max_routes:
+                route_clear(self)    # never in the middle of a batch: its sets are in use below
             try:
-                for j in range(start, min(n, start + BATCH)):
+                for j in range(start, end):
                     r = route_get(self, subjects[j])
+                    alive.append(r)
                     self.published += 1
-                    if r.bits == NULL:
+                    if r.rs.n == 0:
                         continue
-                    bits[k] = r.bits
+                    bits[k] = r.rs.bits
+                    arrs[k] = r.rs.arr
+                    lens[k] = r.rs.n
+                    cur[k] = 0
+                    if bits[k] != NULL:
+                        ndense += 1
                     msgs[k] = msg_new(tails[j], priorities[j])
                     msgs[k].subject = r.id
                     msgs[k].conflate = r.conflate
                     k += 1
-                for w in range(words):
+                    delta_prepare(self, r, msgs[k - 1])
+                w = 0
+                while w < words:
+                    if ndense == 0:
+                        # All sparse: go to the lowest word any cursor points at.
+                        w = words
+                        for j in range(k):
+                            if cur[j] < lens[j] and <int>(arrs[j][cur[j]] >> 6) < w:
+                                w = arrs[j][cur[j]] >> 6
+                        if w >= words:
+                            break
                     word = 0
                     for j in range(k):
-                        word |= bits[j][w]
+                        if bits[j] != NULL:
+                            x = bits[j][w]
+                        else:
+                            x = 0
+                            while cur[j] < lens[j]:
+                                v = arrs[j][cur[j]]
+                                if <int>(v >> 6) != w:
+                                    break
+                                x |= (<uint64_t>1) << (v & 63)
+                                cur[j] += 1
+                        sw[j] = x
+                        word |= x
                     while word:
                         b = __builtin_ctzll(word)
                         word &= word - 1
                         mask = (<uint64_t>1) << b
                         slot = (w << 6) | b
                         for j in range(k):
-                            if bits[j][w] & mask:
+                            if sw[j] & mask:
                                 count += self._deliver(slot, msgs[j])
+                    w += 1
             finally:
                 for j in range(k):
                     msg_decref(msgs[j])
-            start += BATCH
+            start = end
         return count
 
     def deliver(self, int slot, bytes tail, int priority=2, bint catchup=False):
@@ -561,6 +628,8 @@ cdef class Core:
             msg_decref(m)
 
     cdef int _deliver(self, int slot, Msg *m, bint catchup=False) except -1:
+        if m.dgot_cur != NULL and not self._dinner:
+            return delta_deliver(self, slot, m, catchup)     # keeps the subject's "sent" set; calls back here
         cdef Client *c = &self.clients[slot]
         if c.nodata or not c.active:
             return 0
@@ -595,7 +664,7 @@ cdef class Core:
             msg_decref(c.ring[idx])
         c.ring[idx] = m
         m.refcnt += 1
-        queue_data(self, c, c.seq, m)
+        delta_queue(self, c, slot, c.seq, m, catchup)
         self.deliveries += 1
         if not catchup:
             throttle_check(self, slot, c, m)
@@ -708,6 +777,8 @@ cdef class Core:
         if c.nodata:
             return 0, missing
         s = from_seq if from_seq > lo else lo
+        if s <= hi:
+            delta_forget(self, c)     # replayed messages are full and reset the client's bases
         while s <= hi:
             queue_data(self, c, s, c.ring[s % self.replay_size])
             sent += 1
@@ -885,8 +956,43 @@ cdef class Core:
         self.ndirty = 0
         return total
 
+    def trim_memory(self):
+        """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``;
+        a no-op elsewhere). Returns whether any were.
+
+        Why: messages, rings and queues are many small blocks. When clients
+        leave, glibc keeps the freed blocks for reuse and only returns memory
+        at the top of the heap, so RSS would stay at its peak for good (the
+        issue 19 "RSS stayed at its peak after every client left"). The hub
+        calls this after clients left, at most every few seconds; it takes
+        about 2 ms for a 100 MB heap."""
+        self._idle()
+        cdef int r
+        with nogil:
+            r = fo_malloc_trim()
+        return bool(r)
+
+    def client_memory(self):
+        """``(queued, buffers)``: bytes queued for all clients and not yet
+        written, and bytes their queues and rings hold allocated (arenas and
+        segment arrays, up to KEEP_BUF + KEEP_SEGS segments kept per idle
+        client; ring arrays, replay_size pointers per client that got data).
+        One pass over the slots."""
+        self._idle()
+        cdef int s
+        cdef Client *c
+        cdef Py_ssize_t queued = 0, buffers = 0
+        for s in range(self._next_slot):
+            c = &self.clients[s]
+            if c.active:
+                queued += c.queued
+                buffers += c.acap + c.segcap * sizeof(Seg)
+                if c.ring != NULL:
+                    buffers += self.replay_size * sizeof(Msg *)
+        return queued, buffers
+
     def stats(self):
-        return {
+        out = {
             "published": self.published,
             "deliveries": self.deliveries,
             "throttled_drops": self.throttled_drops,
@@ -902,4 +1008,16 @@ cdef class Core:
             "clients": self.clients_active,
             "patterns": len(self._patterns),
             "routes": len(self._routes),
+            "set_bytes": self.set_bytes,
+            "messages_held": _live_msgs,
+            "message_bytes": _live_msg_bytes,
         }
+        out["queued_bytes"], out["buffer_bytes"] = self.client_memory()
+        return out
+
+    def delta_stats(self):
+        """Delta counters and memory: computed, seconds, refused_not_smaller,
+        refused_not_utf8, bytes_full/bytes_delta and frames_full/frames_delta
+        (data frames queued, as on the wire), bases (subjects holding one),
+        base_bytes, seen_bytes (the subjects' bitsets of who was sent the base)."""
+        return delta_stats(self)

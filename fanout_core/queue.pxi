@@ -4,6 +4,16 @@
 # Messages alive (made by msg_new, not yet freed): a leak or double-free
 # check for tests (live_messages()). Changed atomically: flush threads free.
 cdef Py_ssize_t _live_msgs = 0
+# Their bytes: the struct and the uncompressed body (not the deflated copies).
+cdef Py_ssize_t _live_msg_bytes = 0
+
+cdef extern from *:
+    """
+    static inline void fo_atomic_add(Py_ssize_t *v, Py_ssize_t d) {
+        __atomic_add_fetch(v, d, __ATOMIC_RELAXED);
+    }
+    """
+    void fo_atomic_add(Py_ssize_t *v, Py_ssize_t d) nogil
 
 
 def live_messages():
@@ -12,12 +22,20 @@ def live_messages():
     return _live_msgs
 
 
+def live_message_bytes():
+    """Bytes of the messages alive (struct + uncompressed body), across all cores."""
+    return _live_msg_bytes
+
+
 cdef inline void msg_free(Msg *m) noexcept nogil:
     cdef int i
+    fo_atomic_add(&_live_msg_bytes, -(<Py_ssize_t>sizeof(Msg) + m.tail_len))
     free(m.tail)
     for i in range(MAX_WBITS_SLOTS):
         if m.ztail[i] != NULL:
             free(m.ztail[i])
+    if m.delta != NULL:
+        msg_decref_shared(m.delta)
     free(m)
     fo_atomic_dec(&_live_msgs)
 
@@ -53,6 +71,7 @@ cdef Msg *msg_new(bytes tail, int priority) except NULL:
     m.refcnt = 1
     m.t = mono_now()
     fo_atomic_inc(&_live_msgs)
+    fo_atomic_add(&_live_msg_bytes, <Py_ssize_t>sizeof(Msg) + n)
     return m
 
 

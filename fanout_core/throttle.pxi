@@ -27,6 +27,7 @@ cdef bint conflate_replace(Core self, Client *c, Msg *m) noexcept:
     cdef int i, stop = c.shead + (1 if c.sdone > 0 else 0)
     cdef Seg *sg
     cdef Msg *old
+    cdef Msg *prev
     cdef Py_ssize_t before
     cdef Py_ssize_t idx
     if c.nseg - stop > CONFLATE_SCAN:
@@ -41,10 +42,13 @@ cdef bint conflate_replace(Core self, Client *c, Msg *m) noexcept:
             m.refcnt += 1
             c.queued += seg_len(c, sg) - before
             idx = sg.v % self.replay_size
-            if c.ring != NULL and c.ring[idx] == old:
+            if c.ring != NULL and c.ring[idx] != NULL and (c.ring[idx] == old or c.ring[idx].delta == old):
+                # The ring holds the full message (the queue may hold its
+                # delta): drop the ring's reference to what the ring held.
+                prev = c.ring[idx]
                 c.ring[idx] = m          # replay gives what was sent for that seq
                 m.refcnt += 1
-                msg_decref(old)
+                msg_decref(prev)
             msg_decref(old)
             return True
         i -= 1

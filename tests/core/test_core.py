@@ -267,3 +267,142 @@ def test_no_text_after_a_client_stops_taking_data():
     assert core.send_text(b, b"{}") is False
     core.enqueue_raw(b, b"\x88\x00")
     assert core.take_dirty() == {a: b"\x81\x02{}", b: b"\x88\x00"}
+
+
+def test_recipient_sets_turn_dense_and_back_at_the_threshold():
+    # 10,000 slots: a bitset is 157 words (1,256 bytes), so a set stays a
+    # sorted array up to 314 slots, turns dense above, and back at 157.
+    core = Core(10000)
+    words = 157
+    assert core.sparse_max == 2 * words
+    slots = [core.add_client(-1) for _ in range(400)]
+    order = slots[::2] + slots[1::2]                   # not in slot order: the array keeps itself sorted
+    core.subscribe(order[0], "odin.a")
+    assert core.recipients("odin.a") == [order[0]]     # route made now
+    assert core.set_bytes == 2 * 4 * 4                 # two arrays of 4 slots: pattern and route
+    for s in order[1:core.sparse_max]:
+        core.subscribe(s, "odin.a")
+    assert core.set_bytes <= 2 * core.sparse_max * 4   # still arrays
+    assert core.set_bytes < 2 * words * 8 + 1
+    core.subscribe(order[core.sparse_max], "odin.a")
+    assert core.set_bytes == 2 * words * 8             # both bitsets now
+    assert core.recipients("odin.a") == sorted(order[:core.sparse_max + 1])
+    assert core.publish("odin.a", tail(1)) == core.sparse_max + 1
+    # back down: unsubscribe in the dense form, then in the sparse form
+    for s in order[words:core.sparse_max + 1]:
+        assert core.unsubscribe(s, "odin.a")
+    assert core.set_bytes < 2 * words * 8              # arrays again (at half the threshold)
+    assert core.recipients("odin.a") == sorted(order[:words])
+    assert core.publish("odin.a", tail(2)) == words
+    for s in order[1:words]:
+        assert core.unsubscribe(s, "odin.a")
+    assert core.recipients("odin.a") == [order[0]]
+    assert not core.unsubscribe(order[1], "odin.a")
+    core.unsubscribe(order[0], "odin.a")
+    assert (core.pattern_count, core.route_count, core.set_bytes) == (0, 0, 0)
+
+
+def test_route_is_the_union_of_sparse_and_dense_patterns_with_slot_reuse():
+    core = Core(200)                                   # 4 words: arrays up to 8 slots
+    slots = [core.add_client(-1) for _ in range(40)]
+    for s in slots[:30]:
+        core.subscribe(s, "odin.*.update")             # dense pattern
+    for s in slots[25:35]:
+        core.subscribe(s, "odin.x.update")             # dense too
+    core.subscribe(slots[39], "odin.>")                # sparse
+    assert core.recipients("odin.x.update") == sorted(slots[:35] + [slots[39]])
+    # the route is dense; removing the overlap keeps the others
+    for s in slots[25:30]:
+        core.unsubscribe(s, "odin.x.update")
+    assert core.recipients("odin.x.update") == sorted(slots[:35] + [slots[39]])
+    for s in slots[2:30]:
+        core.unsubscribe(s, "odin.*.update")
+    assert core.recipients("odin.x.update") == sorted(slots[:2] + slots[30:35] + [slots[39]])
+    # a slot reused by a new client starts with no subscriptions
+    core.remove_client(slots[0])
+    again = core.add_client(-1)
+    assert again == slots[0]
+    assert core.recipients("odin.x.update") == sorted(slots[1:2] + slots[30:35] + [slots[39]])
+    core.subscribe(again, "odin.x.update")
+    n = core.publish_batch(["odin.x.update", "odin.y.update", "odin.x.update"], [tail(1), tail(2), tail(3)], [2, 2, 2])
+    assert n == 2 * 8 + 2                              # odin.y.update: slots[1] and slots[39]
+    for s in [again, *slots[1:40]]:
+        core.remove_client(s)
+    assert (core.pattern_count, core.route_count, core.set_bytes) == (0, 0, 0)
+
+
+def test_subscription_churn_returns_core_memory_to_zero():
+    # The leak check: many subjects, wildcard and exact, clients coming and
+    # going; once everyone left, no pattern, route or set byte remains, and no
+    # message is held (the rings and queues went with their clients).
+    import random
+
+    from fanout_core._core import live_messages
+    rnd = random.Random(7)
+    core = Core(500, replay_size=16)
+    live0 = live_messages()
+    slots: list[int] = []
+    for step in range(20000):
+        op = rnd.random()
+        if op < 0.05 and len(slots) < 500:
+            slots.append(core.add_client(-1))
+        elif op < 0.08 and slots:
+            core.remove_client(slots.pop(rnd.randrange(len(slots))))
+        elif op < 0.55 and slots:
+            s = rnd.choice(slots)
+            pat = rnd.choice((f"odin.*.t{rnd.randrange(50)}", "odin.>", f"odin.s{rnd.randrange(100)}.t{rnd.randrange(50)}"))
+            core.subscribe(s, pat) if rnd.random() < 0.6 else core.unsubscribe(s, pat)
+        else:
+            subj = f"odin.s{rnd.randrange(100)}.t{rnd.randrange(50)}"
+            core.publish(subj, tail(step))
+        if step % 64 == 0:
+            core.discard_queued()
+    assert core.set_bytes > 0
+    for s in slots:
+        core.remove_client(s)
+    assert (core.pattern_count, core.route_count, core.set_bytes) == (0, 0, 0)
+    assert live_messages() == live0
+    assert core.publish("odin.s1.t1", tail(0)) == 0
+    assert core.route_count == 0                       # no wildcard: nothing cached for nobody
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_rings_hold_at_most_replay_size_messages_and_memory_goes_back_when_clients_leave():
+    # Issue 19: RSS grew ~150 bytes per delivery and stayed at its peak after
+    # every client left. The growth was replay rings filling (bounded: every
+    # client keeps replay_size messages; now a gauge), the peak was glibc
+    # keeping the freed blocks: trim_memory() gives them back.
+    import random
+
+    from fanout_core._core import live_message_bytes, live_messages
+    rnd = random.Random(3)
+    live0 = live_messages()
+    core = Core(2000, replay_size=100)
+    names = [f"odin.token.s{j}.update" for j in range(4000)]
+    slots = [core.add_client(-1) for _ in range(1000)]
+    for s in slots:
+        for n in rnd.sample(names, 5):
+            core.subscribe(s, n)
+    body = tail(0, 300)
+    base = _rss_anon()
+    for _ in range(150):
+        core.publish_batch([rnd.choice(names) for _ in range(64)], [body] * 64, [2] * 64)
+        core.discard_queued()
+        held = live_messages() - live0
+        assert held <= len(slots) * core.replay_size
+    assert core.stats()["messages_held"] == live_messages()
+    assert core.stats()["message_bytes"] == live_message_bytes()
+    grown = _rss_anon() - base
+    assert grown > 4 << 20                             # the rings really hold something
+    for s in slots:
+        core.remove_client(s)
+    assert live_messages() == live0 and core.set_bytes == 0
+    core.trim_memory()
+    assert _rss_anon() - base < grown / 2              # most of it is back with the OS

@@ -1,7 +1,9 @@
 """The compiled core against the plain-Python reference model (hypothesis).
 
 Random subscribe / unsubscribe / disconnect / publish / replay sequences must
-give the same recipients, seqs, queued bytes and replay results. The bytes are
+give the same recipients, seqs, queued bytes and replay results, whichever
+form (sorted array or bitset) each recipient set is in; and the core's set
+memory returns to zero whenever nobody is subscribed. The bytes are
 checked as they arrive on real sockets (socketpairs) after ``flush()``, with
 one flush thread and with three (``parallel_min=1``, so every flush uses all
 of them).
@@ -120,6 +122,16 @@ class CoreVsModel(RuleBasedStateMachine):
             except BlockingIOError:
                 return bytes(out)
             out += chunk
+
+    @invariant()
+    def memory_follows_subscriptions(self) -> None:
+        # CAPACITY 70: two bitset words, so a set turns dense above 4 members
+        # and back at 2; resubscribe_all pushes sets across both ways.
+        words = (CAPACITY + 63) // 64
+        held = self.core.pattern_count + self.core.route_count
+        assert self.core.set_bytes <= held * words * 8
+        if not any(self.core.subscriptions(s) for s in self.slots):
+            assert (self.core.pattern_count, self.core.route_count, self.core.set_bytes) == (0, 0, 0)
 
     @invariant()
     def same_seqs_and_bytes(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 
@@ -105,3 +106,41 @@ async def test_logs_are_json_lines(node):
         assert line["level"] in ("debug", "info", "warning", "error", "critical"), raw
     msgs = [json.loads(raw)["msg"] for raw in node.raw]
     assert msgs[0] == "fanout listening" and msgs[-1] == "stopped"
+
+
+async def test_store_gauges_follow_clients_and_return_to_zero(node):
+    # Issue 19: every store that grows with clients or subjects is a gauge, and
+    # per-client state goes back to zero when the clients leave.
+    base_tasks = node.metric("fanout_asyncio_tasks")
+    async with connect(node) as a, connect(node) as b:
+        await a.subscribe("odin.token.store.x")
+        await b.subscribe("odin.token.store.*")
+        node.publish("odin.token.store.x", "m")
+        await a.messages(1)
+        await b.messages(1)
+        assert node.metric("fanout_store_patterns") == 2
+        assert node.metric("fanout_store_routes") == 1
+        assert node.metric("fanout_store_recipient_set_bytes") > 0
+        assert node.metric("fanout_store_sessions") == 2
+        assert node.metric("fanout_store_history_messages") == 1
+        assert node.metric("fanout_store_snapshot_subjects") == 1
+        assert node.metric("fanout_store_messages") == 1      # one message, in both clients' rings
+    for _ in range(200):                                     # closes finish asynchronously (bounded wait)
+        if node.metric("fanout_store_sessions") == 0:
+            break
+        await asyncio.sleep(0.05)
+    for name in ("fanout_store_sessions", "fanout_store_patterns", "fanout_store_routes",
+                 "fanout_store_recipient_set_bytes", "fanout_store_messages", "fanout_store_queued_bytes",
+                 "fanout_store_catchups", "fanout_store_throttled_clients"):
+        assert node.metric(name) == 0, name
+    assert node.metric("fanout_asyncio_tasks") == base_tasks
+    status, _, _ = node.http("GET", "/debug/tracemalloc")
+    assert status == 404                                     # off unless FANOUT_TRACEMALLOC=1
+
+
+def test_tracemalloc_endpoint_lists_growth_by_line(node_factory):
+    n = node_factory(FANOUT_TRACEMALLOC="1")
+    status, _, body = n.http("GET", "/debug/tracemalloc?reset=1")
+    report = json.loads(body)
+    assert status == 200 and report["tracing"] is True and report["traced_bytes"] > 0
+    assert all({"where", "size_diff", "count_diff"} <= set(row) for row in report["top"])

@@ -492,3 +492,37 @@ async def test_resume_before_anything_was_dispatched_asks_the_broker_up_to_its_s
     assert r.complete is True
     assert broker.calls == [(90, 100)]
     assert [f["stream_seq"] for f in frames(p.read())] == list(range(91, 101))
+
+
+async def test_store_gauges_return_to_zero_and_the_heap_is_trimmed_after_clients_leave():
+    import asyncio
+    import gc
+
+    from fanout.hub import TRIM_INTERVAL
+    gc.collect()        # messages_held counts every core in the process: earlier tests' hubs must be gone
+    clock = FakeClock()
+    h = Hub(make_cfg(), Metrics(), clock)
+    h.bind(asyncio.get_running_loop(), None)
+    slots = [h.attach(RecPeer(), 0) for _ in range(5)]
+    for i, s in enumerate(slots):
+        h.subscribe(s, [CH, f"odin.token.t{i}.*"])
+    for i in range(20):
+        h.dispatch(msg(i + 1))
+    h.publish_pending()
+    sizes = h.store_sizes()
+    assert sizes["patterns"] == 6 and sizes["routes"] >= 1 and sizes["messages_held"] > 0
+    assert sizes["history_messages"] == 20 and sizes["history_bytes"] > 0
+    assert not h.trim_tick(clock())                    # nobody left yet
+    for s in slots:
+        h.detach(s)
+    sizes = h.store_sizes()
+    assert {k: sizes[k] for k in ("patterns", "routes", "set_bytes", "messages_held", "queued_bytes",
+                                  "catchups", "throttled", "watched", "buffer_bytes")} == dict.fromkeys(
+        ("patterns", "routes", "set_bytes", "messages_held", "queued_bytes", "catchups", "throttled", "watched",
+         "buffer_bytes"), 0)
+    assert h.trim_tick(clock())
+    s = h.attach(RecPeer(), 0)
+    h.detach(s)
+    assert not h.trim_tick(clock())                    # at most every TRIM_INTERVAL
+    clock.advance(TRIM_INTERVAL)
+    assert h.trim_tick(clock())

@@ -19,7 +19,7 @@ from fanout.protocol import (
     message_tail,
     parse_request,
 )
-from fanout.subjects import subject_error, valid_pattern, valid_subject
+from fanout.subjects import overlaps, subject_error, valid_pattern, valid_subject
 
 
 def bad(frame: str | bytes) -> RequestError:
@@ -148,3 +148,25 @@ def test_message_tail_of_a_normal_subject_is_unchanged():
 def test_message_tail_escapes_any_subject_into_valid_json(subject):
     msg = frame_of(message_tail(subject, 5, 6, b"[1]"))
     assert msg == {"seq": 1, "type": "message", "channel": subject, "stream_seq": 5, "ts": 6, "data": [1]}
+
+
+def test_subscribe_and_resume_take_delta():
+    assert parse_request('{"type":"subscribe","channels":["a.b"]}').delta is None
+    req = parse_request('{"type":"subscribe","channels":["a.b"],"delta":"fossil"}')
+    assert isinstance(req, Subscribe) and req.delta == "fossil"
+    res = parse_request('{"type":"resume","channels":["a.b"],"after":3,"delta":"fossil"}')
+    assert isinstance(res, Resume) and res.delta == "fossil" and res.after == 3
+    # Another format name is accepted (and gets full messages); a non-string is refused.
+    assert parse_request('{"type":"subscribe","channels":["a.b"],"delta":"xdelta"}').delta == "xdelta"
+    with pytest.raises(RequestError) as exc:
+        parse_request('{"type":"subscribe","channels":["a.b"],"delta":true}')
+    assert exc.value.code is ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.parametrize(("a", "b", "both"), [
+    (">", "odin.token.x.update", True), ("odin.token.*.update", "odin.token.x.update", True),
+    ("odin.token.*.update", "odin.global.>", False), ("odin.*.x", "odin.token.*", True),
+    ("a.b", "a.b.c", False), ("a.>", "a", False), ("a.*", "a.>", True), ("*.b", "a.*", True),
+])
+def test_patterns_overlap(a, b, both):
+    assert overlaps(a, b) is both and overlaps(b, a) is both

@@ -1,15 +1,18 @@
 /**
- * The fanout client (PROTOCOL.md 1.1): one WebSocket, reference-counted
- * subscriptions, ordered exactly-once delivery across gaps and reconnects.
+ * The fanout client (PROTOCOL.md 1.2): one WebSocket, reference-counted
+ * subscriptions, ordered exactly-once delivery across gaps and reconnects,
+ * delta messages applied (on by default; README "Delta messages").
  *
  * Limits: at most `maxHeld` messages wait behind an unanswered seq gap (then
  * the connection is replaced and resumed); the latest message of at most
  * `maxLatest` subjects is cached for snapshots; an async iterator buffers at
- * most `maxQueue` messages (the oldest are dropped and counted). Browsers
+ * most `maxQueue` messages (the oldest are dropped and counted); delta bases
+ * are kept for at most MAX_BASES (2048) subjects per connection. Browsers
  * cannot read a refused handshake's status, so a 401 looks like a failed
  * connection: give `getToken` so each retry after a failed open gets a fresh
  * token.
  */
+import { applyDelta } from './fossil.js';
 import { share } from './shared.js';
 import { type DataMessage, Tracker, subjectMatches } from './tracker.js';
 
@@ -118,6 +121,12 @@ export interface ClientOptions {
   maxHeld?: number;
   maxLatest?: number;
   maxQueue?: number;
+  /**
+   * Ask for delta messages (PROTOCOL.md 1.2 `delta: "fossil"`) on every
+   * subscription: default true; false: full messages only. Listeners get full
+   * `data` either way.
+   */
+  delta?: boolean;
   network?: NetworkMonitor;
   logger?: Pick<Console, 'info' | 'warn' | 'error'>;
   /**
@@ -139,7 +148,13 @@ const DEFAULTS = {
   maxHeld: 10000,
   maxLatest: 1000,
   maxQueue: 10000,
+  delta: true,
 };
+/** Delta bases kept per connection: the last payload of at most this many subjects (least recently updated dropped). */
+const MAX_BASES = 2048;
+
+const enc = new TextEncoder();
+const dec = new TextDecoder('utf-8', { fatal: true });
 
 type Listener = (...args: never[]) => void;
 type Frame = Record<string, unknown> & { type?: string; id?: number };
@@ -333,6 +348,9 @@ export class FanoutClient extends Emitter<ClientEvents> {
   reconnects = 0;
   /** The newest message per subject (snapshots for later subscribers; bounded by `maxLatest`). */
   readonly latest = new Map<string, DataMessage>();
+  /** Delta messages applied, and those that could not be (each fetched again: never shown). */
+  deltas = 0;
+  deltaFailures = 0;
 
   private url = '';
   private token: string | null;
@@ -354,6 +372,12 @@ export class FanoutClient extends Emitter<ClientEvents> {
   private timers: Record<'reconnect' | 'heartbeat' | 'deadline' | 'hint' | 'refresh', ReturnType<typeof setTimeout> | undefined> =
     { reconnect: undefined, heartbeat: undefined, deadline: undefined, hint: undefined, refresh: undefined };
   private offOnline: (() => void) | null = null;
+  /** Delta state of this connection: the last payload per subject (a full frame's text, or bytes), the frames' text. */
+  private bases = new Map<string, string | Uint8Array>();
+  private raws = new WeakMap<DataMessage, string>();
+  private dOn = false;
+  /** The last delta that could not be applied (its seq): its replay was asked for. */
+  private stuck = 0;
 
   constructor(options: ClientOptions = {}) {
     super();
@@ -361,6 +385,7 @@ export class FanoutClient extends Emitter<ClientEvents> {
     this.logger = options.logger;
     this.token = options.token ?? null;
     this.needToken = !this.token && !!options.getToken;
+    this.tracker.decode = (m) => this.decode(m);
   }
 
   get channels(): string[] { return [...this.refs.keys()]; }
@@ -554,6 +579,8 @@ export class FanoutClient extends Emitter<ClientEvents> {
     this.ws = ws;
     let opened = false;
     this.tracker.newConnection();
+    this.bases.clear();
+    this.stuck = 0;
     ws.onopen = () => {
       if (ws !== this.ws) return;
       opened = true;
@@ -709,16 +736,17 @@ export class FanoutClient extends Emitter<ClientEvents> {
   }
 
   private request(ws: WebSocketLike, obj: Frame, reply: string, extra: Partial<Request> = {}): Promise<Frame> {
+    const sub = obj.type === 'subscribe' || obj.type === 'resume';
     return new Promise((resolve, reject) => {
       const id = ++this.ids;
       const timer = setTimeout(() => {
         this.pending.delete(id);
         reject(new Error(`fanout: no ${reply} within ${this.options.requestTimeout} ms`));
-        if (obj.type === 'subscribe' || obj.type === 'resume') this.drop(ws, `${obj.type} timeout`);
+        if (sub) this.drop(ws, `${obj.type} timeout`);
       }, this.options.requestTimeout);
       this.pending.set(id, { reply, resolve, reject, timer, errors: [], messages: [], ...extra });
       try {
-        ws.send(JSON.stringify({ ...obj, id }));
+        ws.send(JSON.stringify({ ...obj, id, ...(sub && this.options.delta ? { delta: 'fossil' } : {}) }));
       } catch (err) {
         this.pending.delete(id);
         clearTimeout(timer);
@@ -731,8 +759,9 @@ export class FanoutClient extends Emitter<ClientEvents> {
   private onRaw(ws: WebSocketLike, raw: unknown): void {
     clearTimeout(this.timers.deadline);
     let msg: Frame;
+    const text = String(raw);
     try {
-      msg = JSON.parse(String(raw));
+      msg = JSON.parse(text);
     } catch {
       return this.log('warn', 'fanout: frame is not JSON');
     }
@@ -741,7 +770,11 @@ export class FanoutClient extends Emitter<ClientEvents> {
     const req = typeof msg.id === 'number' ? this.pending.get(msg.id) : undefined;
     switch (type) {
       case 'message':
+        if (this.dOn && msg.data !== undefined) this.raws.set(msg as unknown as DataMessage, text);
         return this.onData(ws, msg as unknown as DataMessage);
+      case 'unsubscribed':
+        this.bases.clear();     // the node's bases too: the next message of every subject is full
+        break;
       case 'error': {
         const err = msg as unknown as ErrorInfo;
         if (req && err.channel !== undefined) {
@@ -754,6 +787,7 @@ export class FanoutClient extends Emitter<ClientEvents> {
       }
       case 'subscribed':
       case 'resumed': {
+        if (msg.delta) this.dOn = true;
         const changed = this.onSubscribed(msg, req);
         if (type === 'resumed') {
           const info = msg as unknown as ResumeInfo;
@@ -764,7 +798,7 @@ export class FanoutClient extends Emitter<ClientEvents> {
         break;
       }
       case 'replay_done':
-        this.onReplayDone(msg, req);
+        this.onReplayDone(ws, msg, req);
         break;
       case 'throttle_update':
         this.throttle = msg as unknown as ThrottleInfo;
@@ -872,10 +906,7 @@ export class FanoutClient extends Emitter<ClientEvents> {
     const { deliver, gap } = tr.onMessage(msg);
     if (gap) {
       this.log('info', `fanout: seq gap ${gap[0]}..${gap[1]}: replaying`);
-      const id = ++this.ids;
-      const timer = setTimeout(() => this.pending.delete(id), this.options.requestTimeout);
-      this.pending.set(id, { reply: 'replay_done', auto: true, span: gap, errors: [], messages: [], timer, resolve() {}, reject() {} });
-      try { ws.send(JSON.stringify({ type: 'replay', from_seq: gap[0], to_seq: gap[1], id })); } catch { /* close follows */ }
+      this.ask(ws, gap);
     }
     this.deliver(deliver, []);
     if (tr.held.size > this.options.maxHeld) {
@@ -884,11 +915,60 @@ export class FanoutClient extends Emitter<ClientEvents> {
     }
   }
 
-  private onReplayDone(msg: Frame, req: Request | undefined): void {
+  /** An automatic `replay` (a seq gap, a delta to fetch again), answered by `replay_done`. */
+  private ask(ws: WebSocketLike, span: [number, number]): void {
+    const id = ++this.ids;
+    const timer = setTimeout(() => this.pending.delete(id), this.options.requestTimeout);
+    this.pending.set(id, { reply: 'replay_done', auto: true, span, errors: [], messages: [], timer, resolve() {}, reject() {} });
+    try { ws.send(JSON.stringify({ type: 'replay', from_seq: span[0], to_seq: span[1], id })); } catch { /* close follows */ }
+  }
+
+  /**
+   * In seq order (PROTOCOL.md 1.2): a full message's payload becomes its
+   * subject's base; a delta is applied to the base and checked (checksum, then
+   * JSON), or the message is not delivered: false, and the drain waits for its copy.
+   */
+  private decode(m: DataMessage & { delta?: string }): boolean {
+    const { channel, delta } = m;
+    const b = this.bases;
+    let base = b.get(channel);
+    let keep: string | Uint8Array | undefined = this.raws.get(m);
+    b.delete(channel);
+    if (delta !== undefined) {
+      try {
+        if (typeof base === 'string') base = enc.encode(base.slice(base.indexOf(',"data":') + 8, -1));
+        keep = applyDelta(base!, enc.encode(delta));
+        m.data = JSON.parse(dec.decode(keep));
+        delete m.delta;
+        this.deltas++;
+      } catch (err) {
+        this.deltaFailures++;
+        this.log('warn', `fanout: delta ${m.seq} not applied: ${err}`);
+        // PROTOCOL.md 1.2: fetch it again (a replay is full); what follows waits. The same one failing twice: resume anew.
+        const s = m.seq;
+        if (s === this.stuck) this.drop(this.ws!, 'delta not applied');
+        else this.ask(this.ws!, [(this.stuck = s), s]);
+        return false;
+      }
+    }
+    if (keep) {
+      b.set(channel, keep);
+      if (b.size > MAX_BASES) b.delete(b.keys().next().value!);
+    }
+    return true;
+  }
+
+  private onReplayDone(ws: WebSocketLike, msg: Frame, req: Request | undefined): void {
     const a = msg.from_seq;
     const b = msg.to_seq;
     if (!Number.isInteger(a) || !Number.isInteger(b)) return;
     if (req?.auto) this.settle(msg.id!, req, msg, null);
+    const tr = this.tracker;
+    const s = this.stuck;
+    if (s === tr.expected && (a as number) <= s && s <= (b as number)) {
+      // The node cannot replay the delta that failed: resume on a new connection from the last stream_seq delivered.
+      return this.drop(ws, 'delta not replayed');
+    }
     const { deliver, lost } = this.tracker.onReplayDone(a as number, b as number);
     for (const [first, last] of lost) {
       this.log('warn', `fanout: seqs ${first}..${last} could not be replayed`);

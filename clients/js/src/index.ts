@@ -1,5 +1,5 @@
 /**
- * @fanout/client: the browser/Node.js client of a fanout node (PROTOCOL.md 1.1).
+ * @fanout/client: the browser/Node.js client of a fanout node (PROTOCOL.md 1.2).
  *
  *   import { connect } from '@fanout/client';
  *   const client = connect('wss://ws.example.com/ws', { getToken });

@@ -64,7 +64,7 @@ export class Tunnel implements WebSocketLike {
 }
 
 const HUB_OPTIONS = ['minReconnectDelay', 'maxReconnectDelay', 'heartbeatInterval', 'heartbeatTimeout',
-  'requestTimeout', 'maxHeld', 'maxLatest'] as const;
+  'requestTimeout', 'maxHeld', 'maxLatest', 'delta'] as const;
 
 /**
  * Called by FanoutClient.connect(): make `o` share this browser's connection

@@ -36,6 +36,12 @@ export class Tracker {
   held = new Map<number, DataMessage>();
   /** [first, last] seq ranges known lost on this connection. */
   lost: Array<[number, number]> = [];
+  /**
+   * Set by the client (PROTOCOL.md 1.2): makes a delta message full when it
+   * is next in seq order; false when it cannot, and then the drain stops
+   * there, without it, until its replayed (full) copy comes.
+   */
+  decode?: (msg: DataMessage) => boolean;
 
   /** Forget per-connection state; held messages are dropped (the resume brings them again). */
   newConnection(): void {
@@ -97,6 +103,7 @@ export class Tracker {
       const msg = this.held.get(this.expected);
       if (msg !== undefined) {
         this.held.delete(this.expected);
+        if (this.decode && !this.decode(msg)) return out;
         this.expected += 1;
         if (this.fresh(msg)) out.push(msg);
         continue;

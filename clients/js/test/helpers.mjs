@@ -41,9 +41,24 @@ export async function startNode(env = {}) {
     log,
     /** POST a payload to the embedded bus; resolves with its stream_seq. */
     async publish(subject, payload) {
-      const res = await fetch(`${ops}/publish/${subject}`, { method: 'POST', body: JSON.stringify(payload) });
+      return this.publishText(subject, JSON.stringify(payload));
+    },
+    /** POST these exact payload bytes (a string: its UTF-8); resolves with the stream_seq. */
+    async publishText(subject, text) {
+      const res = await fetch(`${ops}/publish/${subject}`, { method: 'POST', body: text });
       if (res.status !== 202) throw new Error(`publish: HTTP ${res.status}`);
       return (await res.json()).stream_seq;
+    },
+    /** One line of the node's /metrics (the sum of the series that match `name` and `labels`). */
+    async metric(name, labels = '') {
+      const text = await (await fetch(`${ops}/metrics`)).text();
+      let sum = 0;
+      for (const line of text.split('\n')) {
+        if (line.startsWith(`${name}{`) || line.startsWith(`${name} `)) {
+          if (!labels || line.includes(labels)) sum += Number(line.slice(line.lastIndexOf(' ') + 1));
+        }
+      }
+      return sum;
     },
     stop() {
       return new Promise((resolve) => {
@@ -66,4 +81,39 @@ export function next(emitter, type, pred = () => true, ms = 10000) {
       resolve(arg);
     });
   });
+}
+
+/** A seeded PRNG (mulberry32): the same cases every run. */
+export function rng(seed) {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * The plan's token updates as JSON text (like tests/helpers/delta_check.py's token_stream):
+ * about 25 fields, about 700 bytes, with non-ASCII text; each update changes about ten numeric fields.
+ */
+export function tokenStream(n, tok = 0, random = rng(tok + 1)) {
+  const obj = {
+    id: `tok${tok}`, symbol: `SYM${tok}`, name: `Token number ${tok} of the odin market — ünïcödé ✓ 🚀`,
+    price: 1.2345, price_usd: 12.5, market_cap: 12345678, volume_24h: 345678, change_1h: 0.5,
+    change_24h: -3.25, holders: 1234, trades: 56789, liquidity: 2345678, supply: 1e9, decimals: 8,
+    creator: `bc1q${'x'.repeat(38)}`, created_at: 1764284630123, image: `https://cdn.odin.fun/t/${tok}.png`,
+    website: 'https://example.org', twitter: '@odin', telegram: 't.me/odin', btc_liquidity: 123456,
+    token_liquidity: 9876543, last_trade_ts: 1764284630000, bonded: false, verified: true,
+  };
+  const nums = Object.keys(obj).filter((k) => typeof obj[k] === 'number' && !['supply', 'decimals', 'created_at'].includes(k));
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    for (let j = 0; j < 10; j++) {
+      const k = nums[Math.floor(random() * nums.length)];
+      obj[k] = Number.isInteger(obj[k]) ? obj[k] + 1 + Math.floor(random() * 998) : Math.round(obj[k] * (0.95 + random() / 10) * 1e6) / 1e6;
+    }
+    out.push(JSON.stringify(obj));
+  }
+  return out;
 }

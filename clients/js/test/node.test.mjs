@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { connect } from '../dist/index.js';
-import { WebSocket, next, startNode } from './helpers.mjs';
+import { WebSocket, next, startNode, tokenStream } from './helpers.mjs';
 
 const CH = 'odin.token.abc.update';
 const unhandled = [];
@@ -58,4 +58,47 @@ test('disconnect() during a pending subscribe resolves ready with closed, reject
   await assert.rejects(client.heartbeat(), /not connected/);
   const it = sub[Symbol.asyncIterator]();
   assert.deepEqual(await it.next(), { value: undefined, done: true });
+});
+
+/** Publish the streams interleaved (a, b, a, b, ...); resolves when the client delivered them all. */
+async function deltaRun(client, subjects, n) {
+  const streams = subjects.map((_, t) => tokenStream(n, t));
+  const got = new Map(subjects.map((s) => [s, []]));
+  const sub = client.subscribe('odin.token.*.update');
+  assert.deepEqual((await sub.ready).channels, ['odin.token.*.update']);
+  sub.on('message', (msg) => got.get(msg.channel).push(JSON.stringify(msg.data)));
+  const done = next(sub, 'message', () => [...got.values()].every((g) => g.length === n), 20000);
+  for (let i = 0; i < n; i++) for (const [t, s] of subjects.entries()) await node.publishText(s, streams[t][i]);
+  await done;
+  return { streams, got };
+}
+
+test('deltas (on by default): every payload rebuilt exactly, most messages came as deltas', async () => {
+  const subjects = ['odin.token.d1.update', 'odin.token.d2.update'];
+  const before = await node.metric('fanout_sent_frames_total', 'kind="delta"');
+  const client = connect(node.wsUrl, { WebSocket });
+  try {
+    const { streams, got } = await deltaRun(client, subjects, 150);
+    // JSON.stringify of JSON that JSON.stringify wrote gives the same text: byte for byte.
+    subjects.forEach((s, t) => assert.deepEqual(got.get(s), streams[t]));
+    assert.equal(client.deltaFailures, 0);
+    assert.equal(client.deltas, 2 * 149, 'all but each subject\'s first came as deltas');
+    assert.equal(await node.metric('fanout_sent_frames_total', 'kind="delta"') - before, client.deltas);
+  } finally {
+    client.disconnect();
+  }
+});
+
+test('delta: false asks for none: full messages only', async () => {
+  const subjects = ['odin.token.f1.update'];
+  const before = await node.metric('fanout_sent_frames_total', 'kind="delta"');
+  const client = connect(node.wsUrl, { WebSocket, delta: false });
+  try {
+    const { streams, got } = await deltaRun(client, subjects, 20);
+    assert.deepEqual(got.get(subjects[0]), streams[0]);
+    assert.equal(client.deltas, 0);
+    assert.equal(await node.metric('fanout_sent_frames_total', 'kind="delta"'), before);
+  } finally {
+    client.disconnect();
+  }
 });

@@ -36,6 +36,18 @@ describe('Tracker', () => {
     assert.equal(t.position, 7);
   });
 
+  test('decode (deltas): a message it cannot apply stops the drain there until its copy comes', () => {
+    const t = new Tracker();
+    const bad = new Set([2]);
+    t.decode = (msg) => !bad.has(msg.seq) || msg.full === true;
+    assert.deepEqual(t.onMessage(m(1, 1)).deliver.map((x) => x.seq), [1]);
+    assert.deepEqual(t.onMessage(m(2, 2)).deliver, []);          // not applied: not delivered
+    assert.deepEqual(t.onMessage(m(3, 3)).deliver, []);          // held behind it
+    assert.equal(t.expected, 2);
+    assert.deepEqual(t.onMessage(m(2, 2, { full: true })).deliver.map((x) => x.seq), [2, 3]);   // the replayed copy
+    assert.equal(t.position, 3);
+  });
+
   test('a new epoch voids the position', () => {
     const t = new Tracker();
     assert.equal(t.setEpoch('e1'), false);

@@ -3,17 +3,39 @@
 // Chromium (a WebSocket back to the test). Commands in, the client's events out,
 // as JSON objects. Options come as strings (a query string or --flags).
 
+/** Change one literal byte of a Fossil delta, keeping its length: only the checksum can tell. */
+export function corruptDelta(delta) {
+  const i = delta.indexOf(':', delta.indexOf('\n')) + 1;
+  return delta.slice(0, i) + (delta[i] !== '1' ? '1' : '2') + delta.slice(i + 1);
+}
+
 /**
- * A WebSocket class that loses the first (live) copy of the data messages whose
- * seq is in `drop`, injected through the client's `WebSocket` option: a seq gap.
+ * A WebSocket class injected through the client's `WebSocket` option. It loses
+ * the first (live) copy of the data messages whose seq is in `drop` (a seq
+ * gap); for each seq in `corrupt`, it corrupts the delta of the first delta
+ * message at or after it (a checksum mismatch), and with `dropCopy` it also
+ * loses that message's second copy (the replay), so the replay cannot serve it.
  */
-export function faultyWebSocket(Base, drop) {
+export function faultyWebSocket(Base, drop, corrupt = new Set(), dropCopy = false) {
+  const copies = new Map();        // seq of a corrupted message -> copies seen
   return class FaultyWebSocket extends Base {
     set onmessage(fn) {
       super.onmessage = fn && ((ev) => {
-        if (drop.size && typeof ev.data === 'string') {
+        if ((drop.size || corrupt.size || copies.size) && typeof ev.data === 'string') {
           const msg = JSON.parse(ev.data);
           if (msg.type === 'message' && drop.delete(msg.seq)) return;
+          const at = [...corrupt].find((s) => s <= msg.seq);
+          if (msg.type === 'message' && msg.delta !== undefined && at !== undefined && !copies.has(msg.seq)) {
+            corrupt.delete(at);
+            copies.set(msg.seq, 1);
+            msg.delta = corruptDelta(msg.delta);
+            return fn({ data: JSON.stringify(msg) });
+          }
+          if (msg.type === 'message' && copies.has(msg.seq)) {
+            const n = copies.get(msg.seq) + 1;
+            copies.set(msg.seq, n);
+            if (n === 2 && dropCopy) return;
+          }
         }
         fn(ev);
       });
@@ -40,9 +62,11 @@ export function clientOptions(opts, WebSocket, network) {
   const tokens = opts.tokens ? opts.tokens.split(',') : null;
   let next = 0;
   // shared=1: the client's default, one connection per browser (a given WebSocket class turns it off).
-  const shared = opts.shared === '1' && !opts.drop;
+  const shared = opts.shared === '1' && !opts.drop && !opts.corrupt;
+  const seqs = (list) => new Set((list || '').split(',').filter(Boolean).map(Number));
   return {
-    WebSocket: shared ? undefined : faultyWebSocket(WebSocket, new Set((opts.drop || '').split(',').filter(Boolean).map(Number))),
+    WebSocket: shared ? undefined : faultyWebSocket(WebSocket, seqs(opts.drop), seqs(opts.corrupt), opts['drop-copy'] === '1'),
+    delta: opts.delta !== '0',
     shared: opts.worker || undefined,       // where fanout-worker.js is (default: next to the client)
     network,
     token: opts.token || undefined,
@@ -58,9 +82,23 @@ export function clientOptions(opts, WebSocket, network) {
 
 const brief = (m) => ({ seq: m.seq, stream_seq: m.stream_seq, channel: m.channel, data: m.data, snapshot: !!m.snapshot });
 
+/**
+ * The payload bytes the client holds for `channel` as its delta base (base64),
+ * when its internals are readable (dist/index.js, not the minified bundle):
+ * right after a message is delivered, they are that message's payload.
+ */
+function baseOf(client, channel) {
+  const b = client.bases?.get(channel);
+  if (b === undefined) return undefined;
+  const bytes = typeof b === 'string' ? new TextEncoder().encode(b.slice(b.indexOf(',"data":') + 8, -1)) : b;
+  let bin = '';
+  for (const x of bytes) bin += String.fromCharCode(x);
+  return btoa(bin);
+}
+
 /** Report the client's events through `out`; returns `handle(cmd)` for the commands. */
-export function drive(client, out, network) {
-  client.on('message', (msg) => out({ ev: 'message', ...brief(msg) }));
+export function drive(client, out, network, opts = {}) {
+  client.on('message', (msg) => out({ ev: 'message', ...brief(msg), ...(opts.bytes ? { b64: baseOf(client, msg.channel) } : {}) }));
   for (const type of ['connected', 'disconnected', 'resumed', 'reset', 'missing', 'throttle_update', 'error', 'reconnect', 'refreshed', 'state']) {
     client.on(type, (arg) => out({ ev: type, ...(typeof arg === 'object' ? arg : { value: arg }) }));
   }
@@ -110,7 +148,7 @@ export function drive(client, out, network) {
       return {
         channels: client.channels, lastStreamSeq: client.lastStreamSeq, epoch: client.epoch, reconnects: client.reconnects,
         missing: client.missing, throttle: client.throttle, duplicates: client.tracker.duplicates, connected: client.connected,
-        state: client.state,
+        state: client.state, deltas: client.deltas, deltaFailures: client.deltaFailures,
       };
     },
     async exit() { client.disconnect(); return {}; },

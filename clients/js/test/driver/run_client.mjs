@@ -3,6 +3,7 @@
 //   node run_client.mjs <ws-url> [--drop=3,7] [--reconnect-min=MS] [--reconnect-max=MS]
 //                       [--heartbeat-interval=MS] [--heartbeat-timeout=MS] [--token=JWT]
 //                       [--tokens=A,B,...] [--refresh-before=MS] [--ws=global|ws]
+//                       [--corrupt=5,9] [--drop-copy=1] [--delta=0] [--bytes=1]
 //
 // Commands come on stdin, one JSON object a line ({"cmd": "subscribe", "channels": [...]},
 // see driver.mjs); everything the client reports goes to stdout, one JSON object a line.
@@ -26,7 +27,7 @@ if (opts.ws === 'ws' || typeof Base !== 'function') {
 }
 const network = switchableNetwork();
 const client = new FanoutClient(clientOptions(opts, Base, network));
-const handle = drive(client, out, network);
+const handle = drive(client, out, network, { bytes: opts.bytes === '1' });
 
 createInterface({ input: process.stdin })
   .on('line', (line) => { if (line.trim()) handle(JSON.parse(line)); })
