@@ -178,11 +178,18 @@ async def _throttled(node: NodeProcess) -> None:
     try:
         raw.send_text({"type": "subscribe", "channels": [SLOW_SUBJECT]})
         assert (await raw.read_json())["type"] == "subscribed"
-        for i in range(MAX_PUBLISHES):          # bounded
+        # Levels move on evidence over time (WS_THROTTLE_RAISE_SECONDS, 1 s), not on a
+        # count of messages: keep the stream going, paced, until the raise shows.
+        deadline = time.monotonic() + 20
+        for i in range(5 * MAX_PUBLISHES):      # bounded in count and time
+            if time.monotonic() > deadline:
+                break
             await asyncio.to_thread(node.publish, SLOW_SUBJECT, {"i": i, "pad": "x" * 1000})
-            if i % 10 == 9 and await asyncio.to_thread(
-                    node.metric, "ws_throttle_transitions_total", 'from_level="0",to_level="1"'):
-                return
+            if i % 10 == 9:
+                if await asyncio.to_thread(
+                        node.metric, "ws_throttle_transitions_total", 'from_level="0",to_level="1"'):
+                    return
+                await asyncio.sleep(0.05)       # pacing the load (~200 msg/s), not synchronisation
         raise AssertionError("the reader that stopped was never throttled")
     finally:
         raw.close()
