@@ -104,7 +104,7 @@ def test_throttle_drops_take_no_seq_and_critical_always_passes():
 
 def test_slow_client_marked_after_the_grace_time_and_gets_no_more_data():
     # Throttling off: over the limit and not shrinking for grace_seconds (here on a fixed clock).
-    core = Core(4, queue_limit=1000, slow_strikes=3, grace_seconds=2.0, hard_limit=100_000)
+    core = Core(4, queue_limit=1000, grace_seconds=2.0, hard_limit=100_000)
     core.set_clock(10.0)
     slow, ok = core.add_client(-1), core.add_client(-1)
     core.subscribe(slow, "a.b")

@@ -148,7 +148,7 @@ def test_a_reader_whose_stream_went_quiet_is_judged_by_the_periodic_tick():
 
 
 def test_few_messages_need_slow_strikes_besides_the_time():
-    core = clocked(slow_strikes=3)
+    core = clocked()    # the default slow_strikes (3)
     s = core.add_client(-1)
     core.subscribe(s, "a.b")
     core.publish("a.b", tail("a.b", 0, 9000), 3)     # over the limit at once

@@ -199,12 +199,12 @@ def _jsonschema():
 
 
 def _checkov() -> str:
-    for candidate in (os.environ.get("FANOUT_CHECKOV"), str(ROOT / ".venv-checkov" / "bin" / "checkov"),
+    for candidate in (os.environ.get("CHECKOV"), str(ROOT / ".venv-checkov" / "bin" / "checkov"),
                       shutil.which("checkov")):
         if candidate and Path(candidate).is_file():
             return candidate
     pytest.skip("checkov not installed (pip extra `checkov`, in a venv of its own: .ci/run makes .venv-checkov; "
-                "or set FANOUT_CHECKOV)")
+                "or set CHECKOV)")
 
 
 # ------------------------------------------------------- schema validation

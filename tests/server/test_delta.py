@@ -133,7 +133,7 @@ async def test_snapshot_then_live(node):
 
 
 async def test_throttled_reader_with_drops_on_conflated_and_plain_channels(node_factory):
-    node = node_factory(WS_CLIENT_QUEUE_BYTES=16384, WS_SOCKET_SNDBUF=4096, WS_SLOW_CLIENT_STRIKES=3,
+    node = node_factory(WS_CLIENT_QUEUE_BYTES=16384, WS_SOCKET_SNDBUF=4096,
                         WS_CONFLATE_CHANNELS=UPD.format("*"), WS_CPU_THROTTLE_THRESHOLD=0)
     conflated, plain, end = UPD.format("cf"), "odin.token.cf.comment", "odin.token.cf.trade"
     rng = random.Random(11)
