@@ -37,9 +37,7 @@ import json
 import multiprocessing as mp
 import os
 import random
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +47,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from .peers.launch import Peer, free_port
 from .wsclient import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
     OP_TEXT,
     HandshakeError,
     Url,
@@ -60,47 +62,23 @@ from .wsclient import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 
 
 # --------------------------------------------------------------------- node
-@dataclass
-class Node:
-    tree: Path
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-    ws_port: int = 0
-    ops_port: int = 0
-    log: str = ""
+class Node(Peer):
+    """A fanout node run from ``tree`` (this checkout, or an older one for the
+    same-run baseline), started and stopped as every benchmark peer is."""
 
-    def start(self, timeout: float = 30.0) -> None:
-        self.ws_port, self.ops_port = _free_port(), _free_port()
-        env = {**os.environ, "PYTHONPATH": str(self.tree), "WS_HOST": "127.0.0.1", "WS_PORT": str(self.ws_port),
-               "HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(self.ops_port), "LOG_LEVEL": "warning", **self.env}
-        log = tempfile.NamedTemporaryFile(prefix="churn-node-", suffix=".log", delete=False)
-        self.log = log.name
-        self.proc = subprocess.Popen([sys.executable, "-m", "fanout", "serve"], cwd=self.tree, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited: {Path(self.log).read_text()[-1500:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("node not ready")
+    def __init__(self, tree: Path, env: dict[str, str]) -> None:
+        self.ws_port, self.ops_port = free_port(), free_port()
+        super().__init__(
+            name="churn-node", cmd=[sys.executable, "-m", "fanout", "serve"], cwd=tree,
+            ready_url=f"http://127.0.0.1:{self.ops_port}/ready",
+            env={"PYTHONPATH": str(tree), "WS_HOST": "127.0.0.1", "WS_PORT": str(self.ws_port),
+                 "HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(self.ops_port), "LOG_LEVEL": "warning", **env})
 
     def cpu(self) -> float:
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return self.cpu_seconds()
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -116,21 +94,6 @@ class Node:
         except OSError:
             pass
         return out
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ clients

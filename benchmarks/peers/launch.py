@@ -42,6 +42,7 @@ class Peer:
     ready_url: str = ""
     cmd: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = REPO        # the tree it runs from (an older checkout for A/B runs)
     proc: subprocess.Popen[bytes] | None = None
     log_path: str = ""
 
@@ -49,7 +50,7 @@ class Peer:
         log = tempfile.NamedTemporaryFile(prefix=f"bench-{self.name}-", suffix=".log", delete=False)
         self.log_path = log.name
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
                                      start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
