@@ -19,7 +19,7 @@ Load, all of it at once, for ``--duration`` seconds after a warm-up:
   Their tokens expire every ``--token-ttl`` seconds and are refreshed on the
   open connection (the node runs with ``WS_AUTH_SECRET``).
 - Stopped readers: a few raw sockets subscribe to every churn subject
-  (``odin.global.>``) and never read; 45 s later the node must have closed
+  (``odin.global.>``) and never read; 60 s later the node must have closed
   them. Then the next few.
 - A publisher over both subject sets; in JetStream mode through NATS, and a
   NATS restart (SIGKILL, same store) every ``--nats-restart-every`` seconds.
@@ -91,6 +91,11 @@ from .wsclient import OP_TEXT, Url, client_frame, handshake_request, parse_hands
 SECRET = "soak-secret-not-for-production-0123456789abcdef"
 MIB = 1 << 20
 # Gauges of per-client state: back to their baseline once every client left.
+#: A stopped reader must be closed this long after it subscribed: the time its
+#: queue takes to pass WS_CLIENT_QUEUE_BYTES at the churn rate, three raise
+#: windows and the grace, with room for a loaded box.
+STOPPED_JUDGE_S = 60.0
+
 PER_CLIENT = ("fanout_store_patterns", "fanout_store_sessions", "fanout_store_catchups",
               "fanout_store_throttled_clients", "fanout_store_watched_clients", "fanout_store_queued_bytes",
               "fanout_store_client_buffer_bytes", "fanout_store_messages",
@@ -261,6 +266,7 @@ class Tally:
     stopped_opened: int = 0
     stopped_closed: int = 0
     stopped_open_after: int = 0
+    stopped_unjudged: int = 0
     published: int = 0
     nats_restarts: int = 0
 
@@ -327,7 +333,9 @@ async def churner(cid: int, url: str, args: argparse.Namespace, stop: asyncio.Ev
 
 async def stopped_readers(url: str, args: argparse.Namespace, stop: asyncio.Event, tally: Tally) -> None:
     """A few clients that subscribe to a busy subject and never read: the node
-    must close them (throttle, then 1008). Checked 45 s after they stopped."""
+    must close them (throttle, then 1008). Checked STOPPED_JUDGE_S after they
+    subscribed; a batch the end of the load cuts short is closed or not
+    judged (its queue may never have reached the limit)."""
     u = Url.parse(url + ("&" if "?" in url else "?") + "auth=" + token("stopped", 3600))
     while not stop.is_set():
         socks = []
@@ -351,10 +359,12 @@ async def stopped_readers(url: str, args: argparse.Namespace, stop: asyncio.Even
                 tally.stopped_opened += 1
             except Exception:      # refused or failed: counted as not opened
                 s.close()
+        opened_at = time.monotonic()
         try:
-            await asyncio.wait_for(stop.wait(), 45)
+            await asyncio.wait_for(stop.wait(), STOPPED_JUDGE_S)
         except TimeoutError:
             pass
+        judged = time.monotonic() - opened_at >= STOPPED_JUDGE_S
         for s in socks:
             # Now read: a closed connection ends (EOF or reset) within a bounded read.
             closed = False
@@ -370,7 +380,11 @@ async def stopped_readers(url: str, args: argparse.Namespace, stop: asyncio.Even
                     closed = True
                     break
             tally.stopped_closed += closed
-            tally.stopped_open_after += not closed
+            if not closed:
+                if judged:
+                    tally.stopped_open_after += 1
+                else:
+                    tally.stopped_unjudged += 1
             s.close()
 
 
@@ -439,6 +453,12 @@ def judge(rows: list[dict[str, Any]], baseline: dict[str, Any], final: dict[str,
         for r in load:
             r["unaccounted"] = r["RssAnon"] - sum(r.get(k, 0) for k in STORE_BYTES)
         info["unaccounted_slope_mib_per_10min"] = round(slope_per_10min(load, "unaccounted") / MIB, 2)
+        # Where growth would be: live C blocks (a leak, or a store), free
+        # blocks kept by malloc (fragmentation), Python objects.
+        if "fanout_heap_in_use_bytes" in load[0]:
+            info["heap_in_use_slope_mib_per_10min"] = round(slope_per_10min(load, "fanout_heap_in_use_bytes") / MIB, 2)
+            info["heap_free_slope_mib_per_10min"] = round(slope_per_10min(load, "fanout_heap_free_bytes") / MIB, 2)
+            info["python_blocks_slope_per_10min"] = round(slope_per_10min(load, "fanout_python_allocated_blocks"))
         if b - a > 8 * MIB:
             fails.append(f"RssAnon grew {(b - a) / MIB:.1f} MiB (> 8 MiB)")
         if window >= SLOPE_WINDOW and slope > 0.01 * a:

@@ -193,6 +193,10 @@ _STORES = {
     "users": ("fanout_store_users", "Token subs in the per-user registry"),
     "log_limiter_keys": ("fanout_store_log_limiter_keys", "Keys the log limiter remembers (bounded)"),
     "asyncio_tasks": ("fanout_asyncio_tasks", "asyncio tasks alive in the node's loop"),
+    # Not stores: where the process's memory is, to tell a leak from fragmentation.
+    "heap_in_use": ("fanout_heap_in_use_bytes", "C heap bytes in live blocks, Python's included (glibc mallinfo2; 0 elsewhere)"),
+    "heap_free": ("fanout_heap_free_bytes", "C heap bytes held free inside malloc's arenas (fragmentation; 0 elsewhere)"),
+    "python_blocks": ("fanout_python_allocated_blocks", "Python objects' memory blocks alive (sys.getallocatedblocks)"),
 }
 
 

@@ -333,7 +333,15 @@ class _Pool:
             self.conns.discard(oldest)
             oldest.evict()
         self.conns.add(conn)
-        await conn.run()
+        try:
+            await conn.run()
+        except asyncio.CancelledError:
+            # The loop is ending (shutdown cancels every task). End quietly:
+            # this task is asyncio.start_server's own and nobody awaits it,
+            # and on Python 3.11 its done-callback calls task.exception() on
+            # a cancelled task, which logs the CancelledError as an error.
+            self.conns.discard(conn)
+            writer.close()
 
 
 async def serve(host: str, port: int, handler: Handler, max_body: int | None = None) -> asyncio.Server:

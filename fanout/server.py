@@ -22,10 +22,13 @@ import logging
 import random
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+from fanout_core import heap_stats
 
 from .auth import Authenticator, Claims
 from .brokers.base import UNSET_PRIORITY, Broker, parse_priority
@@ -410,8 +413,10 @@ class Server:
     def store_sizes(self) -> dict[str, int]:
         """Every store's size (the fanout_store_* gauges): the hub's and core's,
         and this server's registries."""
+        in_use, free = heap_stats()
         return {**self.hub.store_sizes(), "sessions": len(self.sessions), "users": len(self.users),
-                "log_limiter_keys": limiter_keys(), "asyncio_tasks": len(asyncio.all_tasks(self.loop))}
+                "log_limiter_keys": limiter_keys(), "asyncio_tasks": len(asyncio.all_tasks(self.loop)),
+                "heap_in_use": in_use, "heap_free": free, "python_blocks": sys.getallocatedblocks()}
 
     # ------------------------------------------------------------- ops port
     async def _ops_request(self, req: HttpRequest) -> HttpResponse:

@@ -1,5 +1,5 @@
 """The compiled fan-out core. Re-exports only; see ``_core.pyx``."""
 
-from ._core import Core
+from ._core import Core, heap_stats
 
-__all__ = ["Core"]
+__all__ = ["Core", "heap_stats"]

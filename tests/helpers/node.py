@@ -43,7 +43,8 @@ class NodeProcess:
 
     def start(self, timeout: float = 15.0) -> NodeProcess:
         self.proc = subprocess.Popen(self.command(), env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         line = self.wait_log(lambda d: d.get("msg") == "fanout listening", timeout)
         self.ws_port = line["ws_port"]
         self.health_port = line["health_port"]
@@ -90,6 +91,13 @@ class NodeProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+
+    def log_after_exit(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every log line of a process that exited, its stderr read to the end."""
+        assert self.proc is not None and self.proc.poll() is not None, "the node is still running"
+        self._reader.join(timeout)
+        assert not self._reader.is_alive(), "the node's stderr did not end"
+        return list(self.lines)
 
     def __enter__(self) -> NodeProcess:
         return self.start()

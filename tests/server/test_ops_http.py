@@ -538,3 +538,20 @@ async def test_at_the_connection_bound_the_longest_waiting_connection_is_evicted
         for c in slow:
             c.close()
         assert node.stop() == 0
+
+
+async def test_a_keep_alive_connection_open_at_shutdown_ends_without_an_error_log():
+    """A scraper's idle keep-alive connection when the node stops: its handler
+    is cancelled with the loop and must end quietly (on Python 3.11 the stream
+    protocol's done-callback logged the CancelledError as an asyncio error,
+    seen at the end of every soak)."""
+    node = NodeProcess().start()
+    c = await Http.open(node.health_port)
+    try:
+        await c.send(HEALTH)
+        assert (await c.reply()).status == 200
+        assert node.stop() == 0
+    finally:
+        c.close()
+    errors = [d for d in node.log_after_exit() if d.get("level") in ("error", "critical", "raw")]
+    assert errors == []
