@@ -86,7 +86,8 @@ class ClientLagCollector:
 
 
 class HistoryCollector:
-    """The resume memory (fanout/memstream.py), read at scrape time."""
+    """The resume memory's index (fanout/memstream.py), read at scrape time;
+    its messages and bytes are fanout_store_history_* (StoreCollector)."""
 
     def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
         self._stats = stats
@@ -94,10 +95,8 @@ class HistoryCollector:
     def collect(self) -> Iterator[Any]:
         st = self._stats()
         for key, name, help_text in (
-                ("messages", "fanout_history_messages", "Messages in the resume memory (WS_HISTORY_SIZE, JS_STREAM_MAX_AGE)"),
                 ("subjects", "fanout_history_subjects", "Subjects indexed by the resume memory: with messages in it, or tombstones"),
-                ("tombstones", "fanout_history_tombstones", "Subjects with no message left in the resume memory whose last loss is remembered (WS_HISTORY_SUBJECTS)"),
-                ("snapshot_subjects", "fanout_snapshot_subjects", "Subjects in the snapshot store, newest message each (WS_SNAPSHOT_MAX_SUBJECTS)")):
+                ("tombstones", "fanout_history_tombstones", "Subjects with no message left in the resume memory whose last loss is remembered (WS_HISTORY_SUBJECTS)")):
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], st.get(key, 0))
             yield g

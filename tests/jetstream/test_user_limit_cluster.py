@@ -130,6 +130,9 @@ async def test_refuse_new_answers_429_on_any_node_once_the_user_holds_the_limit(
             assert node.metric("fanout_connections_rejected_total", 'reason="user_limit"') == 1
         other = await stack.enter_async_context(connect(b, path("dave")))   # another user is unaffected
         assert await alive(other)
+        # Every node sees dave before carol's close is awaited below: otherwise a node that has
+        # seen neither counts 3 too, and still refuses carol's next (a CI run did).
+        await seen_everywhere([a, b, c], 4)
         for h in held:
             assert await alive(h)
         # One of carol's goes: her next one is admitted on another node.

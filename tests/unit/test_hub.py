@@ -456,7 +456,7 @@ async def test_resume_examines_what_it_returns_not_the_window(hub):
     # The old resume tested every one of the 9,000; now a few looks per subject plus each returned.
     assert examined <= 8 * len(chans) + 2 * len(want), examined
     text = hub.metrics.render()
-    assert b"fanout_history_examined_total" in text and b"fanout_snapshot_subjects" in text
+    assert b"fanout_history_examined_total" in text and b"fanout_history_tombstones" in text
 
 
 async def test_a_node_that_started_mid_stream_reads_the_older_part_from_the_broker():
