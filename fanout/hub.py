@@ -41,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Protocol
 
 from fanout_core import Core
@@ -301,7 +302,11 @@ class Hub:
             self.metrics.duplicates.inc()
             return -1
         self._last_stream_seq = msg.stream_seq
-        subject = msg.subject
+        # One string per subject, however often it is published: the snapshot store, the
+        # resume memory's index and its trie, the route and priority caches keep the first
+        # copy as their key, and a message's own (a new object per message from every broker)
+        # would otherwise stay alive beside it in each entry that outlives the message.
+        subject = intern(msg.subject)
         prio = msg.priority if msg.priority >= 0 else self._rule_priority(subject)
         tail = message_tail(subject, msg.stream_seq, msg.ts_ms, msg.payload)
         self._pending_subjects.append(subject)
@@ -319,8 +324,9 @@ class Hub:
         not fanned out, the dispatch floor untouched; never over a newer entry of the subject."""
         n = 0
         for m in messages:
-            prio = m.priority if m.priority >= 0 else self._rule_priority(m.subject)
-            n += self.latest.put(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
+            subject = intern(m.subject)
+            prio = m.priority if m.priority >= 0 else self._rule_priority(subject)
+            n += self.latest.put(Entry(m.stream_seq, subject, message_tail(subject, m.stream_seq, m.ts_ms, m.payload),
                                        prio, self.clock()))
         return n
 
@@ -332,9 +338,10 @@ class Hub:
         now, wall = self.clock(), time.time()
         entries = []
         for m in messages:
-            prio = m.priority if m.priority >= 0 else self._rule_priority(m.subject)
+            subject = intern(m.subject)
+            prio = m.priority if m.priority >= 0 else self._rule_priority(subject)
             at = now - max(0.0, wall - m.ts_ms / 1000.0)
-            entries.append(Entry(m.stream_seq, m.subject, message_tail(m.subject, m.stream_seq, m.ts_ms, m.payload),
+            entries.append(Entry(m.stream_seq, subject, message_tail(subject, m.stream_seq, m.ts_ms, m.payload),
                                  prio, at))
         return self.recent.prepend(entries, after)
 
