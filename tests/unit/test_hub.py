@@ -541,7 +541,7 @@ async def test_republished_subjects_add_no_memory_once_every_subject_was_seen():
     h = Hub(make_cfg(WS_HISTORY_SIZE=100), Metrics(), FakeClock())
     h.bind(asyncio.get_running_loop(), None)
     s = h.attach(RecPeer(), 0)
-    h.subscribe(s, ["odin.global.g0.*"])        # a route too: 100 of the subjects reach it
+    h.subscribe(s, ["odin.global.g0.*"])        # a route too: 200 of the subjects reach it
     n, seq = 2000, 10**6                        # no small (cached) ints among the stream_seqs
 
     def round_() -> None:
