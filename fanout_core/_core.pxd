@@ -75,7 +75,6 @@ cdef struct Client:
     uint8_t wbits             # permessage-deflate window bits; 0 = uncompressed
     uint8_t level             # throttle level 0..3
     uint8_t over              # a throttle window is open (since, mark, lo valid): queue over the limit
-    uint8_t pardoned          # the last window at the heaviest level was forgiven a small gain (throttle_judge)
     int strikes               # messages queued over the byte limit in the current window
     int credit                # throttle sampling budget (percent units)
     uint32_t dropped          # data messages not delivered since the last take_dropped()

@@ -105,9 +105,7 @@ cdef int throttle_over(Core self, int slot, Client *c, double now) except -1:
     plus its socket's send queue, throttle_backlog): if the backlog is below
     the window's reference (the backlog when the window began), it drains at
     its level and a new window starts; if not, it goes up one level (a new
-    window), or at the heaviest level it is marked slow (1008); there a gain
-    under an eighth of ``queue_limit`` is forgiven once in a row (a pause, not a
-    trend: a new window against the same reference). A queue back under the limit
+    window), or at the heaviest level it is marked slow (1008). A queue back under the limit
     ends the window. A stopped reader is thus closed about
     ``max_level * raise_seconds + grace_seconds`` after it passed the limit.
     A queue past ``hard_limit`` is closed at once (see _deliver: non-critical
@@ -127,7 +125,6 @@ cdef inline void throttle_window(Client *c, double now, Py_ssize_t ref) noexcept
     c.since = now
     c.mark = ref
     c.strikes = 0
-    c.pardoned = 0
 
 
 cdef int throttle_judge(Core self, int slot, Client *c, double now, bint live) except -1:
@@ -153,17 +150,6 @@ cdef int throttle_judge(Core self, int slot, Client *c, double now, bint live) e
         throttle_window(c, now, backlog)
         self._raised.append(slot)
         self.level_raises += 1
-    elif not c.pardoned and c.mark < backlog < c.mark + (self.queue_limit >> 3):
-        # At the heaviest level, a small gain (under an eighth of the limit) is
-        # forgiven once: a reader that keeps up on average but paused in this
-        # window (a GC pause, a busy tab, the scheduler) is not cut for it. A
-        # second window in a row that does not drain closes it, and so does a
-        # backlog that did not move at all (a stopped reader on a quiet stream)
-        # or one that gained more (a stopped reader on a live stream). The
-        # reference stays where it was.
-        c.pardoned = 1
-        c.since = now
-        c.strikes = 0
     else:
         throttle_mark_slow(self, slot, c)
     return 0
