@@ -302,33 +302,32 @@ class Hub:
             self.metrics.duplicates.inc()
             return -1
         self._last_stream_seq = msg.stream_seq
-        # One string per subject, however often it is published: the snapshot store, the
-        # resume memory's index and its trie, the route and priority caches keep the first
-        # copy as their key, and a message's own (a new object per message from every broker)
-        # would otherwise stay alive beside it in each entry that outlives the message.
-        subject = intern(msg.subject)
-        prio = msg.priority if msg.priority >= 0 else self._rule_priority(subject)
-        tail = message_tail(subject, msg.stream_seq, msg.ts_ms, msg.payload)
-        self._pending_subjects.append(subject)
-        self._pending_tails.append(tail)
-        self._pending_priorities.append(prio)
-        entry = Entry(msg.stream_seq, subject, tail, prio, self.clock())
+        entry = self._entry(msg, self.clock())
+        self._pending_subjects.append(entry.subject)
+        self._pending_tails.append(entry.tail)
+        self._pending_priorities.append(entry.priority)
         self._unwritten.append(entry.at)
         self.recent.append(entry)
         self.latest.put(entry)
         self.schedule_flush()
         return 1
 
+    def _entry(self, m: Message, at: float) -> Entry:
+        """``m`` as the stores keep it: its body after the per-client prefix, its priority
+        (the publisher's, or WS_PRIORITY_RULES'), and one string per subject however often
+        it is published: the snapshot store, the resume memory's index and its trie, the
+        route and priority caches keep the first copy as their key, and a message's own (a
+        new object per message from every broker) would otherwise stay alive beside it in
+        each entry that outlives the message."""
+        subject = intern(m.subject)
+        prio = m.priority if m.priority >= 0 else self._rule_priority(subject)
+        return Entry(m.stream_seq, subject, message_tail(subject, m.stream_seq, m.ts_ms, m.payload), prio, at)
+
     def seed_latest(self, messages: list[Message]) -> int:
         """Seed :attr:`latest` (snapshots) with stored messages in stream order (a broker at start);
         not fanned out, the dispatch floor untouched; never over a newer entry of the subject."""
-        n = 0
-        for m in messages:
-            subject = intern(m.subject)
-            prio = m.priority if m.priority >= 0 else self._rule_priority(subject)
-            n += self.latest.put(Entry(m.stream_seq, subject, message_tail(subject, m.stream_seq, m.ts_ms, m.payload),
-                                       prio, self.clock()))
-        return n
+        now = self.clock()
+        return sum(self.latest.put(self._entry(m, now)) for m in messages)
 
     def seed_history(self, messages: list[Message], after: int) -> int:
         """Messages ``after < stream_seq``, older than anything dispatched, into the resume
@@ -336,13 +335,7 @@ class Hub:
         starts consuming), so resumes from before the start need no stream read. Their
         age comes from the stream's timestamps. Returns how many were kept."""
         now, wall = self.clock(), time.time()
-        entries = []
-        for m in messages:
-            subject = intern(m.subject)
-            prio = m.priority if m.priority >= 0 else self._rule_priority(subject)
-            at = now - max(0.0, wall - m.ts_ms / 1000.0)
-            entries.append(Entry(m.stream_seq, subject, message_tail(subject, m.stream_seq, m.ts_ms, m.payload),
-                                 prio, at))
+        entries = [self._entry(m, now - max(0.0, wall - m.ts_ms / 1000.0)) for m in messages]
         return self.recent.prepend(entries, after)
 
     def _rule_priority(self, subject: str) -> int:

@@ -67,7 +67,7 @@ async def test_a_reader_that_stops_is_closed_only_after_the_heaviest_level_a_fas
                         break
                 # Judged by time: within 3 windows and the grace time of passing the limit,
                 # with or without more messages (the periodic check). If the rounds ended
-                # first, a quiet stream's windows are WS_SLOW_CLIENT_STRIKES times as long:
+                # first, a quiet stream's windows are WS_SLOW_CLIENT_STRIKES (3, the default) times as long:
                 # 3 x 3 s + 3 x 2 s = 15 s at most.
                 await until(lambda: node.metric("fanout_connections_closed_total", 'code="1008"') >= 1, 18,
                             "the 1008 close")

@@ -201,7 +201,7 @@ async def test_replies_over_the_queue_limit_count_like_data(hub):
         if p.calls:
             break
     assert p.calls == ["slow"] and hub.throttle_level(s) == 3
-    # No messages: a window ends after 3 (WS_SLOW_CLIENT_STRIKES) times its time, from the first tick.
+    # No messages: a window ends after 3 (WS_SLOW_CLIENT_STRIKES, the default, not set here) times its time, from the first tick.
     assert hub.clock() - 1000.0 == pytest.approx(0.25 + 3 * 3 * 1.0 + 3 * 2.0)
 
 
